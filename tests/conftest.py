@@ -7,7 +7,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+FIXTURES = REPO / "tests" / "fixtures"
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
