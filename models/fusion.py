@@ -1,0 +1,79 @@
+"""The vision-language fusion encoder (SPEC section 4): DETR-style transformer encoder.
+
+Positions are added to queries and keys (not values) in every layer; pre-norm layers end with a
+final LayerNorm (`--normalize_before`), post-norm layers have none. Attention runs through SDPA.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import in_projection, out_projection
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter layout (fused in_proj)."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, qk: torch.Tensor, v: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """qk: [B, L, D] (with positions), v: [B, L, D], pad_mask: [B, L] bool (True = ignore)."""
+        B, L, D = v.shape
+        h = self.num_heads
+        q, k = in_projection(self, qk, slice(0, 2)).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        v = in_projection(self, v, slice(2, 3)).view(B, L, h, D // h).transpose(1, 2)
+        keep = ~pad_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return out_projection(self, y.transpose(1, 2).reshape(B, L, D))
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, width: int, heads: int, ffn: int, dropout: float, normalize_before: bool):
+        super().__init__()
+        self.self_attn = SelfAttention(width, heads, dropout)
+        self.linear1 = nn.Linear(width, ffn)
+        self.linear2 = nn.Linear(ffn, width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _ffn(self, x):
+        return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        if self.normalize_before:
+            y = self.norm1(x)
+            x = x + self.dropout1(self.self_attn(y + pos, y, pad_mask))
+            return x + self._ffn(self.norm2(x))
+        x = self.norm1(x + self.dropout1(self.self_attn(x + pos, x, pad_mask)))
+        return self.norm2(x + self._ffn(x))
+
+
+class FusionEncoder(nn.Module):
+    """x: [B, L, D] tokens, pos: [L, D], pad_mask: [B, L] bool -> [B, L, D]."""
+
+    def __init__(self, width: int = 512, heads: int = 8, layers: int = 6, ffn: int = 2048,
+                 dropout: float = 0.1, normalize_before: bool = True):
+        super().__init__()
+        layer = FusionLayer(width, heads, ffn, dropout, normalize_before)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(layers))
+        self.norm = nn.LayerNorm(width) if normalize_before else None
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, pos, pad_mask)
+        return x if self.norm is None else self.norm(x)

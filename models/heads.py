@@ -1,0 +1,50 @@
+"""Output heads on the fused tokens (SPEC section 4)."""
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
+from torch import nn
+
+
+class BoxHead(nn.Module):
+    """3-layer MLP on the [REG] token: [B, D] -> sigmoid (cx, cy, w, h) in [0, 1], [B, 4]."""
+
+    def __init__(self, width: int, num_layers: int = 3):
+        super().__init__()
+        dims = [width] * num_layers + [4]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x.sigmoid()
+
+
+class TokenAlignHead(nn.Module):
+    """One logit per patch: MLP(LN(patch)) . normalised text EOT. [B, N, D], [B, D] -> [B, N]."""
+
+    def __init__(self, width: int, hidden: int = 3072):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = QuickGELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, patches: torch.Tensor, text_eot_unit: torch.Tensor) -> torch.Tensor:
+        feats = self.fc2(self.act(self.fc1(self.norm(patches))))
+        return (feats * text_eot_unit[:, None, :]).sum(-1)
+
+
+class SegHead(nn.Module):
+    """Patch grid upsampled 8x by 3 transposed convs, dot the text EOT: [B, N, D] -> [B, 1, 8gh, 8gw]."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.convs = nn.Sequential(*(nn.ConvTranspose2d(width, width, kernel_size=2, stride=2, bias=False)
+                                     for _ in range(3)))
+
+    def forward(self, patches: torch.Tensor, grid, text_eot_unit: torch.Tensor) -> torch.Tensor:
+        B, N, D = patches.shape
+        feats = self.convs(patches.transpose(1, 2).reshape(B, D, *grid))
+        return torch.einsum("bdhw,bd->bhw", feats, text_eot_unit)[:, None]

@@ -1,0 +1,232 @@
+"""HiVG: assembly of the CLIP towers, bridges, fusion encoder and heads, and `build_model(args)`.
+
+Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
+
+    text ids [B, T] -> text tower -> hidden states of selected layers -> bridges
+                                  -> final-LN tokens @ text_projection -> text_proj   [B, T, D]
+    image [B, 3, S, S] -> vision tower with bridges -> 4 block outputs [B, 1+N, 4 d_v]
+                       -> visual_proj_multi -> visual_proj                          [B, 1+N, D]
+    [REG] + visual + text -> fusion encoder -> box head ([REG]), token map / seg map (patches . EOT)
+"""
+from functools import partial
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import build_clip, encode_image, encode_text
+from .bridge import CrossModalBridge
+from .configs import load_model_config
+from .fusion import FusionEncoder
+from .heads import BoxHead, SegHead, TokenAlignHead
+from .lora import DROPOUT, apply_hi_lora
+
+OUTPUTS = ("box", "contrastive", "token_map", "seg_map")
+
+
+def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
+    """pixel_mask [B, H, W] (1 = padding) -> [B, gh * gw] bool, as the official data pipeline.
+
+    The integer mask is resized bilinearly with antialiasing, rounded half-to-even, and a patch is
+    padding where the rounded value is non-zero (torchvision's Resize on the int32 collate mask).
+    """
+    m = F.interpolate(pixel_mask.float()[:, None], size=tuple(grid), mode="bilinear",
+                      antialias=True, align_corners=False)
+    return torch.round(m).flatten(1) != 0
+
+
+class HiVG(nn.Module):
+    """Visual grounding on CLIP with multi-layer adaptive cross-modal bridges and Hi LoRA.
+
+    Args:
+        clip_cfg: open_clip CLIP kwargs (embed_dim, vision_cfg, text_cfg, quick_gelu).
+        bridge_layers: vision blocks (0-based) that carry a bridge after their attention.
+        extract_layers: vision blocks whose outputs feed the fusion encoder (concatenated).
+        text_layers: text blocks whose outputs feed the bridges (ignored with `mixup`).
+        image_size: input side S; the fusion position table has 2 + (S / patch)^2 + T rows.
+        context_length: text length T (<= the CLIP context length).
+        adaptive_weights, mixup, bridge_attention: bridge variants (SPEC section 2).
+        fusion_*: fusion encoder size; normalize_before selects pre-norm (+ final LN).
+        outputs: heads computed by default, a subset of OUTPUTS ("box" always included).
+    """
+
+    def __init__(self, clip_cfg: dict, bridge_layers: Sequence[int], extract_layers: Sequence[int],
+                 text_layers: Sequence[int], image_size: int, context_length: int = 77,
+                 adaptive_weights: bool = True, mixup: bool = False, bridge_attention: str = "per_sample",
+                 fusion_heads: int = 8, fusion_layers: int = 6, fusion_ffn: int = 2048,
+                 fusion_dropout: float = 0.1, normalize_before: bool = True, token_mlp_width: int = 3072,
+                 outputs: Iterable[str] = OUTPUTS, grad_checkpointing: bool = False):
+        super().__init__()
+        if adaptive_weights and mixup:
+            raise ValueError("--enable_adaptive_weights cannot be combined with --mixup_pretrain (the bridge "
+                             "input of mixup pre-training is already vision-wide); drop one of the two flags")
+        if not adaptive_weights and not mixup:
+            raise ValueError("without --enable_adaptive_weights the bridge takes the projected text of "
+                             "--mixup_pretrain; pass --enable_adaptive_weights for fine-tuning")
+        self.clip = build_clip(clip_cfg)
+        vis, txt = self.clip.visual, self.clip.transformer
+        d_v, d_t = vis.transformer.width, txt.width
+        D = clip_cfg["embed_dim"]
+        n_vis, n_txt = len(vis.transformer.resblocks), len(txt.resblocks)
+        for name, layers, n in (("bridge", bridge_layers, n_vis), ("extract", extract_layers, n_vis),
+                                ("text", text_layers, n_txt)):
+            if any(not 0 <= i < n for i in layers):
+                raise ValueError(f"{name} layers {list(layers)} out of range for a {n}-layer tower")
+        if context_length > self.clip.context_length:
+            raise ValueError(f"--max_query_len {context_length} exceeds CLIP's context length "
+                             f"{self.clip.context_length}")
+        patch = vis.patch_size[0]
+        if image_size % patch:
+            raise ValueError(f"--imsize {image_size} is not a multiple of the patch size {patch}")
+        self.image_size, self.context_length = image_size, context_length
+        self.grid = (image_size // patch, image_size // patch)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.bridge_layers, self.extract_layers = list(bridge_layers), list(extract_layers)
+        self.text_layers = [] if mixup else list(text_layers)
+        self.mixup = mixup
+        self.outputs = tuple(sorted(set(outputs) | {"box"}, key=OUTPUTS.index))
+        self.grad_checkpointing = grad_checkpointing
+
+        blk = vis.transformer.resblocks[0]
+        self.bridges = nn.ModuleDict({
+            str(i): CrossModalBridge(d_v, blk.attn.num_heads, blk.mlp.c_fc.out_features, d_t,
+                                     max(len(self.text_layers), 1), context_length, adaptive_weights,
+                                     bridge_attention)
+            for i in self.bridge_layers})
+        self.mixup_text_proj = nn.Linear(D, d_v) if mixup else None
+        self.visual_proj_multi = nn.Linear(len(self.extract_layers) * d_v, D)
+        self.visual_proj = nn.Linear(D, D)
+        self.text_proj = nn.Linear(D, D)
+        self.reg_token = nn.Embedding(1, D)
+        self.pos_embed = nn.Embedding(2 + self.num_patches + context_length, D)
+        self.fusion = FusionEncoder(D, fusion_heads, fusion_layers, fusion_ffn, fusion_dropout, normalize_before)
+        self.box_head = BoxHead(D)
+        self.token_align = TokenAlignHead(D, token_mlp_width)
+        self.seg_head = SegHead(D)
+        self.reset_visual_projection()
+
+    @torch.no_grad()
+    def reset_visual_projection(self) -> None:
+        """Initialise the multi-level projection as side-by-side copies of CLIP's visual projection.
+
+        Call again after loading CLIP weights (the official code builds it from the loaded CLIP).
+        """
+        proj_t = self.clip.visual.proj.t()
+        self.visual_proj_multi.weight.copy_(torch.cat([proj_t] * len(self.extract_layers), dim=1))
+
+    def tokenize(self, texts: List[str]) -> torch.Tensor:
+        """Lower-cased CLIP BPE ids [B, T], truncated with EOT forced last (open_clip.tokenize)."""
+        return open_clip.tokenize([t.lower() for t in texts], context_length=self.context_length)
+
+    def text_tower_trains(self) -> bool:
+        clip = self.clip
+        parts = (clip.transformer, clip.token_embedding, clip.ln_final)
+        return any(p.requires_grad for m in parts for p in m.parameters()) or \
+            clip.positional_embedding.requires_grad or clip.text_projection.requires_grad
+
+    def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, ids: torch.Tensor,
+                outputs: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+        """images [B, 3, S, S], pixel_mask [B, S, S] (1 = padding), ids [B, T] token ids.
+
+        Returns a dict with `pred_box` [B, 4] (cx, cy, w, h in [0, 1]) and, when asked for (default:
+        the heads of `self.outputs`), `logits_per_text` [B, B], `token_map` [B, N], `seg_map`
+        [B, 1, 8 gh, 8 gw].
+        """
+        want = set(self.outputs if outputs is None else outputs)
+        unknown = want - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        clip = self.clip
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower_trains()):
+            text = encode_text(clip, ids, self.text_layers, self.grad_checkpointing)
+            text_tokens = text.tokens @ clip.text_projection
+        bridge_text = [self.mixup_text_proj(text_tokens)] if self.mixup else \
+            [text.hidden[i] for i in self.text_layers]
+        bridges = {int(i): partial(b, text_states=bridge_text) for i, b in self.bridges.items()}
+        vis = encode_image(clip, images, self.extract_layers, bridges, self.grad_checkpointing)
+        if vis.grid != self.grid:
+            raise ValueError(f"images of {tuple(images.shape[-2:])} give a {vis.grid} patch grid; the model "
+                             f"was built for --imsize {self.image_size}")
+
+        B = images.shape[0]
+        visual = self.visual_proj(self.visual_proj_multi(torch.cat(vis.layers, dim=-1)))
+        tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, self.text_proj(text_tokens)], 1)
+        never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
+        pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids == 0], dim=1)
+        hs = self.fusion(tokens, self.pos_embed.weight, pad)
+
+        out = {"pred_box": self.box_head(hs[:, 0])}
+        if "contrastive" in want:
+            img = vis.pooled @ clip.visual.proj
+            txt = text.eot @ clip.text_projection
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            out["logits_per_text"] = clip.logit_scale.exp() * txt @ img.t()
+        if want & {"token_map", "seg_map"}:
+            N = self.num_patches
+            patches = hs[:, 2:2 + N]
+            eot = hs[:, 2 + N:][torch.arange(B, device=ids.device), ids.argmax(dim=-1)]
+            eot = eot / eot.norm(dim=-1, keepdim=True)
+            if "token_map" in want:
+                out["token_map"] = self.token_align(patches, eot)
+            if "seg_map" in want:
+                out["seg_map"] = self.seg_head(patches, vis.grid, eot)
+        return out
+
+    def set_stage(self, stage: int, mode: str = "paper", lora_dropout: float = DROPOUT) -> None:
+        """Freeze CLIP, add this Hi LoRA stage's adapters and mark exactly its parameters trainable.
+
+        Everything outside the CLIP towers (bridges, projections, fusion encoder, heads) trains.
+        """
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+        apply_hi_lora(list(self.clip.visual.transformer.resblocks), list(self.clip.transformer.resblocks),
+                      list(self.bridges.values()), stage, mode, lora_dropout)
+        for p in self.bridges.parameters():
+            p.requires_grad_(True)
+        self.hi_lora_stage, self.hi_lora_mode = stage, mode
+
+
+TEXT_LAYER_RULES = {"unc": "last", "unc+": "middle_last", "referit": "middle_last",
+                    "gref": "all", "gref_umd": "all"}
+
+
+def select_text_layers(dataset: str, num_layers: int) -> List[int]:
+    """Text blocks feeding the bridge for a dataset (SPEC section 1): 12 layers -> [11], [5, 11] or all."""
+    rule = TEXT_LAYER_RULES.get(dataset, "last")
+    if rule == "all":
+        return list(range(num_layers))
+    if rule == "middle_last":
+        return [num_layers // 2 - 1, num_layers - 1]
+    return [num_layers - 1]
+
+
+def build_model(args) -> HiVG:
+    """The one place that reads the argparse namespace. Builds the model with random CLIP weights;
+    callers load CLIP or HiVG weights afterwards (models.convert / utils.checkpoint)."""
+    cfg = load_model_config(args.model)
+    clip_cfg = cfg["clip"]
+    D = clip_cfg["embed_dim"]
+    if getattr(args, "vl_hidden_dim", None) not in (None, D):
+        raise ValueError(f"--vl_hidden_dim {args.vl_hidden_dim} must equal the CLIP embedding width {D} of "
+                         f"--model {args.model} (the fusion encoder runs at that width); omit the flag")
+    warmup = getattr(args, "warmup", False)
+    bridge_layers = cfg["warmup_bridge_layers"] if warmup and "warmup_bridge_layers" in cfg else cfg["bridge_layers"]
+    outputs = ["box"]
+    outputs += ["contrastive"] if getattr(args, "use_contrastive_loss", False) else []
+    outputs += ["token_map"] if getattr(args, "use_rtcc_constrain_loss", False) else []
+    outputs += ["seg_map"] if getattr(args, "use_mask_loss", False) else []
+    model = HiVG(
+        clip_cfg, bridge_layers, cfg["extract_layers"],
+        select_text_layers(args.dataset, clip_cfg["text_cfg"].get("layers", 12)),
+        image_size=args.imsize, context_length=args.max_query_len,
+        adaptive_weights=args.enable_adaptive_weights, mixup=args.mixup_pretrain,
+        bridge_attention=getattr(args, "bridge_attention", "per_sample"),
+        fusion_heads=args.vl_nheads, fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward,
+        fusion_dropout=args.vl_dropout, normalize_before=args.normalize_before,
+        token_mlp_width=cfg.get("token_mlp_width", 3072), outputs=outputs,
+        grad_checkpointing=getattr(args, "grad_checkpointing", False))
+    model.set_stage(args.hi_lora_stage, getattr(args, "hi_lora_mode", "paper"))
+    return model
