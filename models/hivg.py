@@ -8,6 +8,7 @@ Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
                        -> visual_proj_multi -> visual_proj                          [B, 1+N, D]
     [REG] + visual + text -> fusion encoder -> box head ([REG]), token map / seg map (patches . EOT)
 """
+import argparse
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_clip, encode_image, encode_text
-from .bridge import CrossModalBridge
-from .configs import load_model_config
+from .bridge import BRIDGE_ATTENTION_MODES, CrossModalBridge
+from .configs import list_models, load_model_config
 from .fusion import FusionEncoder
 from .heads import BoxHead, SegHead, TokenAlignHead
 from .lora import DROPOUT, apply_hi_lora
@@ -203,11 +204,43 @@ def select_text_layers(dataset: str, num_layers: int) -> List[int]:
     return [num_layers - 1]
 
 
-def build_model(args) -> HiVG:
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Model flags, with the authors' names; defaults follow SPEC (the paper)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="ViT-B/16", help=f"backbone config: one of {list_models()} or a JSON file")
+    g.add_argument("--dataset", default="unc", help="dataset name; selects the text layers feeding the bridge")
+    g.add_argument("--imsize", type=int, default=224)
+    g.add_argument("--max_query_len", type=int, default=77)
+    g.add_argument("--warmup", action="store_true", help="ViT-L/14: first run without bridges")
+    g.add_argument("--mixup_pretrain", action="store_true")
+    g.add_argument("--enable_adaptive_weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="adaptive weights in the bridge (default: on, off with --mixup_pretrain)")
+    g.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES, default="per_sample",
+                   help="per_sample (paper) or official (the release's batch-mixing reshape)")
+    g.add_argument("--hi_lora_stage", type=int, default=0, choices=[0, 1, 2, 3])
+    g.add_argument("--hi_lora_mode", choices=("paper", "official"), default="paper")
+    g.add_argument("--vl_hidden_dim", type=int, default=None, help="fusion width; must equal CLIP's embed width")
+    g.add_argument("--vl_nheads", type=int, default=8)
+    g.add_argument("--vl_enc_layers", type=int, default=6)
+    g.add_argument("--vl_dim_feedforward", type=int, default=2048)
+    g.add_argument("--vl_dropout", type=float, default=0.1)
+    g.add_argument("--normalize_before", action=argparse.BooleanOptionalAction, default=True,
+                   help="pre-norm fusion encoder with a final LayerNorm")
+    g.add_argument("--use_contrastive_loss", action="store_true")
+    g.add_argument("--use_rtcc_constrain_loss", action="store_true", help="token-alignment loss")
+    g.add_argument("--use_mask_loss", action="store_true", help="segmentation loss")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
+    return parser
+
+
+def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
     """The one place that reads the argparse namespace. Builds the model with random CLIP weights;
-    callers load CLIP or HiVG weights afterwards (models.convert / utils.checkpoint)."""
+    callers load CLIP or HiVG weights afterwards (models.convert / utils.checkpoint).
+    `clip_cfg` replaces the config's open_clip kwargs (e.g. a CLIP described by an HF config)."""
     cfg = load_model_config(args.model)
-    clip_cfg = cfg["clip"]
+    clip_cfg = clip_cfg or cfg["clip"]
+    adaptive = args.enable_adaptive_weights
+    adaptive = not args.mixup_pretrain if adaptive is None else adaptive
     D = clip_cfg["embed_dim"]
     if getattr(args, "vl_hidden_dim", None) not in (None, D):
         raise ValueError(f"--vl_hidden_dim {args.vl_hidden_dim} must equal the CLIP embedding width {D} of "
@@ -222,7 +255,7 @@ def build_model(args) -> HiVG:
         clip_cfg, bridge_layers, cfg["extract_layers"],
         select_text_layers(args.dataset, clip_cfg["text_cfg"].get("layers", 12)),
         image_size=args.imsize, context_length=args.max_query_len,
-        adaptive_weights=args.enable_adaptive_weights, mixup=args.mixup_pretrain,
+        adaptive_weights=adaptive, mixup=args.mixup_pretrain,
         bridge_attention=getattr(args, "bridge_attention", "per_sample"),
         fusion_heads=args.vl_nheads, fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward,
         fusion_dropout=args.vl_dropout, normalize_before=args.normalize_before,

@@ -1,0 +1,207 @@
+"""Convert the authors' HiVG checkpoints (HF-CLIP + peft names) to this project's names (SPEC section 11).
+
+Official keys look like `clip.base_model.model.base_model.model.vision_model.encoder.layers.0.self_attn.
+q_proj.lora_A.default.weight` (one `base_model.model.` per nested peft wrap, `.base_layer` with newer
+peft). Every key is either mapped or on an explicit ignore list; anything else is an error naming it.
+
+    python -m models.convert OFFICIAL.pth OUT.pth     # writes a checkpoint eval.py / predict.py read
+"""
+import argparse
+import re
+import sys
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .convert_clip import hf_key_to_open_clip
+from .lora import ALPHA, RANK
+
+PEFT_PREFIX = re.compile(r"(base_model\.model\.)+")
+QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+# Parameters the official model creates but never uses in its forward.
+IGNORED = (re.compile(r"(^|\.)position_ids$"), re.compile(r"^condition_text_pos_embed\."),
+           re.compile(r"^ml_text_feat_perceiver\."), re.compile(r"^reg_pos_embed\."))
+# Used only by some variants: ignored when the target model has no such parameter.
+VARIANT_ONLY = (re.compile(r"^condition_text_proj\."), re.compile(r"\.cross_gate\."),
+                re.compile(r"\.cross_adaptive_weights\."))
+
+HEAD_RULES = (
+    (r"^visu_proj\.", "visual_proj."), (r"^text_proj\.", "text_proj."), (r"^reg_token\.", "reg_token."),
+    (r"^vl_pos_embed\.", "pos_embed."), (r"^ml_visual_projection\.", "visual_proj_multi."),
+    (r"^bbox_embed\.", "box_head."), (r"^visu_token_norm\.", "token_align.norm."),
+    (r"^visu_token_mlp\.", "token_align."), (r"^condition_text_proj\.", "mixup_text_proj."),
+    (r"^vl_transformer\.encoder\.", "fusion."),
+)
+SEG_CONV = re.compile(r"^seg_conv([123])\.weight$")
+BRIDGE = re.compile(r"^clip\.vision_model\.encoder\.layers\.(\d+)\.cross_(\w+?)\.(.*)$")
+BRIDGE_PARTS = {"norm": "norm", "mlp": "mlp", "gate": "text_gate"}
+LORA = re.compile(r"^(.*)\.(q_proj|k_proj|v_proj|out_proj)\.lora_([AB])\.default\.weight$")
+
+
+def canonical_key(key: str) -> str:
+    """Strip peft's wrapper prefixes and `.base_layer` (newer peft) from an official key."""
+    return PEFT_PREFIX.sub("", key).replace(".base_layer.", ".")
+
+
+def _proj_target(module_path: str, proj: str) -> Tuple[str, Optional[int]]:
+    """Official attention projection -> (our host path, q/k/v slot or None for out_proj)."""
+    m = BRIDGE.match(f"{module_path}.{proj}.weight")
+    if m and m.group(2) == "attn":
+        host = f"bridges.{m.group(1)}.attn"
+    else:
+        new_key, _, _ = hf_key_to_open_clip(f"{module_path}.{proj}.weight".removeprefix("clip."))
+        host = "clip." + new_key.rsplit(".", 1)[0]
+        if proj == "out_proj":
+            host = host.removesuffix(".out_proj")
+    return host, QKV.get(proj)
+
+
+def map_key(key: str) -> Tuple[Optional[str], Optional[int], bool]:
+    """Canonical official key -> (our key or None if ignored, fused slot or None, transpose)."""
+    if any(p.search(key) for p in IGNORED):
+        return None, None, False
+    m = LORA.match(key)
+    if m:
+        host, slot = _proj_target(m.group(1), m.group(2))
+        kind = "lora_out" if slot is None else "lora_in"
+        return f"{host}.{kind}.lora_{m.group(3)}", slot, False
+    m = BRIDGE.match(key)
+    if m:
+        layer, part, rest = m.groups()
+        if part == "attn":
+            proj, leaf = rest.split(".")
+            if proj in QKV:
+                return f"bridges.{layer}.attn.in_proj_{leaf}", QKV[proj], False
+            return f"bridges.{layer}.attn.{rest}", None, False
+        if part == "adaptive_weights":
+            return f"bridges.{layer}.adaptive_weights.{rest.split('.')[0]}", None, False
+        if part in BRIDGE_PARTS:
+            return f"bridges.{layer}.{BRIDGE_PARTS[part]}.{rest}", None, False
+        raise KeyError(key)
+    if key.startswith("clip."):
+        new_key, slot, transpose = hf_key_to_open_clip(key.removeprefix("clip."))
+        return "clip." + new_key, slot, transpose
+    m = SEG_CONV.match(key)
+    if m:
+        return f"seg_head.convs.{int(m.group(1)) - 1}.weight", None, False
+    for pattern, repl in HEAD_RULES:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key), None, False
+    raise KeyError(key)
+
+
+def convert_official_state_dict(official: Dict[str, torch.Tensor],
+                                expected: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Official HiVG (or debiased CLIP, keys without `clip.` get it added) state dict -> ours.
+
+    `expected` (our model's state_dict) turns on the strict check: variant-only official keys absent
+    from it are dropped, and every converted key must exist there with the same shape, and vice versa.
+    """
+    slots: Dict[str, Dict[int, torch.Tensor]] = {}
+    out: Dict[str, torch.Tensor] = {}
+    for raw_key, value in official.items():
+        key = canonical_key(raw_key)
+        if not key.startswith("clip.") and key.split(".")[0] in ("text_model", "vision_model", "logit_scale",
+                                                                 "text_projection", "visual_projection"):
+            key = "clip." + key
+        try:
+            new_key, slot, transpose = map_key(key)
+        except KeyError:
+            raise KeyError(f"official checkpoint key {raw_key!r} has no mapping and is not on the ignore list; "
+                           "this is not a HiVG checkpoint of a known layout") from None
+        if new_key is None:
+            continue
+        if expected is not None and new_key not in expected and any(p.search(key) for p in VARIANT_ONLY):
+            continue
+        value = value.t() if transpose else value
+        if slot is None:
+            out[new_key] = value.contiguous()
+        else:
+            slots.setdefault(new_key, {})[slot] = value
+    for new_key, parts in slots.items():
+        if sorted(parts) != [0, 1, 2]:
+            raise KeyError(f"{new_key}: expected q, k and v entries, found slots {sorted(parts)}")
+        join = torch.stack if new_key.endswith(".lora_B") else torch.cat
+        out[new_key] = join([parts[i] for i in range(3)], dim=0)
+    for key in [k for k in out if k.endswith(".lora_B") and out[k].dim() == 2]:
+        out[key] = out[key][None]  # an out_proj adapter is one group
+    for key in [k for k in out if k.endswith(".lora_A") and k.replace(".lora_A", ".lora_B") in out]:
+        r = out[key].shape[0] // out[key.replace(".lora_A", ".lora_B")].shape[0]
+        if r != RANK:
+            raise ValueError(f"{key}: LoRA rank {r}, this project's adapters have rank {RANK} (alpha {ALPHA})")
+    if expected is not None:
+        check_state_dict(out, expected)
+    return out
+
+
+def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
+    """Strict key and shape agreement, with one error that names the offending keys."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        lines = [f"missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "",
+                 f"unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}" if unexpected else "",
+                 "shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                                for k in wrong[:10]) if wrong else ""]
+        raise ValueError("checkpoint does not match the model (build the model with the checkpoint's "
+                         "--model/--dataset/--hi_lora_stage/--hi_lora_mode/--imsize):\n  "
+                         + "\n  ".join(line for line in lines if line))
+
+
+def load_official_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """Read an official checkpoint safely: (state dict, its argparse values as a dict or None)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a HiVG checkpoint (expected a dict with a 'model' state dict)")
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
+
+
+def official_args_to_ours(official: dict, **overrides) -> argparse.Namespace:
+    """Our model flags from an official argparse namespace (as a dict): their values where they
+    name the same thing, and the official Hi LoRA layout and bridge attention their weights need."""
+    from .hivg import add_model_args
+    args = add_model_args(argparse.ArgumentParser()).parse_args([])
+    for key, value in official.items():
+        if hasattr(args, key):
+            setattr(args, key, value)
+    args.hi_lora_mode, args.bridge_attention = "official", "official"
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(args, key, value)
+    return args
+
+
+def build_and_load_official(args: argparse.Namespace, official_state: Dict[str, torch.Tensor],
+                            clip_cfg: Optional[dict] = None):
+    """Build our model for `args` and load an official state dict into it strictly."""
+    from .hivg import build_model
+    model = build_model(args, clip_cfg=clip_cfg)
+    state = convert_official_state_dict(official_state, expected=model.state_dict())
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Convert an official HiVG checkpoint to this project's format.")
+    parser.add_argument("official", help="official checkpoint (.pth with 'model' and 'args')")
+    parser.add_argument("out", help="output checkpoint path")
+    parser.add_argument("--model", help="override the backbone (default: the checkpoint's args.model)")
+    opts = parser.parse_args(argv)
+    from utils.checkpoint import save_checkpoint
+    state, official_args = load_official_checkpoint(opts.official)
+    if official_args is None:
+        parser.error(f"{opts.official} carries no 'args'; pass a checkpoint written by the official hivg_train.py")
+    args = official_args_to_ours(official_args, model=opts.model)
+    model = build_and_load_official(args, state)
+    save_checkpoint(opts.out, {"model": model.state_dict(), "args": vars(args)})
+    print(f"wrote {opts.out}: {len(state)} official tensors -> {len(model.state_dict())} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

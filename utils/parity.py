@@ -1,0 +1,145 @@
+"""Check our HiVG against a golden fixture produced by the authors' implementation.
+
+    python -m utils.parity DIR [DIR ...]
+
+A fixture folder holds config.json (HF CLIP config + the official argparse values), checkpoint.pth
+(official state dict), inputs.pth, outputs.pth and trainable.json (see its README). The model is built
+from config.json, the checkpoint converted and loaded strictly, and the inputs run with the int32 padding
+mask twice: `--bridge_attention official` against outputs['collate_int32_mask'] and the per-sample
+bridge against outputs['per_sample_int32_mask']. Then the trainable set of `--hi_lora_mode official`
+is compared with trainable.json. One line per comparison; exit status 1 on any failure.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from models.convert import build_and_load_official, canonical_key, map_key, official_args_to_ours
+from models.convert_clip import hf_config_to_open_clip_cfg
+from utils.losses import OFFICIAL_LOSS_NAMES, grounding_losses
+
+ATOL = {"logits_per_text": 5e-5, "logits_per_image": 5e-5}
+DEFAULT_ATOL = 1e-5
+RTOL = 1e-5
+# official output name -> ours
+OUTPUT_NAMES = {"pred_box": "pred_box", "logits_per_text": "logits_per_text", "visu_token_similarity": "token_map",
+                "seg_mask": "seg_map"}
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def build_from_fixture(folder: Path, bridge_attention: str):
+    config = json.loads((folder / "config.json").read_text())
+    args = official_args_to_ours(config["hivg_args"], bridge_attention=bridge_attention)
+    clip_cfg = hf_config_to_open_clip_cfg(config["clip_config"])
+    model = build_and_load_official(args, _load(folder / "checkpoint.pth")["model"], clip_cfg=clip_cfg)
+    derived = config.get("derived", {})
+    if "adapt_layer" in derived and derived["adapt_layer"] != model.bridge_layers:
+        raise ValueError(f"{folder}: bridge layers {model.bridge_layers} differ from the fixture's {derived['adapt_layer']}")
+    if "extract_vision_layer" in derived and [i - 1 for i in derived["extract_vision_layer"]] != model.extract_layers:
+        raise ValueError(f"{folder}: extracted layers {model.extract_layers} differ from the fixture's")
+    return model.eval(), args
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Tuple[str, bool]:
+    atol = ATOL.get(name, DEFAULT_ATOL)
+    if actual.shape != expected.shape:
+        return f"{name} shape {tuple(actual.shape)} != {tuple(expected.shape)} FAIL", False
+    err = (actual.double() - expected.double()).abs()
+    ok = bool((err <= atol + RTOL * expected.double().abs()).all())
+    return f"{name} {err.max().item():.3e} {atol:.0e} {'ok' if ok else 'FAIL'}", ok
+
+
+def run_outputs(model, inputs) -> Dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = model(inputs["img"], inputs["img_mask_int32"], model.tokenize(inputs["texts"]))
+    out["logits_per_image"] = out["logits_per_text"].t()
+    losses = grounding_losses(out["pred_box"], inputs["gt_box_cxcywh"], inputs["obj_mask"].squeeze(1),
+                              out["logits_per_text"], out["token_map"], out["seg_map"])
+    out.update(losses)
+    out["loss_total"] = sum(losses.values())
+    return out
+
+
+def trainable_names(model) -> List[str]:
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def expected_trainable(official_names: List[str], model) -> Tuple[List[str], List[str]]:
+    """Official trainable names mapped to ours; names of unused official parameters are set aside."""
+    ours = set(dict(model.named_parameters()))
+    mapped, unused = set(), []
+    for name in official_names:
+        new, _, _ = map_key(canonical_key(name))
+        if new is None or new not in ours:
+            unused.append(name)
+        else:
+            mapped.add(new)
+    return sorted(mapped), unused
+
+
+def check_folder(folder: Path) -> bool:
+    inputs, outputs = _load(folder / "inputs.pth"), _load(folder / "outputs.pth")
+    ok_all = True
+
+    def report(line_ok):
+        nonlocal ok_all
+        line, ok = line_ok
+        print(f"  {line}")
+        ok_all &= ok
+
+    print(f"{folder}")
+    model, args = build_from_fixture(folder, "official")
+    ids = model.tokenize(inputs["texts"])
+    report(("text_tokens identical " + ("ok" if torch.equal(ids, inputs["text_tokens"].long()) else "FAIL"),
+            torch.equal(ids, inputs["text_tokens"].long())))
+    ref = outputs["collate_int32_mask"]
+    ours = run_outputs(model, inputs)
+    print(" official bridge vs collate_int32_mask:")
+    for off, mine in {**OUTPUT_NAMES, "logits_per_image": "logits_per_image"}.items():
+        report(compare(off, ours[mine], ref[off]))
+    for off, value in ref["losses"].items():
+        report(compare(off, ours[OFFICIAL_LOSS_NAMES[off]], value))
+    report(compare("loss_total", ours["loss_total"], ref["loss_total"]))
+
+    per_sample_model, _ = build_from_fixture(folder, "per_sample")
+    ours = run_outputs(per_sample_model, inputs)
+    print(" per-sample bridge vs per_sample_int32_mask:")
+    for off, value in outputs["per_sample_int32_mask"].items():
+        report(compare(off, ours[OUTPUT_NAMES[off]], value))
+
+    print(" trainable set (--hi_lora_mode official):")
+    official = json.loads((folder / "trainable.json").read_text())
+    expected, unused = expected_trainable(official, model)
+    actual = trainable_names(model)
+    missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+    same = not missing and not extra
+    report((f"trainable {len(official)} official -> {len(expected)} ours (+{len(unused)} unused official "
+            f"parameters) {'ok' if same else 'FAIL'}", same))
+    for name in missing[:10]:
+        print(f"    missing trainable: {name}")
+    for name in extra[:10]:
+        print(f"    extra trainable: {name}")
+    return ok_all
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path)
+    opts = parser.parse_args(argv)
+    ok = True
+    for folder in opts.folders:
+        if not (folder / "config.json").is_file():
+            parser.error(f"{folder} is not a fixture folder (no config.json)")
+        ok &= check_folder(folder)
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
