@@ -66,6 +66,7 @@ class HiVG(nn.Module):
         if not adaptive_weights and not mixup:
             raise ValueError("without --enable_adaptive_weights the bridge takes the projected text of "
                              "--mixup_pretrain; pass --enable_adaptive_weights for fine-tuning")
+        self.clip_cfg = clip_cfg
         self.clip = build_clip(clip_cfg)
         vis, txt = self.clip.visual, self.clip.transformer
         d_v, d_t = vis.transformer.width, txt.width

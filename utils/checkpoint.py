@@ -35,3 +35,25 @@ def load_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path} is not a HiVG checkpoint (no 'model' entry)")
     return ckpt
+
+
+def build_model_from_checkpoint(ckpt: dict, merge: bool = False):
+    """Rebuild the model a checkpoint of ours describes (its args and CLIP config) and load it strictly.
+
+    `merge=True` folds every LoRA adapter into its weight (inference).
+    """
+    from argparse import Namespace
+
+    from models.convert import check_state_dict
+    from models.hivg import build_model
+    from models.lora import merge_lora
+
+    if "args" not in ckpt:
+        raise ValueError("checkpoint has no 'args': it was not written by this project "
+                         "(convert an official one with `python -m models.convert`)")
+    model = build_model(Namespace(**ckpt["args"]), clip_cfg=ckpt.get("clip_cfg"))
+    check_state_dict(ckpt["model"], model.state_dict())
+    model.load_state_dict(ckpt["model"], strict=True)
+    if merge:
+        merge_lora(model)
+    return model

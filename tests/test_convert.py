@@ -1,0 +1,99 @@
+"""Conversion of the authors' HiVG checkpoints: peft spellings, strictness, the converter command."""
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+from models.convert import canonical_key, convert_official_state_dict, main as convert_main
+from tests.conftest import FIXTURES
+from utils import parity
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+
+FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
+
+
+@pytest.fixture(scope="module")
+def official_state():
+    return torch.load(FIXTURE / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return parity.build_from_fixture(FIXTURE, "official")[0]
+
+
+def respell_newer_peft(state):
+    """peft >= 0.7 spelling: one prefix level fewer and `.base_layer.` before the wrapped weight."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("base_model.model.base_model.model.", "base_model.model.")
+        key = re.sub(r"\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)$", r".\1.base_layer.\2", key)
+        out[key] = value
+    return out
+
+
+def test_canonical_key_strips_any_number_of_wrappers():
+    base = "clip.vision_model.encoder.layers.0.self_attn.q_proj.weight"
+    for n in range(4):
+        assert canonical_key(base.replace("clip.", "clip." + "base_model.model." * n)) == base
+    assert canonical_key("clip.base_model.model.text_model.encoder.layers.1.self_attn.k_proj.base_layer.bias") == \
+        "clip.text_model.encoder.layers.1.self_attn.k_proj.bias"
+
+
+def test_both_peft_spellings_convert_to_the_same_state(official_state, model):
+    expected = model.state_dict()
+    old = convert_official_state_dict(official_state, expected)
+    new = convert_official_state_dict(respell_newer_peft(official_state), expected)
+    assert set(old) == set(new) == set(expected)
+    for key in old:
+        assert torch.equal(old[key], new[key]), key
+
+
+def test_qkv_and_lora_land_in_the_fused_slots(official_state, model):
+    ours = convert_official_state_dict(official_state, model.state_dict())
+    prefix = "clip.base_model.model.base_model.model.vision_model.encoder.layers.2.self_attn."
+    w = torch.cat([official_state[prefix + f"{p}_proj.weight"] for p in "qkv"])
+    assert torch.equal(ours["clip.visual.transformer.resblocks.2.attn.in_proj_weight"], w)
+    a_k = official_state[prefix + "k_proj.lora_A.default.weight"]
+    b_v = official_state[prefix + "v_proj.lora_B.default.weight"]
+    assert torch.equal(ours["clip.visual.transformer.resblocks.2.attn.lora_in.lora_A"][32:64], a_k)
+    assert torch.equal(ours["clip.visual.transformer.resblocks.2.attn.lora_in.lora_B"][2], b_v)
+    bridge = "clip.base_model.model.base_model.model.vision_model.encoder.layers.3.cross_attn."
+    assert torch.equal(ours["bridges.3.attn.out_proj.weight"], official_state[bridge + "out_proj.weight"])
+
+
+def test_unknown_key_is_refused_by_name(official_state, model):
+    bad = dict(official_state)
+    bad["clip.base_model.model.vision_model.encoder.layers.0.mystery.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match="mystery"):
+        convert_official_state_dict(bad, model.state_dict())
+
+
+def test_missing_key_is_refused_by_name(official_state, model):
+    bad = {k: v for k, v in official_state.items() if not k.startswith("seg_conv2")}
+    with pytest.raises(ValueError, match="seg_head.convs.1.weight"):
+        convert_official_state_dict(bad, model.state_dict())
+
+
+def test_converter_command_writes_a_checkpoint_that_reloads(tmp_path, official_state, model):
+    config = json.loads((FIXTURE / "config.json").read_text())
+    src = tmp_path / "official.pth"
+    torch.save({"model": official_state, "args": argparse.Namespace(**config["hivg_args"])}, src)
+    out = tmp_path / "ours.pth"
+    assert convert_main([str(src), str(out), "--hf_clip_config", str(FIXTURE / "config.json")]) == 0
+    ckpt = load_checkpoint(out)
+    assert ckpt["args"]["hi_lora_mode"] == "official" and ckpt["args"]["hi_lora_stage"] == 1
+    reloaded = build_model_from_checkpoint(ckpt)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_checkpoint_with_a_foreign_key_is_refused(tmp_path, model):
+    ckpt = {"model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
+            "args": vars(parity.official_args_to_ours(
+                json.loads((FIXTURE / "config.json").read_text())["hivg_args"])),
+            "clip_cfg": model.clip_cfg}
+    with pytest.raises(ValueError, match="extra.weight"):
+        build_model_from_checkpoint(ckpt)

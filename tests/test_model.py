@@ -1,0 +1,212 @@
+"""The HiVG model: parity with the authors' fixtures, bridge variants, LoRA merge, Hi LoRA stages."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+from models.configs import list_models, load_model_config
+from models.hivg import add_model_args, build_model, patch_padding_mask, select_text_layers
+from models.lora import merge_lora, merge_lora_state_dict
+from tests.conftest import FIXTURES
+from utils import parity
+
+FIXTURE_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+
+
+def tiny_args(*argv):
+    return add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--use_contrastive_loss",
+         "--use_rtcc_constrain_loss", "--use_mask_loss", *argv])
+
+
+def batch(B=3, S=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, S, S, generator=g)
+    mask = torch.zeros(B, S, S, dtype=torch.int32)
+    mask[0, :, 40:] = 1
+    mask[1, 48:, :] = 1
+    texts = ["the red circle", "a small blue square on the left of the green star", "cat"][:B]
+    return images, mask, texts
+
+
+def randomize_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
+def test_parity_with_official_fixture(folder, capsys):
+    assert parity.check_folder(folder), capsys.readouterr().out
+
+
+def test_parity_detects_a_wrong_model(monkeypatch, capsys):
+    """The parity check can fail: zeroing the LoRA updates (an effect of ~5e-3) must be caught."""
+    build = parity.build_from_fixture
+
+    def broken(folder, mode):
+        model, args = build(folder, mode)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+        return model, args
+
+    monkeypatch.setattr(parity, "build_from_fixture", broken)
+    assert not parity.check_folder(FIXTURE_DIRS[0])
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_per_sample_bridge_equals_running_each_sample_alone():
+    model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
+    randomize_lora(model)
+    images, mask, texts = batch()
+    ids = model.tokenize(texts)
+    with torch.no_grad():
+        together = model(images, mask, ids)
+        alone = [model(images[i:i + 1], mask[i:i + 1], ids[i:i + 1]) for i in range(3)]
+    for key in ("pred_box", "token_map", "seg_map"):
+        torch.testing.assert_close(together[key], torch.cat([a[key] for a in alone]), rtol=1e-5, atol=1e-5)
+    official = copy.deepcopy(model)
+    for bridge in official.bridges.values():
+        bridge.mode = "official"
+    with torch.no_grad():
+        mixed = official(images, mask, ids)
+    assert (mixed["pred_box"] - together["pred_box"]).abs().max() > 1e-6, "official mode must mix the batch"
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_merged_lora_matches_unmerged(mode):
+    model = build_model(tiny_args("--hi_lora_stage", "3", "--hi_lora_mode", mode)).eval()
+    randomize_lora(model)
+    images, mask, texts = batch()
+    ids = model.tokenize(texts)
+    with torch.no_grad():
+        before = model(images, mask, ids)
+        assert merge_lora(model) > 0
+        assert not any("lora" in n for n in model.state_dict())
+        after = model(images, mask, ids)
+    for key, value in before.items():
+        assert (value - after[key]).abs().max() <= 1e-5, key
+
+
+def test_merge_lora_state_dict_equals_module_merge():
+    model = build_model(tiny_args("--hi_lora_stage", "2")).eval()
+    randomize_lora(model)
+    merged_sd = merge_lora_state_dict(model.state_dict())
+    merge_lora(model)
+    reference = model.state_dict()
+    assert set(merged_sd) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged_sd[key], value, rtol=0, atol=1e-6)
+
+
+def _vision_lora_layers(model, trainable_only=True):
+    layers = set()
+    for name, p in model.named_parameters():
+        if name.startswith("clip.visual.transformer.resblocks") and "lora" in name and \
+                (p.requires_grad or not trainable_only):
+            layers.add(int(name.split(".")[4]))
+    return sorted(layers)
+
+
+@pytest.mark.parametrize("stage,layers", [(0, []), (1, [0, 1]), (2, [0, 1, 2, 3]), (3, [0, 1, 2, 3, 4, 5])])
+def test_paper_stages_train_their_groups_only(stage, layers):
+    model = build_model(tiny_args("--hi_lora_stage", str(stage)))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert _vision_lora_layers(model) == layers
+    assert _vision_lora_layers(model, trainable_only=False) == layers  # earlier stages are merged
+    clip_trainable = [n for n in trainable if n.startswith("clip.")]
+    assert all("lora" in n for n in clip_trainable)
+    assert not any(n.startswith("clip.transformer") for n in trainable), "text tower stays frozen"
+    for prefix in ("bridges.", "fusion.", "box_head.", "visual_proj_multi.", "text_proj.", "reg_token",
+                   "pos_embed", "token_align.", "seg_head."):
+        assert any(n.startswith(prefix) for n in trainable), prefix
+    assert not model.text_tower_trains()
+
+
+@pytest.mark.parametrize("stage,vision_layers", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [0, 1, 2, 3, 4, 5]),
+                                                 (3, [0, 1, 2, 3, 4, 5])])
+def test_official_stages(stage, vision_layers):
+    model = build_model(tiny_args("--hi_lora_stage", str(stage), "--hi_lora_mode", "official"))
+    assert _vision_lora_layers(model) == vision_layers
+    assert _vision_lora_layers(model, trainable_only=False) == list(range(6))
+    text_lora = [p.requires_grad for n, p in model.named_parameters()
+                 if n.startswith("clip.transformer") and "lora" in n]
+    assert text_lora and all(t == (stage >= 1) for t in text_lora)
+    assert model.text_tower_trains() == (stage >= 1)
+    bridge = [p.requires_grad for n, p in model.named_parameters() if n.startswith("bridges.")]
+    assert all(bridge) and any("lora" in n for n, _ in model.bridges.named_parameters())
+
+
+def test_text_tower_runs_without_autograd_when_frozen():
+    model = build_model(tiny_args())
+    images, mask, texts = batch(2)
+    seen = []
+    model.clip.ln_final.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    out = model(images, mask, model.tokenize(texts))
+    assert seen == [False]
+    out["pred_box"].sum().backward()
+    assert model.bridges["1"].adaptive_weights[0].grad is not None
+
+
+def test_outputs_are_computed_only_when_asked():
+    model = build_model(tiny_args()).eval()
+    images, mask, texts = batch(2)
+    calls = []
+    model.seg_head.register_forward_hook(lambda *a: calls.append("seg"))
+    model.token_align.register_forward_hook(lambda *a: calls.append("tok"))
+    out = model(images, mask, model.tokenize(texts), outputs=["box"])
+    assert set(out) == {"pred_box"} and calls == []
+    out = model(images, mask, model.tokenize(texts))
+    assert set(out) == {"pred_box", "logits_per_text", "token_map", "seg_map"}
+    assert out["seg_map"].shape == (2, 1, 64, 64) and out["token_map"].shape == (2, 64)
+
+
+def test_mixup_variant_and_refusals():
+    model = build_model(tiny_args("--mixup_pretrain"))
+    assert model.mixup_text_proj is not None and model.bridges["1"].adaptive_weights is None
+    images, mask, texts = batch(2)
+    assert model(images, mask, model.tokenize(texts))["pred_box"].shape == (2, 4)
+    with pytest.raises(ValueError, match="--enable_adaptive_weights cannot be combined"):
+        build_model(tiny_args("--mixup_pretrain", "--enable_adaptive_weights"))
+    with pytest.raises(ValueError, match="--vl_hidden_dim"):
+        build_model(tiny_args("--vl_hidden_dim", "512"))
+    with pytest.raises(ValueError, match="unknown --model"):
+        build_model(tiny_args("--model", "ViT-X/99"))
+
+
+def test_text_layers_per_dataset():
+    assert select_text_layers("unc", 12) == [11]
+    assert select_text_layers("unc+", 12) == [5, 11]
+    assert select_text_layers("referit", 12) == [5, 11]
+    assert select_text_layers("gref_umd", 12) == list(range(12))
+    assert select_text_layers("flickr", 12) == [11]
+
+
+@pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
+def test_patch_mask_rounds_like_the_official_int32_path(folder):
+    inputs = torch.load(folder / "inputs.pth", weights_only=True)
+    expected = torch.load(folder / "outputs.pth", weights_only=True)["collate_int32_mask"]["intermediates"]
+    grid = int(expected["visu_mask"].shape[1] ** 0.5)
+    ours = patch_padding_mask(inputs["img_mask_int32"], (grid, grid))
+    assert torch.equal(ours, expected["visu_mask"])
+    assert ours.any() and not ours.all()
+
+
+def test_position_embedding_interpolates_to_other_image_sizes():
+    model = build_model(tiny_args("--imsize", "96")).eval()
+    images, mask, texts = batch(2, S=96)
+    out = model(images, mask, model.tokenize(texts))
+    assert out["token_map"].shape == (2, 144)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_config_resolves(name):
+    cfg = load_model_config(name)
+    layers = cfg["clip"]["vision_cfg"]["layers"]
+    assert all(0 <= i < layers for i in cfg["bridge_layers"] + cfg["extract_layers"])
+    assert cfg["clip"]["quick_gelu"] is True
