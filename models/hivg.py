@@ -206,12 +206,17 @@ def select_text_layers(dataset: str, num_layers: int) -> List[int]:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Model flags, with the authors' names; defaults follow SPEC (the paper)."""
+    """Model flags, with the authors' names; defaults follow SPEC (the paper).
+
+    --dataset, --imsize and --max_query_len are shared with datasets.add_data_args: they are added
+    here only when the parser does not have them yet.
+    """
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="ViT-B/16", help=f"backbone config: one of {list_models()} or a JSON file")
-    g.add_argument("--dataset", default="unc", help="dataset name; selects the text layers feeding the bridge")
-    g.add_argument("--imsize", type=int, default=224)
-    g.add_argument("--max_query_len", type=int, default=77)
+    for flag, kwargs in (("--dataset", dict(default="referit", help="selects the text layers feeding the bridge")),
+                         ("--imsize", dict(type=int, default=224)), ("--max_query_len", dict(type=int, default=77))):
+        if flag not in parser._option_string_actions:
+            g.add_argument(flag, **kwargs)
     g.add_argument("--warmup", action="store_true", help="ViT-L/14: first run without bridges")
     g.add_argument("--mixup_pretrain", action="store_true")
     g.add_argument("--enable_adaptive_weights", action=argparse.BooleanOptionalAction, default=None,
