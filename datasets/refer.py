@@ -1,0 +1,270 @@
+"""Referring-expression datasets in the official split-file layouts.
+
+Split files live at ``<split_root>/<dataset>/<dataset>_<split>.pth`` (see
+:mod:`datasets.splitfile`); images under ``<data_root>``:
+
+    other/images/mscoco/images/train2014   COCO 2014 (unc, unc+, gref, gref_umd, mixup COCO_* files)
+    referit/images                         ReferItGame (referit, mixup 'referit')
+    Flickr30k/flickr30k-images             Flickr30k Entities (flickr, mixup 'flickr')
+    synthref/images                        the embedded synthetic set (python -m datasets.synthetic)
+
+Tuple layouts:
+
+    coco     (unc, unc+, gref, gref_umd, synthref): (file, {'height', 'width'}, [x, y, w, h], phrase, polygons)
+    referit  (file, unused, [x0, y0, x1, y1], phrase, unused)
+    flickr   (file, [x0, y0, x1, y1], phrase)
+    mixup    (file, size dict | 'flickr' | 'referit', [x, y, w, h], phrase, polygons or unused)
+
+In ``mixup`` a file whose name starts with ``COCO_`` is a COCO image and every box
+is xywh, as the official loader reads it. Boxes are truncated to integers before any
+transform (x0 = int(x), x1 = x0 + int(w) for xywh), the object mask is rasterised
+from the original float box or, with ``--use_seg_mask`` and a COCO image, from the
+polygons.
+
+Zero-area boxes (after the truncation): skipped in training splits (their count is
+printed); kept in evaluation splits with a printed warning, so that Acc@0.5 counts
+every sample of the official split.
+"""
+import os
+from typing import NamedTuple, Optional
+
+import torch
+from PIL import Image
+
+from .masks import box_to_mask, polygons_to_mask
+from .splitfile import UNSAFE_FLAG, load_pickled_list
+from .transforms import Record, build_transforms
+
+IMAGE_DIRS = {
+    "coco": os.path.join("other", "images", "mscoco", "images", "train2014"),
+    "referit": os.path.join("referit", "images"),
+    "flickr": os.path.join("Flickr30k", "flickr30k-images"),
+    "synthref": os.path.join("synthref", "images"),
+}
+
+_UNC = ("train", "val", "testA", "testB")
+_TVT = ("train", "val", "test")
+_EXTRA = ("trainval", "train_pseudo")
+# dataset -> (tuple layout, image folder, splits)
+DATASETS = {
+    "unc": ("coco", "coco", _UNC + _EXTRA),
+    "unc+": ("coco", "coco", _UNC + _EXTRA),
+    "gref": ("coco", "coco", ("train", "val") + _EXTRA),
+    "gref_umd": ("coco", "coco", _TVT + _EXTRA),
+    "referit": ("referit", "referit", _TVT + _EXTRA),
+    "flickr": ("flickr", "flickr", _TVT + _EXTRA),
+    "mixup": ("mixup", None, _TVT + _EXTRA),
+    "synthref": ("coco", "synthref", _TVT),
+}
+TRAIN_SPLITS = ("train", "trainval", "train_pseudo")
+
+
+class Ref(NamedTuple):
+    """One parsed split-file entry."""
+    image: str                        # file name inside its image folder
+    folder: str                       # key of IMAGE_DIRS
+    box_xyxy: tuple                   # 4 ints, pixels of the original image
+    box_xywh: tuple                   # 4 floats as stored (for the box mask)
+    phrase: str
+    size_hw: Optional[tuple]          # (h, w) from the size dict, None when it comes from the image
+    polygons: object                  # COCO polygon list or None
+
+
+def split_path(split_root: str, dataset: str, split: str) -> str:
+    return os.path.join(split_root, dataset, f"{dataset}_{split}.pth")
+
+
+def split_files(split_root: str, dataset: str, split: str) -> list:
+    """The files making up a split: referit has its own trainval file, the others concatenate."""
+    if split == "trainval" and dataset != "referit":
+        return [split_path(split_root, dataset, s) for s in ("train", "val")]
+    return [split_path(split_root, dataset, split)]
+
+
+def check_dataset_split(dataset: str, split: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset '{dataset}' (--dataset); choose one of {', '.join(DATASETS)}")
+    splits = DATASETS[dataset][2]
+    if split not in splits:
+        raise ValueError(f"dataset '{dataset}' has no split '{split}'; its splits are {', '.join(splits)}")
+
+
+def _box4(value, where: str):
+    try:
+        box = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        box = ()
+    if len(box) != 4 or not all(abs(v) < float("inf") for v in box):
+        raise ValueError(f"{where}: the box must be 4 finite numbers, got {value!r}")
+    return box
+
+
+def parse_entry(entry, dataset: str, where: str) -> Ref:
+    """Turn one raw tuple of ``dataset``'s layout into a Ref; ValueError naming ``where`` otherwise."""
+    layout, folder = DATASETS[dataset][:2]
+    n = 3 if layout == "flickr" else 5
+    if not isinstance(entry, (tuple, list)) or len(entry) != n:
+        got = f"a {len(entry)}-tuple" if isinstance(entry, (tuple, list)) else type(entry).__name__
+        raise ValueError(f"{where}: expected a {n}-tuple in the '{dataset}' layout, got {got}. "
+                         f"Check --dataset and --split_root.")
+    if layout == "flickr":
+        image, box, phrase = entry
+        size, polygons = None, None
+    else:
+        image, size, box, phrase, polygons = entry
+    if not isinstance(image, str) or not isinstance(phrase, str):
+        raise ValueError(f"{where}: the image file and phrase must be strings, got {entry[0]!r}, {phrase!r}")
+    box = _box4(box, where)
+    size_hw = None
+    if layout == "mixup":
+        if image.split("_")[0] == "COCO":
+            folder = "coco"
+        elif size in ("flickr", "referit"):
+            folder, polygons = size, None
+        else:
+            raise ValueError(f"{where}: mixup entry {image!r} is neither a COCO_* file nor marked "
+                             f"'flickr'/'referit' (second field {size!r})")
+    if layout in ("coco", "mixup") and isinstance(size, dict):
+        try:
+            size_hw = (int(size["height"]), int(size["width"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: the size dict needs integer 'height' and 'width', got {size!r}") from None
+    elif layout == "coco":
+        raise ValueError(f"{where}: expected a size dict {{'height', 'width'}}, got {size!r}")
+    if layout in ("coco", "mixup"):
+        x0, y0 = int(box[0]), int(box[1])
+        xyxy = (x0, y0, x0 + int(box[2]), y0 + int(box[3]))
+        xywh = box
+    else:
+        xyxy = tuple(int(v) for v in box)
+        xywh = (box[0], box[1], box[2] - box[0], box[3] - box[1])
+    if layout == "referit":
+        polygons = None
+    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons)
+
+
+def is_degenerate(ref: Ref) -> bool:
+    x0, y0, x1, y1 = ref.box_xyxy
+    return x1 <= x0 or y1 <= y0
+
+
+def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = False) -> list:
+    """Read and parse every file of a split; FileNotFoundError / ValueError on bad input."""
+    check_dataset_split(dataset, split)
+    refs = []
+    for path in split_files(split_root, dataset, split):
+        if not os.path.isfile(path):
+            hint = (f"generate it with: python -m datasets.synthetic --out {split_root}" if dataset == "synthref"
+                    else "download the official split files and point --split_root at their parent folder")
+            raise FileNotFoundError(f"split file {path} not found (--split_root {split_root}, --dataset "
+                                    f"{dataset}, split {split}); {hint}")
+        raw = load_pickled_list(path, allow_unsafe=allow_unsafe)
+        refs += [parse_entry(e, dataset, f"split file {path}, entry {i}") for i, e in enumerate(raw)]
+    return refs
+
+
+class GroundingDataset(torch.utils.data.Dataset):
+    """Referring expressions over images; item i is a transformed :class:`Record`."""
+
+    def __init__(self, refs, data_root: str, transform, use_seg_mask: bool = False, name: str = ""):
+        self.refs = list(refs)
+        self.data_root = data_root
+        self.transform = transform
+        self.use_seg_mask = use_seg_mask
+        self.name = name
+
+    def __len__(self):
+        return len(self.refs)
+
+    def image_path(self, ref: Ref) -> str:
+        return os.path.join(self.data_root, IMAGE_DIRS[ref.folder], ref.image)
+
+    def _open(self, idx: int):
+        ref = self.refs[idx]
+        path = self.image_path(ref)
+        try:
+            img = Image.open(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"image {path} of {self.name} sample {idx} not found: check --data_root (images of "
+                f"'{ref.folder}' belong in <data_root>/{IMAGE_DIRS[ref.folder]}); "
+                f"python -m datasets.verify lists every missing image") from None
+        except OSError as e:
+            raise OSError(f"image {path} of {self.name} sample {idx} cannot be read ({e}); "
+                          f"replace the file (python -m datasets.verify lists every unreadable image)") from None
+        h, w = img.height, img.width
+        if ref.size_hw is not None and ref.size_hw != (h, w):
+            raise ValueError(f"image {path} is {w}x{h} but its split-file entry says "
+                             f"{ref.size_hw[1]}x{ref.size_hw[0]}; the image or the split file is wrong")
+        return ref, path, img
+
+    def object_mask(self, ref: Ref, h: int, w: int) -> torch.Tensor:
+        """[h, w] bool: the polygons with --use_seg_mask on COCO-layout samples, else the box."""
+        if self.use_seg_mask and ref.polygons is not None:
+            try:
+                return polygons_to_mask(ref.polygons, h, w)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{self.name}: the mask of {ref.image} is not a COCO polygon list ({e}); "
+                                 f"drop --use_seg_mask to supervise with the box") from None
+        return box_to_mask(ref.box_xywh, h, w)
+
+    def __getitem__(self, idx: int) -> Record:
+        ref, path, img = self._open(idx)
+        record = Record(image=img, box=torch.tensor(ref.box_xyxy, dtype=torch.float32),
+                        phrase=ref.phrase.lower(), obj_mask=self.object_mask(ref, img.height, img.width),
+                        image_file=ref.image)
+        try:
+            return self.transform(record)
+        except OSError as e:    # pixel data is decoded lazily, inside the first resize
+            raise OSError(f"image {path} of {self.name} sample {idx} cannot be decoded ({e}); replace the "
+                          f"file (python -m datasets.verify lists every unreadable image)") from None
+
+
+def build_dataset(split: str, args) -> GroundingDataset:
+    """The dataset of ``args.dataset``/``split`` with the train or eval transform.
+
+    Reads args.dataset, data_root, split_root, use_seg_mask, allow_unsafe_pickle and the
+    transform fields (imsize, aug_scale, aug_crop, aug_blur, aug_translate).
+    """
+    check_dataset_split(args.dataset, split)
+    allow_unsafe = getattr(args, "allow_unsafe_pickle", False)
+    refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=allow_unsafe)
+    name = f"{args.dataset} {split}"
+    degenerate = sum(is_degenerate(r) for r in refs)
+    train = split in TRAIN_SPLITS
+    if degenerate and train:
+        refs = [r for r in refs if not is_degenerate(r)]
+        print(f"{name}: skipped {degenerate} samples whose box has zero area after integer truncation")
+    elif degenerate:
+        print(f"{name}: warning: {degenerate} samples have a zero-area box (kept, they count as misses)")
+    if not refs:
+        raise ValueError(f"{name} has no usable samples (files: {', '.join(split_files(args.split_root, args.dataset, split))}); "
+                         f"check --split_root / --dataset or regenerate the split files")
+    for folder in sorted({r.folder for r in refs}):
+        root = os.path.join(args.data_root, IMAGE_DIRS[folder])
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root} for {name} not found; set --data_root to the folder "
+                                    f"that contains {IMAGE_DIRS[folder]}")
+    return GroundingDataset(refs, args.data_root, build_transforms(args, train),
+                            use_seg_mask=args.use_seg_mask, name=name)
+
+
+def add_data_args(parser):
+    """Register the data flags (official names and defaults) on an argparse parser."""
+    parser.add_argument("--dataset", default="referit", type=str, choices=list(DATASETS),
+                        help="dataset name; 'synthref' is the embedded synthetic set")
+    parser.add_argument("--data_root", default="./data/image_data/", type=str,
+                        help="folder holding the image folders (other/, referit/, Flickr30k/, synthref/)")
+    parser.add_argument("--split_root", default="./data/pseudo_samples/", type=str,
+                        help="folder holding <dataset>/<dataset>_<split>.pth")
+    parser.add_argument("--imsize", default=224, type=int, help="input side S of the padded square image")
+    parser.add_argument("--max_query_len", default=77, type=int, help="text context length in tokens")
+    parser.add_argument("--aug_blur", action="store_true", help="Gaussian blur augmentation (p 0.5)")
+    parser.add_argument("--aug_crop", action="store_true", help="random resize+crop augmentation (p 0.5)")
+    parser.add_argument("--aug_scale", action="store_true", help="multi-scale augmentation")
+    parser.add_argument("--aug_translate", action="store_true", help="random padding offset")
+    parser.add_argument("--use_seg_mask", action="store_true",
+                        help="supervise masks with the COCO polygons instead of the filled box")
+    parser.add_argument(UNSAFE_FLAG, action="store_true",
+                        help="unpickle split files without restrictions (can execute code; trusted files only)")
+    return parser

@@ -1,0 +1,82 @@
+"""Safe reading of the official split files (pickled Python lists of tuples).
+
+The files are written with ``torch.save`` (zip or legacy format) or plain ``pickle``.
+By default they are read without executing arbitrary code: ``torch.load(...,
+weights_only=True)`` (or, for plain pickles, an unpickler with the same allow-list)
+accepting the builtin containers and scalars plus numpy arrays and numpy scalars,
+which some split files carry for boxes. Anything else is refused with an error that
+names the file and the ``--allow_unsafe_pickle`` opt-in.
+"""
+import pickle
+
+import numpy as np
+import torch
+
+UNSAFE_FLAG = "--allow_unsafe_pickle"
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_REFUSAL = "Unsupported global"
+# torch's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def _numpy_globals():
+    """(object, name in the pickle) pairs numpy needs to rebuild arrays and scalars.
+
+    Pickles written by numpy 1.x name ``numpy.core.multiarray``, numpy 2.x ``numpy._core.multiarray``.
+    """
+    from numpy._core import multiarray
+
+    pairs = []
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        pairs.append((multiarray._reconstruct, f"{module}._reconstruct"))
+        pairs.append((multiarray.scalar, f"{module}.scalar"))
+    pairs.append((np.ndarray, "numpy.ndarray"))
+    pairs.append((np.dtype, "numpy.dtype"))
+    for code in "?bhilqBHILQefdgSU":
+        cls = type(np.dtype(code))
+        pairs.append((cls, f"{cls.__module__}.{cls.__name__}"))
+    return pairs
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Plain-pickle reader that resolves only the numpy globals above."""
+
+    def find_class(self, module, name):
+        allowed = {qualname: obj for obj, qualname in _numpy_globals()}
+        key = f"{module}.{name}"
+        if key not in allowed:
+            raise pickle.UnpicklingError(f"Unsupported global: {key}")
+        return allowed[key]
+
+
+def load_pickled_list(path: str, allow_unsafe: bool = False) -> list:
+    """Read one split file and return its list. Raises FileNotFoundError or ValueError."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    is_torch = head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC
+    try:
+        if is_torch:
+            if allow_unsafe:
+                data = torch.load(path, map_location="cpu", weights_only=False)
+            else:
+                with torch.serialization.safe_globals(_numpy_globals()):
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with open(path, "rb") as f:
+                data = pickle.load(f) if allow_unsafe else _RestrictedUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is reported with the file name
+        refused = [ln.strip() for ln in str(e).splitlines() if _REFUSAL in ln or "Can only build" in ln]
+        if refused:
+            raise ValueError(
+                f"split file {path} needs more than plain Python types and numpy arrays to load "
+                f"({refused[0]}). If you trust its source, pass {UNSAFE_FLAG} to unpickle it without "
+                f"restrictions (this can execute arbitrary code).") from e
+        raise ValueError(
+            f"split file {path} is not a readable pickle/torch file ({type(e).__name__}: {e}). "
+            f"Re-download it, or regenerate it (synthetic set: python -m datasets.synthetic).") from e
+    if not isinstance(data, list):
+        raise ValueError(
+            f"split file {path} holds a {type(data).__name__}, expected a list of sample tuples. "
+            f"Check --split_root and --dataset.")
+    return data

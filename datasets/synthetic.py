@@ -1,0 +1,248 @@
+"""Embedded synthetic grounding set ``synthref`` (the offline default).
+
+    python -m datasets.synthetic --out DIR [--num_train 4000 --num_val 500 --num_test 500
+                                            --seed 0 --imsize 128 --refs_per_image 2]
+    python -m datasets.synthetic --baseline DIR [--split test]
+
+Writes, in the official ``unc`` tuple layout (size dict, xywh box, phrase, COCO polygons):
+
+    DIR/synthref/images/synthref_<split>_<n>.jpg
+    DIR/synthref/synthref_<split>.pth           split files, read with --data_root DIR --split_root DIR --dataset synthref
+    DIR/synthref/synthref_<split>_scenes.json   every object of every image and the category of every expression
+
+Scenes hold 3-5 well separated flat-coloured shapes (circle, square, triangle, star;
+red, green, blue, yellow, white; small or large, 16-38% of the short image side) on a
+muted textured background. Images are ``imsize`` on the long side, the short side 70-100%
+of it. Each expression picks exactly one object (see :mod:`datasets.synthref_lang`).
+Everything is a function of (seed, split, image index), so outputs are reproducible
+byte for byte. ``--baseline`` reports the Acc@0.5 of trivial predictors on a split.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .masks import polygons_to_mask
+from .refer import IMAGE_DIRS, split_path
+from .synthref_lang import Obj, expressions_for
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 175, 60), "blue": (45, 90, 235),
+           "yellow": (240, 215, 40), "white": (245, 245, 245)}
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES = {"small": (0.16, 0.22), "large": (0.30, 0.38)}     # extent / short image side
+CATEGORY_WEIGHTS = {"attribute": 0.25, "size": 0.15, "location": 0.25, "relation": 0.25, "mixed": 0.10}
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """[N, 2] outline of a shape of circumradius r centred at (cx, cy), rotated by angle (rad)."""
+    if shape == "circle":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        radii = np.full_like(t, r)
+    elif shape == "square":
+        t = np.arange(4) * np.pi / 2 + np.pi / 4 + angle
+        radii = np.full_like(t, r)
+    elif shape == "triangle":
+        t = np.arange(3) * 2 * np.pi / 3 - np.pi / 2 + angle
+        radii = np.full_like(t, r)
+    else:
+        t = np.arange(10) * np.pi / 5 - np.pi / 2 + angle
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+    return np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], axis=1)
+
+
+def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """[h, w, 3] float muted texture: stripes, checks or blobs over a low-saturation base."""
+    base = rng.uniform(60, 150) + rng.uniform(-12, 12, size=3)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    kind = rng.integers(3)
+    if kind == 0:
+        theta, period = rng.uniform(0, np.pi), rng.uniform(6, 20)
+        pattern = np.sin((x * np.cos(theta) + y * np.sin(theta)) * 2 * np.pi / period)
+    elif kind == 1:
+        cell = rng.integers(6, 16)
+        pattern = ((x // cell + y // cell) % 2) * 2 - 1.0
+    else:
+        pattern = np.zeros((h, w))
+        for _ in range(6):
+            bx, by, s = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, 30)
+            pattern += np.exp(-((x - bx) ** 2 + (y - by) ** 2) / (2 * s * s)) * rng.choice([-1, 1])
+    img = base + rng.uniform(10, 22) * pattern[..., None] + rng.normal(0, 5, size=(h, w, 3))
+    return img
+
+
+def make_scene(rng: random.Random, nrng: np.random.Generator, long_side: int):
+    """Image array and objects with their polygons; objects never overlap (3 px gap at least)."""
+    short = round(long_side * rng.uniform(0.7, 1.0))
+    w, h = (long_side, short) if rng.random() < 0.5 else (short, long_side)
+    colours = rng.sample(list(COLOURS), rng.randint(2, 4))
+    shapes = rng.sample(SHAPES, rng.randint(2, 3))
+    objs, polys = [], []
+    for _ in range(rng.randint(3, 5)):
+        for _try in range(60):
+            size = rng.choice(list(SIZES))
+            r = rng.uniform(*SIZES[size]) * min(w, h) / 2
+            angle = rng.uniform(-0.3, 0.3)
+            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+            pts = shape_polygon(shape := rng.choice(shapes), cx, cy, r, angle)
+            x0, y0 = math.floor(pts[:, 0].min()), math.floor(pts[:, 1].min())
+            x1, y1 = math.ceil(pts[:, 0].max()), math.ceil(pts[:, 1].max())
+            if all(x0 >= o.box[2] + 3 or x1 + 3 <= o.box[0] or y0 >= o.box[3] + 3 or y1 + 3 <= o.box[1]
+                   for o in objs):
+                objs.append(Obj(shape, rng.choice(colours), size, (x0, y0, x1, y1)))
+                polys.append(pts)
+                break
+    img = background(nrng, h, w)
+    for o, pts in zip(objs, polys):
+        mask = polygons_to_mask([pts.ravel()], h, w).numpy()
+        img[mask] = np.asarray(COLOURS[o.colour]) + nrng.normal(0, 6, size=(int(mask.sum()), 3))
+    return np.clip(img, 0, 255).astype(np.uint8), objs, polys
+
+
+def pick_expression(rng: random.Random, found: dict):
+    """A category drawn by CATEGORY_WEIGHTS among those with a valid expression, then one expression."""
+    cats = [c for c in CATEGORY_WEIGHTS if found[c]]
+    if not cats:
+        return None
+    cat = rng.choices(cats, weights=[CATEGORY_WEIGHTS[c] for c in cats])[0]
+    return cat, rng.choice(found[cat])
+
+
+def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int):
+    """Render images until ``num`` expressions exist; returns (samples, scenes metadata)."""
+    image_dir = os.path.join(out, IMAGE_DIRS["synthref"])
+    samples, scenes, categories = [], {}, []
+    index = 0
+    while len(samples) < num:
+        rng = random.Random(f"{seed}-{split}-{index}")
+        nrng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+        img, objs, polys = make_scene(rng, nrng, imsize)
+        name = f"synthref_{split}_{index:06d}.jpg"
+        index += 1
+        chosen = []
+        for target in rng.sample(range(len(objs)), len(objs)):
+            picked = pick_expression(rng, expressions_for(objs, target, side=min(img.shape[:2])))
+            if picked is not None:
+                chosen.append((target, *picked))
+            if len(chosen) == min(refs_per_image, num - len(samples)):
+                break
+        if not chosen:
+            continue
+        Image.fromarray(img).save(os.path.join(image_dir, name), quality=92)
+        h, w = img.shape[:2]
+        for target, category, phrase in chosen:
+            x0, y0, x1, y1 = objs[target].box
+            polygon = [round(float(v), 2) for v in polys[target].ravel()]
+            samples.append((name, {"height": h, "width": w}, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                            phrase, [polygon]))
+            categories.append(category)
+        scenes[name] = [{"shape": o.shape, "colour": o.colour, "size": o.size, "box_xyxy": list(o.box)}
+                        for o in objs]
+    return samples, {"images": scenes, "categories": categories}
+
+
+def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2):
+    """Write the three splits under ``out``; returns {split: number of samples}."""
+    os.makedirs(os.path.join(out, IMAGE_DIRS["synthref"]), exist_ok=True)
+    counts = {}
+    for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
+        if num <= 0:
+            raise ValueError(f"--num_{split} must be positive, got {num}")
+        samples, meta = generate_split(out, split, num, seed, imsize, refs_per_image)
+        torch.save(samples, split_path(out, "synthref", split))
+        with open(os.path.join(out, "synthref", f"synthref_{split}_scenes.json"), "w") as f:
+            json.dump(meta, f)
+        counts[split] = len(samples)
+    return counts
+
+
+def _iou(a, b) -> float:
+    """IoU of two xyxy boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _head_words(phrase: str) -> dict:
+    """Colour, shape and size words of the head description (before any location or relation)."""
+    head = {}
+    for word in phrase.split():
+        if word in ("to", "above", "below", "on", "at"):
+            break
+        for key, vocab in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES)):
+            if word in vocab:
+                head[key] = word
+    return head
+
+
+def baselines(out: str, split: str = "test") -> dict:
+    """Acc@0.5 of trivial predictors on a split (fractions in [0, 1]).
+
+    centre: a box of the mean train box size (relative to the image) centred in the image.
+    largest: the largest object of the scene.
+    random_object: expected accuracy of a uniformly drawn object.
+    attribute_only: expected accuracy of a uniformly drawn object among those matching the
+    head's colour/shape/size words (location and relation words ignored).
+    """
+    samples = torch.load(split_path(out, "synthref", split), weights_only=True)
+    train = torch.load(split_path(out, "synthref", "train"), weights_only=True)
+    with open(os.path.join(out, "synthref", f"synthref_{split}_scenes.json")) as f:
+        scenes = json.load(f)["images"]
+    rel_w = float(np.mean([s[2][2] / s[1]["width"] for s in train]))
+    rel_h = float(np.mean([s[2][3] / s[1]["height"] for s in train]))
+    hits = {"centre": 0.0, "largest": 0.0, "random_object": 0.0, "attribute_only": 0.0}
+    for name, size, (x, y, w, h), phrase, _ in samples:
+        gt = (x, y, x + w, y + h)
+        W, H = size["width"], size["height"]
+        objs = scenes[name]
+        centre = (W * (1 - rel_w) / 2, H * (1 - rel_h) / 2, W * (1 + rel_w) / 2, H * (1 + rel_h) / 2)
+        largest = max(objs, key=lambda o: (o["box_xyxy"][2] - o["box_xyxy"][0]) * (o["box_xyxy"][3] - o["box_xyxy"][1]))
+        head = _head_words(phrase)
+        matching = [o for o in objs if all(o[k] == v for k, v in head.items())]
+        hits["centre"] += _iou(centre, gt) >= 0.5
+        hits["largest"] += _iou(largest["box_xyxy"], gt) >= 0.5
+        hits["random_object"] += np.mean([_iou(o["box_xyxy"], gt) >= 0.5 for o in objs])
+        hits["attribute_only"] += np.mean([_iou(o["box_xyxy"], gt) >= 0.5 for o in matching]) if matching else 0.0
+    return {k: float(v) / len(samples) for k, v in hits.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate the synthref grounding set, or score trivial baselines on it.")
+    parser.add_argument("--out", help="output folder; use it as --data_root and --split_root")
+    parser.add_argument("--baseline", metavar="DIR", help="print trivial-baseline Acc@0.5 on a generated set")
+    parser.add_argument("--split", default="test", choices=list(SPLIT_IDS), help="split for --baseline")
+    parser.add_argument("--num_train", type=int, default=4000)
+    parser.add_argument("--num_val", type=int, default=500)
+    parser.add_argument("--num_test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--imsize", type=int, default=128, help="long side of the images in pixels")
+    parser.add_argument("--refs_per_image", type=int, default=2, help="expressions per image (different objects)")
+    args = parser.parse_args(argv)
+    if bool(args.out) == bool(args.baseline):
+        parser.error("give exactly one of --out DIR (generate) or --baseline DIR (score)")
+    if args.baseline:
+        if not os.path.isfile(split_path(args.baseline, "synthref", args.split)):
+            parser.error(f"no synthref split file under {args.baseline}; generate it with --out {args.baseline}")
+        for name, acc in baselines(args.baseline, args.split).items():
+            print(f"{args.split} Acc@0.5 {name:15s} {100 * acc:6.2f}%")
+        return
+    if args.imsize < 32:
+        parser.error(f"--imsize {args.imsize} is too small to draw separated objects (use 32 or more)")
+    start = time.time()
+    counts = generate(args.out, args.num_train, args.num_val, args.num_test, args.seed, args.imsize,
+                      args.refs_per_image)
+    print(f"wrote synthref to {args.out} in {time.time() - start:.1f}s: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items())
+          + f"; use --dataset synthref --data_root {args.out} --split_root {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Train and eval transforms of a grounding sample (official HiVG behaviour).
+
+Every transform maps a :class:`Record` to a :class:`Record`. Until
+:class:`NormalizeAndPad` the image is a PIL image, ``box`` is [4] float xyxy in
+pixels of that image and ``obj_mask`` is a [H, W] bool tensor aligned with it.
+:class:`NormalizeAndPad` produces the model's view: a [3, S, S] float image, the
+box as normalised (cx, cy, w, h) in the padded frame, a [S, S] float 0/1 object
+mask and a [S, S] int32 padding mask (1 on padding).
+
+Randomness comes from Python's ``random`` module only, which PyTorch's DataLoader
+seeds differently in every worker.
+
+JPEG images may arrive not yet decoded: the first resize then asks the decoder
+for a reduced-size draft (DCT scaling by 1/2, 1/4 or 1/8, never below the target
+size) before resizing, so a large photo is never fully decoded for a small input.
+"""
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageEnhance, ImageFilter
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPATIAL_WORDS = ("left", "right", "top", "bottom", "middle")
+
+
+@dataclass
+class Record:
+    """One sample on its way through the transforms (see the module docstring for the stages).
+
+    image: PIL image, then [3, S, S] float32 after NormalizeAndPad.
+    box: [4] float32, xyxy pixels; after NormalizeAndPad normalised (cx, cy, w, h).
+    phrase: the referring expression (lower-cased by the dataset).
+    obj_mask: [H, W] bool, then [S, S] float32 0/1 after NormalizeAndPad.
+    pixel_mask: None, then [S, S] int32 after NormalizeAndPad, 1 on padding.
+    image_file: the image's file name, for reporting.
+    """
+    image: object
+    box: torch.Tensor
+    phrase: str
+    obj_mask: torch.Tensor
+    pixel_mask: Optional[torch.Tensor] = None
+    image_file: str = ""
+
+
+def resize_image(img: Image.Image, size_wh) -> Image.Image:
+    """Bilinear resize to (w, h) as torchvision does for PIL images, decoding a JPEG in draft mode first."""
+    if img.format == "JPEG" and getattr(img, "tile", None):    # not decoded yet
+        img.draft("RGB", tuple(size_wh))
+    return img.convert("RGB").resize(tuple(size_wh), Image.BILINEAR)
+
+
+def _resize_mask(mask: torch.Tensor, size_hw) -> torch.Tensor:
+    return F.interpolate(mask[None, None].float(), size=tuple(size_hw), mode="nearest")[0, 0] > 0.5
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, record: Record) -> Record:
+        for t in self.transforms:
+            record = t(record)
+        return record
+
+
+class RandomResize:
+    """Resize so that the long (or short) side equals a size drawn from ``sizes``.
+
+    ratio = size / side, new size (round(w * ratio), round(h * ratio)), box * ratio.
+    """
+
+    def __init__(self, sizes, long_side: bool = True):
+        self.sizes = list(sizes)
+        self.long_side = long_side
+
+    def __call__(self, record: Record) -> Record:
+        w, h = record.image.size
+        size = random.choice(self.sizes)
+        ratio = size / float(max(h, w) if self.long_side else min(h, w))
+        new_w, new_h = round(w * ratio), round(h * ratio)
+        record.image = resize_image(record.image, (new_w, new_h))
+        record.box = record.box * ratio
+        record.obj_mask = _resize_mask(record.obj_mask, (new_h, new_w))
+        return record
+
+
+class RandomSizeCrop:
+    """Crop a random region of side [min_size, max_size]; up to ``max_try`` draws.
+
+    A draw is kept when the crop's origin lies strictly above-left of the box's
+    top-left corner (the official code compares the box's x with the crop's top and
+    its y with the crop's left; this follows the stated intent). The box is clipped
+    to the crop; when no draw qualifies the record is returned unchanged.
+    """
+
+    def __init__(self, min_size: int, max_size: int, max_try: int = 20):
+        self.min_size = min_size
+        self.max_size = max_size
+        self.max_try = max_try
+
+    def __call__(self, record: Record) -> Record:
+        img_w, img_h = record.image.size
+        for _ in range(self.max_try):
+            w = random.randint(self.min_size, min(img_w, self.max_size))
+            h = random.randint(self.min_size, min(img_h, self.max_size))
+            top = random.randint(0, img_h - h)
+            left = random.randint(0, img_w - w)
+            if float(record.box[0]) > left and float(record.box[1]) > top:
+                record.image = record.image.crop((left, top, left + w, top + h))
+                box = record.box - torch.tensor([left, top, left, top], dtype=torch.float32)
+                box = torch.min(box.reshape(2, 2), torch.tensor([w, h], dtype=torch.float32))
+                record.box = box.clamp(min=0).reshape(4)
+                record.obj_mask = record.obj_mask[top:top + h, left:left + w]
+                return record
+        return record
+
+
+class RandomSelect:
+    """Apply ``first`` or, with probability p, ``second``; always ``first`` for spatial phrases.
+
+    A phrase is spatial when it contains (as a substring) one of SPATIAL_WORDS.
+    """
+
+    def __init__(self, first, second, p: float = 0.5):
+        self.first = first
+        self.second = second
+        self.p = p
+
+    def __call__(self, record: Record) -> Record:
+        if any(word in record.phrase for word in SPATIAL_WORDS):
+            return self.first(record)
+        if random.random() < self.p:
+            return self.second(record)
+        return self.first(record)
+
+
+class ColorJitter:
+    """With probability p, PIL brightness, contrast and saturation jitter in random order."""
+
+    def __init__(self, brightness=0.4, contrast=0.4, saturation=0.4, p: float = 0.8):
+        self.enhancers = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                          (ImageEnhance.Color, saturation)]
+        self.p = p
+
+    def __call__(self, record: Record) -> Record:
+        if random.random() < self.p:
+            for i in random.sample(range(3), 3):
+                enhancer, strength = self.enhancers[i]
+                factor = random.uniform(1 - strength, 1 + strength)
+                record.image = enhancer(record.image).enhance(factor)
+        return record
+
+
+class GaussianBlur:
+    """With probability p, PIL Gaussian blur of radius drawn from [sigma_min, sigma_max]."""
+
+    def __init__(self, p: float, sigma=(0.1, 2.0)):
+        self.p = p
+        self.sigma = sigma
+
+    def __call__(self, record: Record) -> Record:
+        if random.random() < self.p:
+            radius = random.uniform(*self.sigma)
+            record.image = record.image.filter(ImageFilter.GaussianBlur(radius=radius))
+        return record
+
+
+class NormalizeAndPad:
+    """ImageNet-normalise, then zero-pad to size x size.
+
+    Offsets: uniform in [0, size - h] x [0, size - w] with ``translate``, else centred as
+    top = round(dh / 2 - 0.1), left = round(dw / 2 - 0.1) with Python's round.
+    """
+
+    def __init__(self, size: int, translate: bool = False):
+        self.size = size
+        self.translate = translate
+
+    def __call__(self, record: Record) -> Record:
+        img = TF.normalize(TF.to_tensor(record.image.convert("RGB")), IMAGENET_MEAN, IMAGENET_STD)
+        h, w = img.shape[1:]
+        dh, dw = self.size - h, self.size - w
+        if self.translate:
+            top, left = random.randint(0, dh), random.randint(0, dw)
+        else:
+            top, left = round(dh / 2.0 - 0.1), round(dw / 2.0 - 0.1)
+
+        out = torch.zeros((3, self.size, self.size), dtype=torch.float32)
+        out[:, top:top + h, left:left + w] = img
+        pixel_mask = torch.ones((self.size, self.size), dtype=torch.int32)
+        pixel_mask[top:top + h, left:left + w] = 0
+        obj_mask = torch.zeros((self.size, self.size), dtype=torch.float32)
+        obj_mask[top:top + h, left:left + w] = record.obj_mask.float()
+
+        x0, y0, x1, y1 = (record.box + torch.tensor([left, top, left, top], dtype=torch.float32)).tolist()
+        box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32)
+        record.image, record.pixel_mask, record.obj_mask = out, pixel_mask, obj_mask
+        record.box = box / self.size
+        return record
+
+
+def make_transforms(imsize: int, train: bool, aug_scale: bool = False, aug_crop: bool = False,
+                    aug_blur: bool = False, aug_translate: bool = False) -> Compose:
+    """The official pipelines.
+
+    Train: [long side to imsize - 32 i (i = 0..6 with aug_scale, sizes <= 0 dropped; else imsize)] or, with p = 0.5
+    when aug_crop and never for spatial phrases, [short side to 400/500/600, random crop of side
+    384-600, long side as before]; colour jitter (p 0.8); Gaussian blur (p 0.5 with aug_blur);
+    normalise and pad (random offset with aug_translate). No horizontal flip.
+    Eval: long side to imsize, normalise, centred pad.
+    """
+    if not train:
+        return Compose([RandomResize([imsize]), NormalizeAndPad(imsize)])
+    scales = [imsize - 32 * i for i in range(7) if imsize - 32 * i > 0] if aug_scale else [imsize]
+    return Compose([
+        RandomSelect(
+            RandomResize(scales),
+            Compose([RandomResize([400, 500, 600], long_side=False),
+                     RandomSizeCrop(384, 600),
+                     RandomResize(scales)]),
+            p=0.5 if aug_crop else 0.0),
+        ColorJitter(0.4, 0.4, 0.4),
+        GaussianBlur(p=0.5 if aug_blur else 0.0),
+        NormalizeAndPad(imsize, translate=aug_translate),
+    ])
+
+
+def build_transforms(args, train: bool) -> Compose:
+    """make_transforms from args.imsize, aug_scale, aug_crop, aug_blur and aug_translate."""
+    return make_transforms(args.imsize, train, aug_scale=args.aug_scale, aug_crop=args.aug_crop,
+                           aug_blur=args.aug_blur, aug_translate=args.aug_translate)
