@@ -210,3 +210,35 @@ def test_every_registered_config_resolves(name):
     layers = cfg["clip"]["vision_cfg"]["layers"]
     assert all(0 <= i < layers for i in cfg["bridge_layers"] + cfg["extract_layers"])
     assert cfg["clip"]["quick_gelu"] is True
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = build_model(tiny_args("--hi_lora_stage", "1", "--vl_dropout", "0"))
+    randomize_lora(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.grad_checkpointing = True
+    images, mask, texts = batch()
+    grads = []
+    for model in (plain, ckpt):
+        model.train()
+        for m in model.modules():  # LoRA dropout off: both runs must see the same function
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        out = model(images, mask, model.tokenize(texts))
+        (out["pred_box"].sum() + out["seg_map"].mean() + out["logits_per_text"].sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_reaches_exactly_the_trainable_parameters():
+    model = build_model(tiny_args("--hi_lora_stage", "2")).train()
+    images, mask, texts = batch()
+    out = model(images, mask, model.tokenize(texts))
+    (out["pred_box"].sum() + out["token_map"].mean() + out["seg_map"].mean()
+     + out["logits_per_text"].sum()).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert with_grad == trainable
