@@ -9,11 +9,10 @@ polygons of one object are merged by union, as the official pipeline does with
 pixels whose centre lies on an edge.
 """
 import numpy as np
-import torch
 
 
-def polygons_to_mask(polygons, height: int, width: int) -> torch.Tensor:
-    """Fill COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` into a [height, width] bool mask.
+def polygons_to_mask(polygons, height: int, width: int) -> np.ndarray:
+    """Fill COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` into a [height, width] bool array.
 
     Polygons with fewer than three points cover nothing.
     """
@@ -22,11 +21,11 @@ def polygons_to_mask(polygons, height: int, width: int) -> torch.Tensor:
         pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
         if len(pts) >= 3:
             mask |= _fill_polygon(pts, height, width)
-    return torch.from_numpy(mask)
+    return mask
 
 
-def box_to_mask(box_xywh, height: int, width: int) -> torch.Tensor:
-    """Fill a float (x, y, w, h) box into a [height, width] bool mask."""
+def box_to_mask(box_xywh, height: int, width: int) -> np.ndarray:
+    """Fill a float (x, y, w, h) box into a [height, width] bool array."""
     x, y, w, h = (float(v) for v in box_xywh)
     return polygons_to_mask([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width)
 

@@ -28,6 +28,7 @@ every sample of the official split.
 import os
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -198,8 +199,8 @@ class GroundingDataset(torch.utils.data.Dataset):
                              f"{ref.size_hw[1]}x{ref.size_hw[0]}; the image or the split file is wrong")
         return ref, path, img
 
-    def object_mask(self, ref: Ref, h: int, w: int) -> torch.Tensor:
-        """[h, w] bool: the polygons with --use_seg_mask on COCO-layout samples, else the box."""
+    def object_mask(self, ref: Ref, h: int, w: int) -> np.ndarray:
+        """[h, w] bool array: the polygons with --use_seg_mask on COCO-layout samples, else the box."""
         if self.use_seg_mask and ref.polygons is not None:
             try:
                 return polygons_to_mask(ref.polygons, h, w)
@@ -250,21 +251,30 @@ def build_dataset(split: str, args) -> GroundingDataset:
 
 
 def add_data_args(parser):
-    """Register the data flags (official names and defaults) on an argparse parser."""
-    parser.add_argument("--dataset", default="referit", type=str, choices=list(DATASETS),
-                        help="dataset name; 'synthref' is the embedded synthetic set")
-    parser.add_argument("--data_root", default="./data/image_data/", type=str,
-                        help="folder holding the image folders (other/, referit/, Flickr30k/, synthref/)")
-    parser.add_argument("--split_root", default="./data/pseudo_samples/", type=str,
-                        help="folder holding <dataset>/<dataset>_<split>.pth")
-    parser.add_argument("--imsize", default=224, type=int, help="input side S of the padded square image")
-    parser.add_argument("--max_query_len", default=77, type=int, help="text context length in tokens")
-    parser.add_argument("--aug_blur", action="store_true", help="Gaussian blur augmentation (p 0.5)")
-    parser.add_argument("--aug_crop", action="store_true", help="random resize+crop augmentation (p 0.5)")
-    parser.add_argument("--aug_scale", action="store_true", help="multi-scale augmentation")
-    parser.add_argument("--aug_translate", action="store_true", help="random padding offset")
-    parser.add_argument("--use_seg_mask", action="store_true",
-                        help="supervise masks with the COCO polygons instead of the filled box")
-    parser.add_argument(UNSAFE_FLAG, action="store_true",
-                        help="unpickle split files without restrictions (can execute code; trusted files only)")
+    """Register the data flags (official names and defaults) on an argparse parser.
+
+    A flag the parser already has (e.g. --dataset, --imsize, --max_query_len from the model
+    flags) is left as it is.
+    """
+    flags = [
+        ("--dataset", dict(default="referit", type=str, choices=list(DATASETS),
+                           help="dataset name; 'synthref' is the embedded synthetic set")),
+        ("--data_root", dict(default="./data/image_data/", type=str,
+                             help="folder holding the image folders (other/, referit/, Flickr30k/, synthref/)")),
+        ("--split_root", dict(default="./data/pseudo_samples/", type=str,
+                              help="folder holding <dataset>/<dataset>_<split>.pth")),
+        ("--imsize", dict(default=224, type=int, help="input side S of the padded square image")),
+        ("--max_query_len", dict(default=77, type=int, help="text context length in tokens")),
+        ("--aug_blur", dict(action="store_true", help="Gaussian blur augmentation (p 0.5)")),
+        ("--aug_crop", dict(action="store_true", help="random resize+crop augmentation (p 0.5)")),
+        ("--aug_scale", dict(action="store_true", help="multi-scale augmentation")),
+        ("--aug_translate", dict(action="store_true", help="random padding offset")),
+        ("--use_seg_mask", dict(action="store_true",
+                                help="supervise masks with the COCO polygons instead of the filled box")),
+        (UNSAFE_FLAG, dict(action="store_true",
+                           help="unpickle split files without restrictions (can run code; trusted files only)")),
+    ]
+    for flag, kwargs in flags:
+        if flag not in parser._option_string_actions:
+            parser.add_argument(flag, **kwargs)
     return parser

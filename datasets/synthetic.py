@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.box_ops import box_iou
+
 from .masks import polygons_to_mask
 from .refer import IMAGE_DIRS, split_path
 from .synthref_lang import Obj, expressions_for
@@ -100,7 +102,7 @@ def make_scene(rng: random.Random, nrng: np.random.Generator, long_side: int):
                 break
     img = background(nrng, h, w)
     for o, pts in zip(objs, polys):
-        mask = polygons_to_mask([pts.ravel()], h, w).numpy()
+        mask = polygons_to_mask([pts.ravel()], h, w)
         img[mask] = np.asarray(COLOURS[o.colour]) + nrng.normal(0, 6, size=(int(mask.sum()), 3))
     return np.clip(img, 0, 255).astype(np.uint8), objs, polys
 
@@ -162,15 +164,6 @@ def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize
     return counts
 
 
-def _iou(a, b) -> float:
-    """IoU of two xyxy boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _head_words(phrase: str) -> dict:
     """Colour, shape and size words of the head description (before any location or relation)."""
     head = {}
@@ -200,17 +193,20 @@ def baselines(out: str, split: str = "test") -> dict:
     rel_h = float(np.mean([s[2][3] / s[1]["height"] for s in train]))
     hits = {"centre": 0.0, "largest": 0.0, "random_object": 0.0, "attribute_only": 0.0}
     for name, size, (x, y, w, h), phrase, _ in samples:
-        gt = (x, y, x + w, y + h)
         W, H = size["width"], size["height"]
         objs = scenes[name]
-        centre = (W * (1 - rel_w) / 2, H * (1 - rel_h) / 2, W * (1 + rel_w) / 2, H * (1 + rel_h) / 2)
-        largest = max(objs, key=lambda o: (o["box_xyxy"][2] - o["box_xyxy"][0]) * (o["box_xyxy"][3] - o["box_xyxy"][1]))
+        boxes = torch.tensor([o["box_xyxy"] for o in objs], dtype=torch.float64)            # [K, 4]
+        centre = torch.tensor([[W * (1 - rel_w) / 2, H * (1 - rel_h) / 2, W * (1 + rel_w) / 2, H * (1 + rel_h) / 2]],
+                              dtype=torch.float64)
+        candidates = torch.cat([centre, boxes])                                                  # [1 + K, 4]
+        hit = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float64), candidates)[0][0] >= 0.5
         head = _head_words(phrase)
-        matching = [o for o in objs if all(o[k] == v for k, v in head.items())]
-        hits["centre"] += _iou(centre, gt) >= 0.5
-        hits["largest"] += _iou(largest["box_xyxy"], gt) >= 0.5
-        hits["random_object"] += np.mean([_iou(o["box_xyxy"], gt) >= 0.5 for o in objs])
-        hits["attribute_only"] += np.mean([_iou(o["box_xyxy"], gt) >= 0.5 for o in matching]) if matching else 0.0
+        matching = torch.tensor([all(o[k] == v for k, v in head.items()) for o in objs])
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        hits["centre"] += float(hit[0])
+        hits["largest"] += float(hit[1:][areas.argmax()])
+        hits["random_object"] += float(hit[1:].double().mean())
+        hits["attribute_only"] += float(hit[1:][matching].double().mean()) if matching.any() else 0.0
     return {k: float(v) / len(samples) for k, v in hits.items()}
 
 

@@ -2,13 +2,15 @@
 
 Every transform maps a :class:`Record` to a :class:`Record`. Until
 :class:`NormalizeAndPad` the image is a PIL image, ``box`` is [4] float xyxy in
-pixels of that image and ``obj_mask`` is a [H, W] bool tensor aligned with it.
+pixels of that image and ``obj_mask`` is a [H, W] bool numpy array aligned with it.
 :class:`NormalizeAndPad` produces the model's view: a [3, S, S] float image, the
 box as normalised (cx, cy, w, h) in the padded frame, a [S, S] float 0/1 object
 mask and a [S, S] int32 padding mask (1 on padding).
 
 Randomness comes from Python's ``random`` module only, which PyTorch's DataLoader
-seeds differently in every worker.
+seeds differently in every worker. Pixel work is done in numpy (single-threaded) and
+turned into tensors at the end, so loading in the main process does not compete with
+the training step for torch's intra-op threads.
 
 JPEG images may arrive not yet decoded: the first resize then asks the decoder
 for a reduced-size draft (DCT scaling by 1/2, 1/4 or 1/8, never below the target
@@ -18,9 +20,8 @@ import random
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageFilter
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,14 +36,14 @@ class Record:
     image: PIL image, then [3, S, S] float32 after NormalizeAndPad.
     box: [4] float32, xyxy pixels; after NormalizeAndPad normalised (cx, cy, w, h).
     phrase: the referring expression (lower-cased by the dataset).
-    obj_mask: [H, W] bool, then [S, S] float32 0/1 after NormalizeAndPad.
+    obj_mask: [H, W] bool numpy array, then [S, S] float32 0/1 tensor after NormalizeAndPad.
     pixel_mask: None, then [S, S] int32 after NormalizeAndPad, 1 on padding.
     image_file: the image's file name, for reporting.
     """
     image: object
     box: torch.Tensor
     phrase: str
-    obj_mask: torch.Tensor
+    obj_mask: object
     pixel_mask: Optional[torch.Tensor] = None
     image_file: str = ""
 
@@ -54,8 +55,12 @@ def resize_image(img: Image.Image, size_wh) -> Image.Image:
     return img.convert("RGB").resize(tuple(size_wh), Image.BILINEAR)
 
 
-def _resize_mask(mask: torch.Tensor, size_hw) -> torch.Tensor:
-    return F.interpolate(mask[None, None].float(), size=tuple(size_hw), mode="nearest")[0, 0] > 0.5
+def resize_mask(mask: np.ndarray, size_hw) -> np.ndarray:
+    """Nearest-neighbour resize of a [H, W] array, with the index rule of F.interpolate(mode='nearest')."""
+    def index(n_in, n_out):
+        scale = np.float32(n_in) / np.float32(n_out)
+        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+    return mask[index(mask.shape[0], size_hw[0])[:, None], index(mask.shape[1], size_hw[1])[None, :]]
 
 
 class Compose:
@@ -85,7 +90,7 @@ class RandomResize:
         new_w, new_h = round(w * ratio), round(h * ratio)
         record.image = resize_image(record.image, (new_w, new_h))
         record.box = record.box * ratio
-        record.obj_mask = _resize_mask(record.obj_mask, (new_h, new_w))
+        record.obj_mask = resize_mask(record.obj_mask, (new_h, new_w))
         return record
 
 
@@ -182,7 +187,8 @@ class NormalizeAndPad:
         self.translate = translate
 
     def __call__(self, record: Record) -> Record:
-        img = TF.normalize(TF.to_tensor(record.image.convert("RGB")), IMAGENET_MEAN, IMAGENET_STD)
+        img = np.asarray(record.image.convert("RGB"), dtype=np.float32) / 255.0          # [h, w, 3]
+        img = ((img - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)).transpose(2, 0, 1)
         h, w = img.shape[1:]
         dh, dw = self.size - h, self.size - w
         if self.translate:
@@ -190,16 +196,18 @@ class NormalizeAndPad:
         else:
             top, left = round(dh / 2.0 - 0.1), round(dw / 2.0 - 0.1)
 
-        out = torch.zeros((3, self.size, self.size), dtype=torch.float32)
+        out = np.zeros((3, self.size, self.size), dtype=np.float32)
         out[:, top:top + h, left:left + w] = img
-        pixel_mask = torch.ones((self.size, self.size), dtype=torch.int32)
+        pixel_mask = np.ones((self.size, self.size), dtype=np.int32)
         pixel_mask[top:top + h, left:left + w] = 0
-        obj_mask = torch.zeros((self.size, self.size), dtype=torch.float32)
-        obj_mask[top:top + h, left:left + w] = record.obj_mask.float()
+        obj_mask = np.zeros((self.size, self.size), dtype=np.float32)
+        obj_mask[top:top + h, left:left + w] = record.obj_mask
 
         x0, y0, x1, y1 = (record.box + torch.tensor([left, top, left, top], dtype=torch.float32)).tolist()
         box = torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dtype=torch.float32)
-        record.image, record.pixel_mask, record.obj_mask = out, pixel_mask, obj_mask
+        record.image = torch.from_numpy(out)
+        record.pixel_mask = torch.from_numpy(pixel_mask)
+        record.obj_mask = torch.from_numpy(obj_mask)
         record.box = box / self.size
         return record
 

@@ -1,0 +1,149 @@
+"""Check a dataset on disk before training on it.
+
+    python -m datasets.verify --dataset D --data_root R --split_root S [--split X] [--dump N]
+
+Reports, per split, the number of samples and images, zero-area boxes (after the integer
+truncation; skipped in training, see :mod:`datasets.refer`) and phrases longer than the
+77-token CLIP context (truncated by the tokenizer). Then every image of those splits is
+opened and decoded; each missing or unreadable image, and each image whose size differs
+from its split-file entry, is listed. For ``mixup``, no image of its train split may appear
+in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself (the
+split files found under --split_root are checked). The exit status is 1 when any of these
+problems (or an unreadable split file) is found, else 0.
+
+``--dump N`` prints the first N samples of the split (default ``val``) after the eval
+transform as JSON lines on stdout: ``image``, ``phrase``, ``box_xyxy`` (pixels of the
+padded imsize x imsize frame) and ``imsize``; the report then goes to stderr.
+"""
+import argparse
+import json
+import os
+import sys
+
+from PIL import Image
+from tqdm import tqdm
+
+from .refer import DATASETS, IMAGE_DIRS, GroundingDataset, is_degenerate, load_refs, split_files
+from .splitfile import UNSAFE_FLAG
+from .tokens import CONTEXT_LENGTH, is_truncated
+from .transforms import make_transforms
+
+EVAL_SPLITS = ("val", "test", "testA", "testB")
+LEAK_DATASETS = ("unc", "unc+", "gref", "gref_umd", "referit", "flickr", "mixup")
+
+
+def check_image(path: str, size_hw=None):
+    """None when the image decodes (at reduced size for JPEGs) and has the expected size, else a reason."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as img:
+            size = (img.height, img.width)
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure makes the image unreadable
+        return f"unreadable ({type(e).__name__}: {e})"
+    if size_hw is not None and tuple(size_hw) != size:
+        return f"size {size[1]}x{size[0]} differs from the split file's {size_hw[1]}x{size_hw[0]}"
+    return None
+
+
+def image_problems(data_root: str, refs) -> list:
+    """(path, reason) for every distinct image of ``refs`` that is missing, unreadable or mis-sized."""
+    images = {}
+    for r in refs:
+        images.setdefault((r.folder, r.image), r.size_hw)
+    problems = []
+    for (folder, image), size_hw in tqdm(sorted(images.items()), desc="images", disable=None, file=sys.stderr):
+        path = os.path.join(data_root, IMAGE_DIRS[folder], image)
+        reason = check_image(path, size_hw)
+        if reason:
+            problems.append((path, reason))
+    return problems
+
+
+def leaks(split_root: str, train_refs, allow_unsafe: bool = False) -> dict:
+    """{'dataset split': sorted shared images} for evaluation splits that share images with ``train_refs``."""
+    train_images = {(r.folder, r.image) for r in train_refs}
+    found = {}
+    for dataset in LEAK_DATASETS:
+        for split in EVAL_SPLITS:
+            if split not in DATASETS[dataset][2] or not all(map(os.path.isfile, split_files(split_root, dataset, split))):
+                continue
+            shared = train_images & {(r.folder, r.image) for r in load_refs(split_root, dataset, split, allow_unsafe)}
+            if shared:
+                found[f"{dataset} {split}"] = sorted(f"{IMAGE_DIRS[f]}/{i}" for f, i in shared)
+    return found
+
+
+def dump(data_root: str, refs, imsize: int, n: int) -> None:
+    """Print the first n samples after the eval transform as JSON lines."""
+    dataset = GroundingDataset(refs[:n], data_root, make_transforms(imsize, train=False))
+    for record in dataset:
+        cx, cy, w, h = (record.box * imsize).tolist()
+        print(json.dumps({"image": record.image_file, "phrase": record.phrase,
+                          "box_xyxy": [round(v, 2) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)],
+                          "imsize": imsize}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Verify split files and images of a grounding dataset.")
+    parser.add_argument("--dataset", required=True, choices=list(DATASETS))
+    parser.add_argument("--data_root", required=True)
+    parser.add_argument("--split_root", required=True)
+    parser.add_argument("--split", help="check only this split (default: every split file present)")
+    parser.add_argument("--dump", type=int, default=0, metavar="N", help="print N eval-transformed samples")
+    parser.add_argument("--imsize", type=int, default=224, help="input side for --dump")
+    parser.add_argument(UNSAFE_FLAG, action="store_true", help="unpickle split files without restrictions")
+    args = parser.parse_args(argv)
+    unsafe = args.allow_unsafe_pickle
+    log = sys.stderr if args.dump else sys.stdout
+    splits = [args.split] if args.split else [s for s in DATASETS[args.dataset][2] if s != "trainval"]
+
+    failed, loaded = False, {}
+    for split in splits:
+        files = split_files(args.split_root, args.dataset, split)
+        if not args.split and not all(map(os.path.isfile, files)):
+            print(f"{split}: no split file ({', '.join(files)})", file=log)
+            continue
+        try:
+            refs = load_refs(args.split_root, args.dataset, split, unsafe)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{split}: ERROR {e}", file=log)
+            failed = True
+            continue
+        loaded[split] = refs
+        long_phrases = sum(is_truncated(r.phrase, CONTEXT_LENGTH) for r in refs)
+        print(f"{split}: {len(refs)} samples, {len({(r.folder, r.image) for r in refs})} images, "
+              f"{sum(map(is_degenerate, refs))} zero-area boxes, {long_phrases} phrases over "
+              f"{CONTEXT_LENGTH} tokens", file=log)
+        if not refs:
+            print(f"{split}: ERROR the split is empty", file=log)
+            failed = True
+
+    problems = image_problems(args.data_root, [r for refs in loaded.values() for r in refs])
+    for path, reason in problems:
+        print(f"image {path}: {reason}", file=log)
+    print(f"images: {len(problems)} problems", file=log)
+    failed |= bool(problems)
+
+    if args.dataset == "mixup" and "train" in loaded:
+        found = leaks(args.split_root, loaded["train"], unsafe)
+        for where, images in found.items():
+            print(f"leak: {len(images)} mixup train images appear in {where}, e.g. {', '.join(images[:5])}",
+                  file=log)
+        print(f"leakage: {'FOUND' if found else 'none'}", file=log)
+        failed |= bool(found)
+
+    if args.dump:
+        split = args.split or next((s for s in EVAL_SPLITS if s in loaded), next(iter(loaded), None))
+        bad = {p for p, _ in problems}
+        usable = [r for r in loaded.get(split, [])
+                  if os.path.join(args.data_root, IMAGE_DIRS[r.folder], r.image) not in bad]
+        dump(args.data_root, usable, args.imsize, args.dump)
+    print("FAILED" if failed else "OK", file=log)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
