@@ -15,6 +15,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .attention import attend
 from .lora import in_projection, out_projection
 
 
@@ -33,7 +34,7 @@ def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool = 
     B, L, d = x.shape
     h = attn.num_heads
     q, k, v = in_projection(attn, x).view(B, L, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    y = attend(q, k, v, causal=causal)
     return out_projection(attn, y.transpose(1, 2).reshape(B, L, d))
 
 

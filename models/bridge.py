@@ -12,10 +12,10 @@ import math
 from typing import List
 
 import torch
-import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from .attention import attend
 from .lora import in_projection, out_projection
 
 BRIDGE_ATTENTION_MODES = ("per_sample", "official")
@@ -49,7 +49,7 @@ class CrossAttention(nn.Module):
             kv = kv.transpose(0, 1).reshape(B, T, d)
         q = in_projection(self, x, slice(0, 1)).view(B, L, h, d // h).transpose(1, 2)
         k, v = in_projection(self, kv, slice(1, 3)).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attend(q, k, v)
         return out_projection(self, y.transpose(1, 2).reshape(B, L, d))
 
 

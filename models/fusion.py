@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend
 from .lora import in_projection, out_projection
 
 
@@ -30,8 +31,7 @@ class SelfAttention(nn.Module):
         q, k = in_projection(self, qk, slice(0, 2)).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4)
         v = in_projection(self, v, slice(2, 3)).view(B, L, h, D // h).transpose(1, 2)
         keep = ~pad_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, keep, dropout_p=self.dropout if self.training else 0.0)
         return out_projection(self, y.transpose(1, 2).reshape(B, L, D))
 
 

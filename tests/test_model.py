@@ -242,3 +242,17 @@ def test_backward_reaches_exactly_the_trainable_parameters():
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert with_grad == trainable
+
+
+def test_eager_reference_attention_matches_sdpa():
+    from models.attention import eager_attention
+    model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
+    randomize_lora(model)
+    images, mask, texts = batch()
+    ids = model.tokenize(texts)
+    with torch.no_grad():
+        fast = model(images, mask, ids)
+        with eager_attention():
+            plain = model(images, mask, ids)
+    for key, value in fast.items():
+        torch.testing.assert_close(plain[key], value, rtol=1e-5, atol=1e-5)
