@@ -1,0 +1,126 @@
+"""Bad inputs fail once, clearly, naming the file or flag and the fix; edge cases behave as documented."""
+import argparse
+import os
+
+import pytest
+import torch
+
+from datasets import add_data_args, build_dataset
+from datasets.refer import IMAGE_DIRS
+from datasets.tokens import clip_token_count, is_truncated
+from tests.data_helpers import args_for, coco_entry, draw_scene, write_layout
+
+
+def image_path(root, name):
+    return os.path.join(root, IMAGE_DIRS["coco"], name)
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    write_layout(tmp_path, "unc")
+    with pytest.raises(ValueError, match=r"unknown dataset 'refcoco' \(--dataset\); choose one of unc, unc\+"):
+        args = args_for("unc", tmp_path)
+        args.dataset = "refcoco"
+        build_dataset("train", args)
+    with pytest.raises(ValueError, match="dataset 'unc' has no split 'test'; its splits are train, val, testA"):
+        build_dataset("test", args_for("unc", tmp_path))
+    with pytest.raises(SystemExit):
+        add_data_args(argparse.ArgumentParser()).parse_args(["--dataset", "refcoco"])
+
+
+def test_missing_split_file(tmp_path):
+    write_layout(tmp_path, "unc", splits=("train",))
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset("val", args_for("unc", tmp_path))
+    assert os.path.join(str(tmp_path), "unc", "unc_val.pth") in str(err.value) and "--split_root" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="python -m datasets.synthetic --out"):
+        build_dataset("train", args_for("synthref", tmp_path))
+
+
+def test_empty_split_refused(tmp_path):
+    write_layout(tmp_path, "unc")
+    torch.save([], tmp_path / "unc" / "unc_val.pth")
+    with pytest.raises(ValueError, match="unc val has no usable samples") as err:
+        build_dataset("val", args_for("unc", tmp_path))
+    assert "unc_val.pth" in str(err.value)
+
+
+def test_missing_image_folder(tmp_path):
+    write_layout(tmp_path, "unc")
+    with pytest.raises(FileNotFoundError, match="set --data_root") as err:
+        build_dataset("val", args_for("unc", tmp_path, data_root=str(tmp_path / "elsewhere")))
+    assert IMAGE_DIRS["coco"] in str(err.value)
+
+
+def test_missing_image(tmp_path):
+    write_layout(tmp_path, "unc")
+    ds = build_dataset("val", args_for("unc", tmp_path))
+    os.remove(image_path(tmp_path, ds.refs[1].image))
+    ds[0]
+    with pytest.raises(FileNotFoundError) as err:
+        ds[1]
+    assert image_path(tmp_path, ds.refs[1].image) in str(err.value) and "--data_root" in str(err.value)
+    assert "datasets.verify" in str(err.value)
+
+
+def test_corrupt_and_truncated_images(tmp_path):
+    write_layout(tmp_path, "unc")
+    ds = build_dataset("val", args_for("unc", tmp_path))
+    garbage, truncated = image_path(tmp_path, ds.refs[0].image), image_path(tmp_path, ds.refs[1].image)
+    with open(garbage, "wb") as f:
+        f.write(b"not an image at all")
+    raw = open(truncated, "rb").read()
+    with open(truncated, "wb") as f:
+        f.write(raw[:len(raw) // 3])
+    for idx, path in ((0, garbage), (1, truncated)):
+        with pytest.raises(OSError, match="cannot be (read|decoded)") as err:
+            ds[idx]
+        assert path in str(err.value)
+
+
+def test_image_size_differs_from_split_file(tmp_path):
+    write_layout(tmp_path, "unc")
+    ds = build_dataset("val", args_for("unc", tmp_path))
+    draw_scene(image_path(tmp_path, ds.refs[0].image), size_wh=(500, 480))
+    with pytest.raises(ValueError, match="is 500x480 but its split-file entry says 640x480"):
+        ds[0]
+
+
+def test_rle_mask_with_seg_mask(tmp_path):
+    write_layout(tmp_path, "unc")
+    entry = coco_entry("COCO_train2014_val000000.jpg")
+    torch.save([entry[:4] + ({"size": [480, 640], "counts": "abc"},)], tmp_path / "unc" / "unc_val.pth")
+    ds = build_dataset("val", args_for("unc", tmp_path, use_seg_mask=True))
+    with pytest.raises(ValueError, match="not a COCO polygon list.*drop --use_seg_mask"):
+        ds[0]
+    assert build_dataset("val", args_for("unc", tmp_path))[0].obj_mask.sum() > 0
+
+
+def test_zero_area_boxes_skipped_in_training_kept_in_evaluation(tmp_path, capsys):
+    """Documented behaviour: a box of zero width/height after integer truncation."""
+    write_layout(tmp_path, "unc")
+    good = coco_entry("COCO_train2014_train000000.jpg")
+    flat = good[:2] + ([180.6, 140.2, 0.9, 160.0],) + good[3:]    # int(0.9) = 0 -> zero width
+    torch.save([good, flat, flat], tmp_path / "unc" / "unc_train.pth")
+    torch.save([good, flat], tmp_path / "unc" / "unc_val.pth")
+    assert len(build_dataset("train", args_for("unc", tmp_path))) == 1
+    assert "unc train: skipped 2 samples whose box has zero area" in capsys.readouterr().out
+    val = build_dataset("val", args_for("unc", tmp_path))
+    assert len(val) == 2 and "warning: 1 samples have a zero-area box (kept" in capsys.readouterr().out
+    assert float(val[1].box[2]) == 0.0
+    torch.save([flat], tmp_path / "unc" / "unc_train.pth")
+    with pytest.raises(ValueError, match="no usable samples"):
+        build_dataset("train", args_for("unc", tmp_path))
+
+
+def test_long_phrase_kept_whole_and_truncated_by_the_tokenizer(tmp_path):
+    """Documented behaviour: the dataset keeps the phrase; open_clip cuts it to 77 tokens ending in EOT."""
+    import open_clip
+    phrase = "the red box " + " ".join(["next to the very small green thing"] * 12)
+    write_layout(tmp_path, "unc")
+    torch.save([coco_entry("COCO_train2014_val000000.jpg", phrase=phrase.upper())], tmp_path / "unc" / "unc_val.pth")
+    record = build_dataset("val", args_for("unc", tmp_path))[0]
+    assert record.phrase == phrase                         # lower-cased, not shortened
+    assert clip_token_count(phrase) > 77 and is_truncated(phrase)
+    assert not is_truncated("the red box") and clip_token_count("the red box") == 5
+    tokens = open_clip.tokenize([phrase])
+    assert tokens.shape == (1, 77) and int(tokens[0, -1]) == int(tokens.max()) == 49407
