@@ -80,7 +80,10 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def make_scene(rng: random.Random, nrng: np.random.Generator, long_side: int):
-    """Image array and objects with their polygons; objects never overlap (3 px gap at least)."""
+    """Image array and objects with their polygons; objects never overlap (3 px gap at least).
+
+    An object's box is the tight box of its pixels (polygon filled with the rule of datasets.masks).
+    """
     short = round(long_side * rng.uniform(0.7, 1.0))
     w, h = (long_side, short) if rng.random() < 0.5 else (short, long_side)
     colours = rng.sample(list(COLOURS), rng.randint(2, 4))
@@ -101,9 +104,11 @@ def make_scene(rng: random.Random, nrng: np.random.Generator, long_side: int):
                 polys.append(pts)
                 break
     img = background(nrng, h, w)
-    for o, pts in zip(objs, polys):
+    for k, (o, pts) in enumerate(zip(objs, polys)):
         mask = polygons_to_mask([pts.ravel()], h, w)
         img[mask] = np.asarray(COLOURS[o.colour]) + nrng.normal(0, 6, size=(int(mask.sum()), 3))
+        ys, xs = np.nonzero(mask)
+        objs[k] = o._replace(box=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
     return np.clip(img, 0, 255).astype(np.uint8), objs, polys
 
 
