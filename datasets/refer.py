@@ -120,7 +120,7 @@ def parse_entry(entry, dataset: str, where: str) -> Ref:
     if layout == "mixup":
         if image.split("_")[0] == "COCO":
             folder = "coco"
-        elif size in ("flickr", "referit"):
+        elif isinstance(size, str) and size in ("flickr", "referit"):
             folder, polygons = size, None
         else:
             raise ValueError(f"{where}: mixup entry {image!r} is neither a COCO_* file nor marked "

@@ -44,10 +44,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         allowed = {qualname: obj for obj, qualname in _numpy_globals()}
-        key = f"{module}.{name}"
-        if key not in allowed:
-            raise pickle.UnpicklingError(f"Unsupported global: {key}")
-        return allowed[key]
+        if f"{module}.{name}" not in allowed:
+            raise pickle.UnpicklingError(f"{_REFUSAL}: {module}.{name}")
+        return allowed[f"{module}.{name}"]
 
 
 def load_pickled_list(path: str, allow_unsafe: bool = False) -> list:
@@ -73,7 +72,8 @@ def load_pickled_list(path: str, allow_unsafe: bool = False) -> list:
                 f"({refused[0]}). If you trust its source, pass {UNSAFE_FLAG} to unpickle it without "
                 f"restrictions (this can execute arbitrary code).") from e
         raise ValueError(
-            f"split file {path} is not a readable pickle/torch file ({type(e).__name__}: {e}). "
+            f"split file {path} is not a readable pickle/torch file "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}). "
             f"Re-download it, or regenerate it (synthetic set: python -m datasets.synthetic).") from e
     if not isinstance(data, list):
         raise ValueError(
