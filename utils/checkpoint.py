@@ -57,3 +57,119 @@ def build_model_from_checkpoint(ckpt: dict, merge: bool = False):
     if merge:
         merge_lora(model)
     return model
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch (CPU and CUDA) generator states as plain values (weights_only-safe)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_our_checkpoint(ckpt: dict) -> bool:
+    return isinstance(ckpt.get("args"), dict) and "clip_cfg" in ckpt
+
+
+def read_any_checkpoint(path):
+    """Our checkpoint, or the authors' converted on the fly: (model args dict, state dict, clip_cfg, ckpt).
+
+    For an official checkpoint the state dict keeps the official names (convert it against the built
+    model with models.convert.convert_official_state_dict) and `ckpt` is None.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        ckpt = None
+    if isinstance(ckpt, dict) and is_our_checkpoint(ckpt):
+        return dict(ckpt["args"]), ckpt["model"], ckpt["clip_cfg"], ckpt
+    from models.convert import load_official_checkpoint, official_args_to_ours
+    state, official_args = load_official_checkpoint(str(path))
+    if official_args is None:
+        raise ValueError(f"{path} is neither a checkpoint of this project nor an official HiVG checkpoint "
+                         "(no 'args' entry)")
+    args = dict(official_args)
+    args.update(vars(official_args_to_ours(official_args)))
+    return args, state, None, None
+
+
+ADAPTER_KEY = (".lora_in.lora_", ".lora_out.lora_")
+
+
+def load_allowing_fresh_adapters(module, state: dict, what: str) -> list:
+    """Load `state` into `module`; the only keys it may lack are LoRA adapters (they stay freshly
+    initialised). Returns the adapter keys left fresh; ValueError naming the keys otherwise."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    bad_missing = [k for k in missing if not any(a in k for a in ADAPTER_KEY)]
+    if bad_missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} does not match the model (check --model / --dataset / --imsize / --hi_lora_mode):"
+            + (f"\n  missing: {bad_missing[:8]}" if bad_missing else "")
+            + (f"\n  unexpected: {unexpected[:8]}" if unexpected else "")
+            + ("\n  shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                                  for k in wrong[:8]) if wrong else ""))
+    module.load_state_dict(state, strict=False)
+    return missing
+
+
+def prepare_stage_state(state: dict, official: bool, model, mode: str) -> dict:
+    """A previous stage's weights (ours or official names) ready for `model` of the next stage.
+
+    Official names are converted first. In paper mode earlier adapters are folded into the weights
+    (they are frozen for good); the new stage's adapters start fresh. In official mode adapters carry over.
+    """
+    from models.convert import convert_official_state_dict
+    from models.lora import merge_lora_state_dict
+
+    if official:
+        expected = model.state_dict() if mode == "official" else None
+        state = convert_official_state_dict(state, expected=expected)
+    return merge_lora_state_dict(state) if mode == "paper" else state
+
+
+def load_clip_weights(model, path, mode: str = "paper") -> None:
+    """CLIP weights into `model.clip`: an open_clip / OpenAI / HF file, or the official debiased CLIP
+    ({'model': HF names with peft LoRA}), whose LoRA is merged in paper mode and kept in official mode."""
+    from models.convert_clip import load_clip_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--clip_model {path} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raw = None
+    sd = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(sd, dict) and any(".lora_A." in k for k in sd):
+        state = prepare_stage_state(sd, True, model, "paper" if mode == "paper" else "keep")
+        state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    else:
+        state = load_clip_state_dict(path)
+    load_allowing_fresh_adapters(model.clip, state, f"CLIP weights {path}")
+    model.reset_visual_projection()

@@ -1,0 +1,203 @@
+"""Training epoch and exact evaluation, shared by train_hivg.py and eval.py.
+
+Data order and augmentation are functions of (seed, epoch, sample index) only, so a run gives the
+same batches whatever the number of ranks or loader workers, and a resumed run picks up exactly
+where the interrupted one stopped.
+"""
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from tqdm import tqdm
+
+from utils import distributed as du
+from utils.box_ops import box_cxcywh_to_xyxy, paired_box_iou
+from utils.losses import grounding_losses
+
+LENGTH_BUCKETS = (("1-5", 1, 5), ("6-7", 6, 7), ("8-10", 8, 10), ("11+", 11, None))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class EpochSeeded(Dataset):
+    """Seeds Python's `random` (the transforms' only source of randomness) per (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int):
+        random.seed(f"{self.seed}-{self.epoch}-{idx}")
+        return self.dataset[idx]
+
+
+class ShardSampler(Sampler):
+    """Indices for one rank: a permutation seeded by (seed, epoch) (or 0..n-1), rank r taking r::world.
+
+    Training (`drop_last`): the permutation is cut to a multiple of world * batch_size so every rank
+    runs the same number of full batches and global batch k holds the same samples for any number of
+    ranks. Evaluation: no padding and no cut, each sample lands on exactly one rank.
+    `skip` leaves out this rank's first `skip` indices (resuming inside an epoch).
+    """
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0,
+                 batch_size: int = 1, drop_last: bool = False):
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.epoch, self.skip = 0, 0
+
+    def indices(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:
+            order = order[: self.n // (self.world * self.batch_size) * self.world * self.batch_size]
+        return order[self.rank::self.world][self.skip:]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(self.indices())
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model, loader, optimizer, device: torch.device, *, amp: str = "none", scaler=None,
+                    accum_steps: int = 1, max_norm: float = 0.0, start_step: int = 0,
+                    stop_requested: Callable[[], bool] = lambda: False,
+                    desc: str = "", show_progress: bool = True) -> Dict[str, float]:
+    """One pass over `loader` (micro-batches), an optimizer step every `accum_steps` micro-batches.
+
+    Returns the mean of each loss term (over ranks), `samples_per_s`, `steps` (optimizer steps done
+    in this epoch, counting `start_step`) and `interrupted` (1.0 when `stop_requested` turned true on
+    any rank; the loop then ends right after an optimizer step). Raises NonFiniteLossError before the
+    step when any rank's loss is not finite.
+    """
+    model.train()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    sums: Dict[str, float] = {}
+    n_micro, n_samples, steps, interrupted = 0, 0, start_step, False
+    start = time.time()
+    bar = tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)
+    for i, batch in enumerate(bar):
+        batch = batch.to(device, non_blocking=True)
+        last_micro = (i + 1) % accum_steps == 0
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext()
+        with sync:
+            with autocast(device, amp):
+                out = model(batch.images, batch.pixel_mask, model_tokenize(model, batch.texts, device))
+            losses = grounding_losses(out["pred_box"].float(), batch.boxes, batch.obj_masks,
+                                      *(out[k].float() if k in out else None
+                                        for k in ("logits_per_text", "token_map", "seg_map")))
+            total = sum(losses.values())
+            if not last_micro:
+                (scaler.scale(total / accum_steps) if scaler else total / accum_steps).backward()
+        if last_micro:
+            bad = torch.tensor([float(not math.isfinite(total.item())), float(stop_requested())], device=device)
+            du.all_reduce_sum(bad)
+            if bad[0] > 0:
+                raise NonFiniteLossError(f"non-finite loss {total.item()} ({ {k: v.item() for k, v in losses.items()} })")
+            (scaler.scale(total / accum_steps) if scaler else total / accum_steps).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            steps += 1
+            interrupted = bad[1] > 0
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["loss"] = sums.get("loss", 0.0) + total.item()
+        n_micro += 1
+        n_samples += batch.images.shape[0]
+        bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if interrupted:
+            break
+    elapsed = time.time() - start
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [n_micro, n_samples], dtype=torch.float64, device=device)
+    du.all_reduce_sum(t)
+    stats = {k: (t[j] / max(t[-2].item(), 1)).item() for j, k in enumerate(keys)}
+    stats.update(samples_per_s=t[-1].item() / max(elapsed, 1e-9), steps=float(steps), interrupted=float(interrupted),
+                 lr=optimizer.param_groups[0]["lr"])
+    return stats
+
+
+def model_tokenize(model, texts: List[str], device: torch.device) -> torch.Tensor:
+    inner = model.module if hasattr(model, "module") else model
+    return inner.tokenize(texts).to(device, non_blocking=True)
+
+
+def length_bucket(phrase: str) -> str:
+    n = len(phrase.split(" "))
+    for name, lo, hi in LENGTH_BUCKETS:
+        if n >= lo and (hi is None or n <= hi):
+            return name
+    return LENGTH_BUCKETS[0][0]
+
+
+@torch.no_grad()
+def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device, rank: int = 0, world: int = 1,
+             amp: str = "none", show_progress: bool = False, desc: str = "eval") -> Dict[str, object]:
+    """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each.
+
+    Rank r evaluates indices r::world (no padding); per-sample IoUs are gathered with their indices
+    and every rank returns the same metrics. `loader_fn(dataset, sampler)` builds the DataLoader.
+    """
+    model.eval()
+    sampler = ShardSampler(len(dataset), rank, world)
+    order = sampler.indices()
+    ious: List[float] = []
+    phrases: List[str] = []
+    for batch in tqdm(loader_fn(dataset, sampler), desc=desc, disable=not show_progress, leave=False):
+        batch = batch.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(batch.images, batch.pixel_mask, model_tokenize(model, batch.texts, device), outputs=["box"])
+        pred = box_cxcywh_to_xyxy(out["pred_box"].float()).clamp(0, 1)
+        ious += paired_box_iou(pred, box_cxcywh_to_xyxy(batch.boxes)).nan_to_num(0.0).tolist()
+        phrases += batch.texts
+    if len(ious) != len(order):
+        raise RuntimeError(f"rank {rank} evaluated {len(ious)} samples, expected {len(order)}")
+    gathered = du.all_gather_object(list(zip(order, ious, phrases)))
+    rows = sorted(r for part in gathered for r in part)
+    if [r[0] for r in rows] != list(range(len(dataset))):
+        raise RuntimeError("distributed evaluation did not cover every sample exactly once")
+    return summarize([r[1] for r in rows], [r[2] for r in rows])
+
+
+def summarize(ious: List[float], phrases: List[str]) -> Dict[str, object]:
+    n = len(ious)
+    hits = [iou >= 0.5 for iou in ious]
+    by_len = {}
+    for name, _, _ in LENGTH_BUCKETS:
+        sel = [h for h, p in zip(hits, phrases) if length_bucket(p) == name]
+        by_len[name] = {"count": len(sel), "acc": sum(sel) / len(sel) if sel else None}
+    return {"count": n, "acc": sum(hits) / max(n, 1), "miou": sum(ious) / max(n, 1), "acc_by_length": by_len}
+
+
+def loss_scaler(amp: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
+    if amp != "fp16":
+        return None
+    if device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA (its gradient scaler); use --amp bf16 on CPU")
+    return torch.amp.GradScaler("cuda")

@@ -1,0 +1,51 @@
+"""Rank-0 run logging: console, JSON-lines log.txt, TensorBoard scalars and the resolved args."""
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    """Every method is a no-op on ranks other than 0 (`enabled` False)."""
+
+    def __init__(self, output_dir: str, enabled: bool, args: dict):
+        self.enabled = enabled
+        self.progress = enabled and sys.stderr.isatty()
+        self.dir = Path(output_dir)
+        self.writer = None
+        if not enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        self.start = time.time()
+
+    def print(self, msg: str) -> None:
+        if self.enabled:
+            print(msg, flush=True)
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+    def epoch(self, epoch: int, train: dict, val: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items() if k not in ("steps", "interrupted")},
+                  "val_acc": val["acc"], "val_miou": val["miou"], "time_s": round(time.time() - self.start, 1)}
+        with open(self.dir / "log.txt", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        scal = {f"train/{k}": v for k, v in train.items() if k.startswith("loss")}
+        scal.update({"train/lr": train["lr"], "train/samples_per_s": train["samples_per_s"],
+                     "val/acc": val["acc"], "val/miou": val["miou"]})
+        self.scalars(scal, epoch)
+        self.print(f"epoch {epoch}: loss {train['loss']:.4f}  lr {train['lr']:.2e}  "
+                   f"{train['samples_per_s']:.1f} samples/s  val Acc@0.5 {val['acc']:.4f}  mIoU {val['miou']:.4f}  "
+                   f"[{record['time_s']:.0f}s]")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
