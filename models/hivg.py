@@ -153,11 +153,16 @@ class HiVG(nn.Module):
                              f"was built for --imsize {self.image_size}")
 
         B = images.shape[0]
+        # Text positions after the batch's last EOT are padding for every sample: masked as keys and
+        # never read as outputs, so the fusion encoder can leave them out without changing anything.
+        eot_pos = ids.argmax(dim=-1)
+        T = int(eot_pos.max()) + 1
         visual = self.visual_proj(self.visual_proj_multi(torch.cat(vis.layers, dim=-1)))
-        tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, self.text_proj(text_tokens)], 1)
+        text_src = self.text_proj(text_tokens[:, :T])
+        tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
         never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
-        pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids == 0], dim=1)
-        hs = self.fusion(tokens, self.pos_embed.weight, pad)
+        pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids[:, :T] == 0], dim=1)
+        hs = self.fusion(tokens, self.pos_embed.weight[: tokens.shape[1]], pad)
 
         out = {"pred_box": self.box_head(hs[:, 0])}
         if "contrastive" in want:
@@ -169,7 +174,7 @@ class HiVG(nn.Module):
         if want & {"token_map", "seg_map"}:
             N = self.num_patches
             patches = hs[:, 2:2 + N]
-            eot = hs[:, 2 + N:][torch.arange(B, device=ids.device), ids.argmax(dim=-1)]
+            eot = hs[:, 2 + N:][torch.arange(B, device=ids.device), eot_pos]
             eot = eot / eot.norm(dim=-1, keepdim=True)
             if "token_map" in want:
                 out["token_map"] = self.token_align(patches, eot)
