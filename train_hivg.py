@@ -189,8 +189,11 @@ class StopFlag:
 
     def __init__(self):
         self.signum = 0
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -202,14 +205,16 @@ class StopFlag:
 def main(argv=None) -> int:
     args, source = resolve_args(argv)
     info = du.init_distributed(args.device)
+    stop = StopFlag()
     try:
-        return train(args, source, info)
+        return train(args, source, info, stop)
     finally:
+        stop.close()
         du.cleanup()
 
 
-def train(args, source, info) -> int:
-    device, stop = info.device, StopFlag()
+def train(args, source, info, stop) -> int:
+    device = info.device
     seed = args.seed + info.rank
     torch.manual_seed(seed)
     np.random.seed(seed)
