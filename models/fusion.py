@@ -34,6 +34,15 @@ class SelfAttention(nn.Module):
         y = attend(q, k, v, keep, dropout_p=self.dropout if self.training else 0.0)
         return out_projection(self, y.transpose(1, 2).reshape(B, L, D))
 
+    def query_attention(self, qk: torch.Tensor, pad_mask: torch.Tensor, query: int = 0) -> torch.Tensor:
+        """Attention probabilities of one query over all tokens, averaged over heads: [B, L]."""
+        B, L, D = qk.shape
+        h = self.num_heads
+        q, k = in_projection(self, qk, slice(0, 2)).view(B, L, 2, h, D // h).permute(2, 0, 3, 1, 4)
+        scores = (q[:, :, query:query + 1] * (D // h) ** -0.5) @ k.transpose(-2, -1)
+        scores = scores.masked_fill(pad_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=1)[:, 0]
+
 
 class FusionLayer(nn.Module):
     def __init__(self, width: int, heads: int, ffn: int, dropout: float, normalize_before: bool):
@@ -51,6 +60,11 @@ class FusionLayer(nn.Module):
     def _ffn(self, x):
         return self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(x)))))
 
+    def reg_attention(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """What the first token ([REG]) attends to in this layer: [B, L]."""
+        y = self.norm1(x) if self.normalize_before else x
+        return self.self_attn.query_attention(y + pos, pad_mask)
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         if self.normalize_before:
             y = self.norm1(x)
@@ -61,7 +75,7 @@ class FusionLayer(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-    """x: [B, L, D] tokens, pos: [L, D], pad_mask: [B, L] bool -> [B, L, D]."""
+    """x: [B, L, D] tokens, pos: [L, D], pad_mask: [B, L] bool (True = padding)."""
 
     def __init__(self, width: int = 512, heads: int = 8, layers: int = 6, ffn: int = 2048,
                  dropout: float = 0.1, normalize_before: bool = True):
@@ -73,7 +87,12 @@ class FusionEncoder(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor, reg_attention: bool = False):
+        """-> (fused tokens [B, L, D], the last layer's [REG] attention [B, L] if `reg_attention` else None)."""
+        attn = None
+        for i, layer in enumerate(self.layers):
+            if reg_attention and i == len(self.layers) - 1:
+                attn = layer.reg_attention(x, pos, pad_mask)
             x = layer(x, pos, pad_mask)
-        return x if self.norm is None else self.norm(x)
+        x = x if self.norm is None else self.norm(x)
+        return x, attn

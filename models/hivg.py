@@ -24,7 +24,7 @@ from .fusion import FusionEncoder
 from .heads import BoxHead, SegHead, TokenAlignHead
 from .lora import DROPOUT, apply_hi_lora
 
-OUTPUTS = ("box", "contrastive", "token_map", "seg_map")
+OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
 
 
 def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
@@ -134,7 +134,8 @@ class HiVG(nn.Module):
 
         Returns a dict with `pred_box` [B, 4] (cx, cy, w, h in [0, 1]) and, when asked for (default:
         the heads of `self.outputs`), `logits_per_text` [B, B], `token_map` [B, N], `seg_map`
-        [B, 1, 8 gh, 8 gw].
+        [B, 1, 8 gh, 8 gw], and only on request `reg_attention` [B, N]: the last fusion layer's [REG]
+        attention over the patches (mean over heads, renormalised over the patches).
         """
         want = set(self.outputs if outputs is None else outputs)
         unknown = want - set(OUTPUTS)
@@ -162,9 +163,13 @@ class HiVG(nn.Module):
         tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
         never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
         pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids[:, :T] == 0], dim=1)
-        hs = self.fusion(tokens, self.pos_embed.weight[: tokens.shape[1]], pad)
+        hs, reg_attn = self.fusion(tokens, self.pos_embed.weight[: tokens.shape[1]], pad,
+                                   reg_attention="reg_attention" in want)
 
         out = {"pred_box": self.box_head(hs[:, 0])}
+        if reg_attn is not None:  # over the patches only, renormalised to sum to 1
+            patch_attn = reg_attn[:, 2:2 + self.num_patches]
+            out["reg_attention"] = patch_attn / patch_attn.sum(dim=-1, keepdim=True)
         if "contrastive" in want:
             img = vis.pooled @ clip.visual.proj
             txt = text.eot @ clip.text_projection

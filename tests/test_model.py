@@ -256,3 +256,20 @@ def test_eager_reference_attention_matches_sdpa():
             plain = model(images, mask, ids)
     for key, value in fast.items():
         torch.testing.assert_close(plain[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_reg_attention_is_a_distribution_over_patches_and_only_on_request():
+    model = build_model(tiny_args()).eval()
+    images, mask, texts = batch()
+    ids = model.tokenize(texts)
+    with torch.no_grad():
+        out = model(images, mask, ids, outputs=["box", "reg_attention"])
+        plain = model(images, mask, ids, outputs=["box"])
+    attn = out["reg_attention"]
+    assert attn.shape == (3, model.num_patches) and (attn >= 0).all()
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3))
+    assert "reg_attention" not in plain
+    torch.testing.assert_close(out["pred_box"], plain["pred_box"])
+    # padded patches get no attention (sample 0 has its right 24 columns padded)
+    grid = attn[0].view(*model.grid)
+    assert grid[:, -2:].sum() == 0
