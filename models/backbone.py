@@ -15,6 +15,7 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .activations import quick_gelu
 from .attention import attend
 from .lora import in_projection, out_projection
 
@@ -44,7 +45,14 @@ def block_forward(blk: ResidualAttentionBlock, x: torch.Tensor, causal: bool = F
     x = x + blk.ls_1(self_attention(blk.attn, blk.ln_1(x), causal))
     if bridge is not None:
         x = x + bridge(x)
-    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x + blk.ls_2(mlp_forward(blk.mlp, blk.ln_2(x)))
+
+
+def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's c_fc -> act -> c_proj, with the memory-lean QuickGELU when the block uses QuickGELU."""
+    if isinstance(mlp.gelu, open_clip.transformer.QuickGELU):
+        return mlp.c_proj(quick_gelu(mlp.c_fc(x)))
+    return mlp(x)
 
 
 def _run_block(blk, x, causal, bridge, use_checkpoint: bool):

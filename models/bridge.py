@@ -12,8 +12,9 @@ import math
 from typing import List
 
 import torch
-from open_clip.transformer import QuickGELU
 from torch import nn
+
+from .activations import QuickGELU
 
 from .attention import attend
 from .lora import in_projection, out_projection

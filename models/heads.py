@@ -1,8 +1,9 @@
 """Output heads on the fused tokens (SPEC section 4)."""
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
 from torch import nn
+
+from .activations import QuickGELU
 
 
 class BoxHead(nn.Module):

@@ -273,3 +273,13 @@ def test_reg_attention_is_a_distribution_over_patches_and_only_on_request():
     # padded patches get no attention (sample 0 has its right 24 columns padded)
     grid = attn[0].view(*model.grid)
     assert grid[:, -2:].sum() == 0
+
+
+def test_quick_gelu_gradient_matches_autograd():
+    from models.activations import quick_gelu
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(quick_gelu, (x,))
+    y = x.detach().clone().requires_grad_()
+    (y * torch.sigmoid(1.702 * y)).sum().backward()
+    quick_gelu(x).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
