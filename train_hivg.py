@@ -157,10 +157,12 @@ def init_weights(model, args, source) -> None:
     """Weights for a run that does not resume: the previous stage / --retrain / CLIP / random."""
     if args.hi_lora_retrain or args.retrain:
         path = args.hi_lora_retrain or args.retrain
-        _, state, _, ckpt = source[1:] if args.hi_lora_retrain else read_any_checkpoint(args.retrain)
+        src_args, state, _, ckpt = source[1:] if args.hi_lora_retrain else read_any_checkpoint(args.retrain)
         state = prepare_stage_state(state, ckpt is None, model, args.hi_lora_mode)
-        fresh = load_allowing_fresh_adapters(model, state, f"checkpoint {path}")
-        print(f"loaded {path}; {len(fresh)} fresh adapter tensors for Hi LoRA stage {args.hi_lora_stage}")
+        after_warmup = src_args.get("warmup", False) and not args.warmup
+        fresh = load_allowing_fresh_adapters(model, state, f"checkpoint {path}", ("bridges.",) if after_warmup else ())
+        print(f"loaded {path}; {len(fresh)} fresh tensors (new adapters{', bridges' if after_warmup else ''}) "
+              f"for Hi LoRA stage {args.hi_lora_stage}")
     elif args.clip_model:
         load_clip_weights(model, args.clip_model, args.hi_lora_mode)
         print(f"loaded CLIP weights from {args.clip_model}")
@@ -179,9 +181,16 @@ def freeze_unused_heads(model, args) -> None:
             module.requires_grad_(False)
 
 
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGINT to the main process, which saves and stops cleanly."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(dataset, sampler, batch_size, args, device):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda")
+                      num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals)
 
 
 class StopFlag:

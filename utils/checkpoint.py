@@ -119,14 +119,15 @@ def read_any_checkpoint(path):
 ADAPTER_KEY = (".lora_in.lora_", ".lora_out.lora_")
 
 
-def load_allowing_fresh_adapters(module, state: dict, what: str) -> list:
-    """Load `state` into `module`; the only keys it may lack are LoRA adapters (they stay freshly
-    initialised). Returns the adapter keys left fresh; ValueError naming the keys otherwise."""
+def load_allowing_fresh_adapters(module, state: dict, what: str, fresh_prefixes=()) -> list:
+    """Load `state` into `module`; the only keys it may lack are LoRA adapters and keys starting with
+    `fresh_prefixes` (they stay freshly initialised). Returns the keys left fresh; ValueError naming
+    the offending keys otherwise."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    bad_missing = [k for k in missing if not any(a in k for a in ADAPTER_KEY)]
+    bad_missing = [k for k in missing if not any(a in k for a in ADAPTER_KEY) and not k.startswith(tuple(fresh_prefixes))]
     if bad_missing or unexpected or wrong:
         raise ValueError(
             f"{what} does not match the model (check --model / --dataset / --imsize / --hi_lora_mode):"
