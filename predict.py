@@ -1,0 +1,424 @@
+"""Ground referring expressions in images with a HiVG checkpoint (ours, or the authors' converted on load).
+
+    python predict.py --checkpoint CKPT --image IMG --text "the man on the left" [--text ...] [--out OUT.png]
+    python predict.py --checkpoint CKPT --image IMG --text "..." --heatmap [--token_map]
+    python predict.py --checkpoint CKPT --jsonl requests.jsonl [--out_dir DIR] [--batch_size 16]
+
+Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy"} with the box in pixels of
+the original image (x0, y0, x1, y1, clipped to the image). With --image it also draws every box with its
+expression on the image (same size as the image) and saves it to --out (default: <image stem>_hivg.png).
+
+--heatmap overlays the [REG] token's attention over the visual tokens in the last fusion layer (averaged
+over heads, renormalised over the patches) and --token_map the token-alignment map (sigmoid of the
+per-patch logits); one picture per expression, <out stem>_attn_<k>.png / <out stem>_tokmap_<k>.png.
+Attention weights are computed only when asked for.
+
+--jsonl reads lines {"image": PATH, "text": EXPRESSION} (relative paths are taken from the JSONL file's
+folder, or from --image_root) and predicts them in batches; with --out_dir one picture per image
+(<image stem>.png, all its expressions) and the heat maps.
+
+The model is the checkpoint's (its --model, --imsize, --max_query_len, Hi LoRA stage ...), with LoRA
+merged into the weights, in eval mode; images go through the eval transform of its --imsize (long side
+resized, centred padding), and boxes are mapped back through the exact inverse of that letterbox.
+The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
+depend on the other expressions of its batch; for the authors' checkpoints this is their model run
+one sample at a time.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from utils.visualize import Letterbox, draw_boxes, overlay_heatmap
+
+PROG = "predict.py"
+
+
+class UserError(Exception):
+    """A problem with the inputs: reported as one line, exit status 2, no traceback."""
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(PROG, description="HiVG inference on images and referring expressions.",
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of train_hivg.py / models.convert, or an official HiVG checkpoint")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image (with one or more --text)")
+    src.add_argument("--jsonl", help='batch mode: a file of {"image": ..., "text": ...} lines')
+    parser.add_argument("--text", action="append", help="a referring expression (repeat for several)")
+    parser.add_argument("--out", help="picture of the boxes (--image mode; default <image stem>_hivg.png)")
+    parser.add_argument("--out_dir", help="batch mode: folder for one picture per image and the heat maps")
+    parser.add_argument("--image_root", help="batch mode: folder of relative image paths (default: the "
+                                             "JSONL file's folder)")
+    parser.add_argument("--heatmap", action="store_true",
+                        help="also draw the [REG] token's attention over the patches (last fusion layer)")
+    parser.add_argument("--token_map", action="store_true", help="also draw the token-alignment map")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--bridge_attention", default="per_sample", choices=("per_sample", "official"),
+                        help="per_sample: each expression alone (default); official: the authors' batch-mixing "
+                             "reshape, predictions then depend on the batch")
+    parser.add_argument("--hf_clip_config", help="official checkpoints only: the CLIP architecture as an HF "
+                                                 "CLIPConfig JSON, for a CLIP none of the registered --model "
+                                                 "configs describes")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- model
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str = "per_sample"):
+    """(model in eval mode with LoRA merged, its args dict) from our checkpoint or an official one."""
+    import pickle
+
+    from models.convert import check_state_dict, convert_official_state_dict
+    from models.convert_clip import hf_config_to_open_clip_cfg
+    from models.hivg import build_model
+    from models.lora import merge_lora
+    from utils.checkpoint import read_any_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path} does not exist; pass a checkpoint written by train_hivg.py "
+                        f"(e.g. OUTPUT_DIR/best_checkpoint.pth) or an official HiVG checkpoint")
+    clip_override = None
+    if hf_clip_config:
+        try:
+            hf = json.loads(Path(hf_clip_config).read_text())
+            clip_override = hf_config_to_open_clip_cfg(hf.get("clip_config", hf))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"--hf_clip_config {hf_clip_config} is not a readable HF CLIPConfig JSON ({e})") from None
+    try:
+        model_args, state, clip_cfg, ckpt = read_any_checkpoint(path)
+        if ckpt is not None and clip_override is not None:
+            raise UserError(f"--hf_clip_config is for official checkpoints; {path} is a checkpoint of this "
+                            "project and carries its CLIP config: drop the flag")
+        model_args = dict(model_args, bridge_attention=bridge_attention)
+        model = build_model(argparse.Namespace(**model_args), clip_cfg=clip_override or clip_cfg)
+        if ckpt is None:
+            state = convert_official_state_dict(state, expected=model.state_dict())
+        else:
+            check_state_dict(state, model.state_dict())
+        model.load_state_dict(state, strict=True)
+    except UserError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError, OSError,
+            pickle.UnpicklingError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise UserError(f"--checkpoint {path} is not a HiVG model this project can load: {msg}\n"
+                        "  pass a checkpoint written by train_hivg.py or models.convert, or an official HiVG "
+                        "checkpoint (one whose CLIP is none of the registered --model configs also needs "
+                        "--hf_clip_config)") from None
+    merge_lora(model)
+    return model.eval(), model_args
+
+
+# ----------------------------------------------------------------------------------------- images
+
+def open_image(path, what: str) -> Image.Image:
+    """PIL image (header read, pixels decoded lazily) or a UserError naming `what` and the fix."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"{what} {path} cannot be read as an image ({e}); pass a JPEG/PNG/... file") from None
+
+
+def load_rgb(path, what: str) -> Image.Image:
+    """The whole image decoded, RGB (for drawing)."""
+    img = open_image(path, what)
+    try:
+        with img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
+
+
+@dataclass
+class Prepared:
+    """One image through the eval transform: [3, S, S] image, [S, S] int32 padding mask, geometry."""
+    image: torch.Tensor
+    pixel_mask: torch.Tensor
+    letterbox: Letterbox
+
+
+def prepare(img: Image.Image, imsize: int) -> Prepared:
+    """The eval transform of datasets.transforms (long side to imsize, normalise, centred pad).
+
+    Consumes `img`: a JPEG may be decoded in draft (reduced) mode; reopen the file to draw on it."""
+    from datasets.transforms import Record, make_transforms
+
+    w, h = img.size
+    record = Record(image=img, box=torch.zeros(4), phrase="", obj_mask=np.zeros((h, w), dtype=bool))
+    record = make_transforms(imsize, train=False)(record)
+    return Prepared(record.image, record.pixel_mask, Letterbox.of(w, h, imsize))
+
+
+def prepare_file(path, imsize: int, what: str) -> Prepared:
+    img = open_image(path, what)
+    try:
+        return prepare(img, imsize)
+    except (OSError, ValueError) as e:     # pixels are decoded inside the first resize
+        raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
+    finally:
+        img.close()
+
+
+# ----------------------------------------------------------------------------------------- prediction
+
+@dataclass
+class Prediction:
+    """box_xyxy: pixels of the original image; attention: [gh, gw] [REG] attention over the patches
+    (sums to 1); token_map: [gh, gw] token-alignment logits; both in the padded frame, None unless asked."""
+    box_xyxy: List[float]
+    letterbox: Letterbox
+    box_padded: torch.Tensor                 # normalised (cx, cy, w, h) in the padded frame
+    attention: Optional[np.ndarray] = None
+    token_map: Optional[np.ndarray] = None
+
+
+@torch.inference_mode()
+def predict_prepared(model, prepared: Sequence[Prepared], texts: Sequence[str], device=None,
+                     heatmap: bool = False, token_map: bool = False) -> List[Prediction]:
+    """One forward pass over (image i, text i) pairs."""
+    if len(prepared) != len(texts):
+        raise ValueError(f"{len(prepared)} images for {len(texts)} texts")
+    device = device or next(model.parameters()).device
+    images = torch.stack([p.image for p in prepared]).to(device)
+    masks = torch.stack([p.pixel_mask for p in prepared]).to(device)
+    ids = model.tokenize(list(texts)).to(device)
+    outputs = ["box"] + (["reg_attention"] if heatmap else []) + (["token_map"] if token_map else [])
+    out = model(images, masks, ids, outputs=outputs)
+    boxes = out["pred_box"].float().cpu()
+    gh, gw = model.grid
+    preds = []
+    for i, p in enumerate(prepared):
+        pred = Prediction(p.letterbox.to_original(boxes[i]).tolist(), p.letterbox, boxes[i])
+        if heatmap:
+            pred.attention = out["reg_attention"][i].float().cpu().reshape(gh, gw).numpy()
+        if token_map:
+            pred.token_map = out["token_map"][i].float().cpu().reshape(gh, gw).numpy()
+        preds.append(pred)
+    return preds
+
+
+def predict(model, image: Image.Image, texts: Sequence[str], device=None, heatmap: bool = False,
+            token_map: bool = False) -> List[Prediction]:
+    """All expressions of one PIL image (the image is consumed, see `prepare`)."""
+    p = prepare(image, model.image_size)
+    return predict_prepared(model, [p] * len(texts), texts, device, heatmap, token_map)
+
+
+def heat_pictures(image: Image.Image, pred: Prediction, text: str, colour) -> Dict[str, Image.Image]:
+    """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap'."""
+    lb = pred.letterbox
+    pics = {}
+    if pred.attention is not None:
+        pics["attn"] = overlay_heatmap(image, pred.attention, lb.crop_box, lb.size)
+    if pred.token_map is not None:
+        prob = 1.0 / (1.0 + np.exp(-pred.token_map.astype(np.float64)))
+        pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, lb.size, normalize=False)
+    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour]) for k, v in pics.items()}
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+@dataclass
+class Request:
+    image: str          # as given
+    path: Path          # resolved
+    text: str
+    where: str          # for messages
+
+
+def check_text(text, where: str) -> str:
+    if not isinstance(text, str):
+        raise UserError(f"{where}: the text must be a string, got {text!r}")
+    if not text.strip():
+        raise UserError(f"{where}: the text is empty; give a referring expression, e.g. \"the man on the left\"")
+    return text
+
+
+def read_requests(jsonl: str, image_root: Optional[str]) -> List[Request]:
+    path = Path(jsonl)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"--jsonl {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--jsonl {path} cannot be read as UTF-8 text ({e})") from None
+    root = Path(image_root) if image_root else path.parent
+    requests = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--jsonl {path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not JSON ({e}); each line must be "
+                            '{"image": "path/to/image.jpg", "text": "the man on the left"}') from None
+        if not isinstance(obj, dict) or "image" not in obj or "text" not in obj:
+            raise UserError(f'{where} needs an object with "image" and "text" keys, got {line.strip()[:80]}')
+        if not isinstance(obj["image"], str) or not obj["image"]:
+            raise UserError(f'{where}: "image" must be a non-empty path string')
+        text = check_text(obj["text"], where)
+        image = Path(obj["image"])
+        requests.append(Request(obj["image"], image if image.is_absolute() else root / image, text, where))
+    if not requests:
+        raise UserError(f"--jsonl {path} has no requests")
+    return requests
+
+
+def save_picture(image: Image.Image, path: Path, flag: str) -> None:
+    try:
+        image.save(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {path} cannot be written ({e}); choose a writable path") from None
+
+
+def heat_path(base: Path, kind: str, k: int) -> Path:
+    return base.with_name(f"{base.stem}_{kind}_{k}{base.suffix}")
+
+
+def json_line(req: Request, pred: Prediction, files: Dict[str, Path]) -> str:
+    obj = {"image": req.image, "text": req.text, "box_xyxy": [round(v, 2) for v in pred.box_xyxy]}
+    obj.update({f"{k}_picture": str(v) for k, v in files.items()})
+    return json.dumps(obj)
+
+
+def validate(opts, parser) -> None:
+    if opts.image is not None:
+        if not opts.text:
+            parser.error("--image needs at least one --text \"referring expression\"")
+        if opts.out_dir or opts.image_root:
+            parser.error("--out_dir and --image_root are for --jsonl; with --image use --out OUT.png")
+    else:
+        if opts.text:
+            parser.error("--text goes with --image; with --jsonl the texts come from the file")
+        if opts.out:
+            parser.error("--out is for --image; with --jsonl use --out_dir DIR")
+        if (opts.heatmap or opts.token_map) and not opts.out_dir:
+            parser.error("--heatmap / --token_map with --jsonl need --out_dir DIR for the pictures")
+    if opts.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {opts.batch_size}")
+    if opts.out is not None:
+        ext = Path(opts.out).suffix.lower()
+        if ext not in Image.registered_extensions():
+            parser.error(f"--out {opts.out}: unknown picture format {ext or '(no extension)'}; use e.g. OUT.png")
+
+
+def warn(msg: str) -> None:
+    print(f"{PROG}: warning: {msg}", file=sys.stderr)
+
+
+def run(opts) -> int:
+    from tqdm import tqdm
+
+    from datasets.tokens import is_truncated
+    from utils.visualize import PALETTE
+
+    if opts.image is not None:
+        texts = [check_text(t, f"--text #{i + 1}") for i, t in enumerate(opts.text)]
+        open_image(opts.image, "--image").close()           # fail before loading the model
+        requests = [Request(opts.image, Path(opts.image), t, f"--text #{i + 1}") for i, t in enumerate(texts)]
+    else:
+        requests = read_requests(opts.jsonl, opts.image_root)
+        for path in dict.fromkeys(r.path for r in requests):
+            what = next(r.where for r in requests if r.path == path) + ": image"
+            open_image(path, what).close()
+    device = resolve_device(opts.device)
+    model, model_args = load_model(opts.checkpoint, opts.hf_clip_config, opts.bridge_attention)
+    model.to(device)
+    if opts.token_map and not model_args.get("use_rtcc_constrain_loss", False):
+        warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
+             "untrained and the map means nothing")
+    for r in requests:
+        if is_truncated(r.text.lower(), model.context_length):
+            warn(f"{r.where}: the expression is longer than the model's {model.context_length} tokens and "
+                 "is truncated")
+
+    # picture paths: --image -> --out; --jsonl -> one per distinct image under --out_dir
+    if opts.image is not None:
+        pictures = {requests[0].path: Path(opts.out) if opts.out else Path(f"{Path(opts.image).stem}_hivg.png")}
+    elif opts.out_dir:
+        pictures, used = {}, set()
+        for path in dict.fromkeys(r.path for r in requests):
+            name, n = path.stem, 1
+            while name in used:
+                name, n = f"{path.stem}_{n}", n + 1
+            used.add(name)
+            pictures[path] = Path(opts.out_dir) / f"{name}.png"
+    else:
+        pictures = {}
+    out_flag = "--out" if opts.image is not None else "--out_dir"
+    for p in set(pictures.values()):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{out_flag}: cannot create the folder {p.parent} ({e})") from None
+
+    per_image: Dict[Path, list] = {}
+    bar = tqdm(total=len(requests), desc="predict", unit="expr", file=sys.stderr,
+               disable=True if opts.image is not None else None)
+    for start in range(0, len(requests), opts.batch_size):
+        chunk = requests[start:start + opts.batch_size]
+        cache: Dict[Path, Prepared] = {}
+        for r in chunk:
+            if r.path not in cache:
+                cache[r.path] = prepare_file(r.path, model.image_size,
+                                             "--image" if opts.image is not None else f"{r.where}: image")
+        preds = predict_prepared(model, [cache[r.path] for r in chunk], [r.text for r in chunk], device,
+                                 opts.heatmap, opts.token_map)
+        for r, pred in zip(chunk, preds):
+            entries = per_image.setdefault(r.path, [])
+            colour = PALETTE[len(entries) % len(PALETTE)]
+            files = {}
+            if r.path in pictures and (pred.attention is not None or pred.token_map is not None):
+                image = load_rgb(r.path, r.where)
+                for kind, pic in heat_pictures(image, pred, r.text, colour).items():
+                    files[kind] = heat_path(pictures[r.path], kind, len(entries))
+                    save_picture(pic, files[kind], out_flag)
+            entries.append((r.text, pred.box_xyxy, colour))
+            print(json_line(r, pred, files), flush=True)
+        bar.update(len(chunk))
+    bar.close()
+    for path, picture in pictures.items():
+        entries = per_image[path]
+        image = load_rgb(path, "--image" if opts.image is not None else "image")
+        save_picture(draw_boxes(image, [e[1] for e in entries], [e[0] for e in entries], [e[2] for e in entries]),
+                     picture, out_flag)
+        print(f"wrote {picture}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    opts = parser.parse_args(argv)
+    validate(opts, parser)
+    try:
+        return run(opts)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

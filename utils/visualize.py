@@ -1,0 +1,248 @@
+"""Pictures of predictions: boxes with their expressions, [REG] attention / token-alignment heat maps,
+evaluation samples (prediction, ground truth, IoU), and the letterbox geometry that maps the model's
+padded S x S frame back to pixels of the original image.
+
+The eval transform (datasets.transforms.make_transforms(S, train=False)) resizes the long side to S
+with ratio = S / max(h, w), new size (round(w * ratio), round(h * ratio)), and pads centred with
+left = round(dw / 2 - 0.1), top = round(dh / 2 - 0.1) (dw = S - new_w, dh = S - new_h). A box goes
+through it as xyxy * ratio + (left, top), then normalised (cx, cy, w, h) / S; :class:`Letterbox`
+inverts exactly that.
+
+Only numpy and PIL: the colour map is implemented here.
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from utils.box_ops import box_cxcywh_to_xyxy
+
+CYAN = (0, 255, 255)
+GREEN = (0, 255, 0)
+# Box colours of predict.py, one per expression (cycled).
+PALETTE = ((0, 255, 255), (255, 64, 255), (255, 220, 0), (255, 96, 64), (64, 160, 255), (160, 255, 64),
+           (255, 160, 200), (255, 255, 255))
+# 'jet'-like colour map: anchor positions and RGB values in [0, 1].
+_JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+_JET_RGB = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0],
+                     [0.5, 0.0, 0.0]])
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image of width x height lands in the S x S input of the eval transform."""
+    width: int
+    height: int
+    size: int
+    ratio: float
+    new_w: int
+    new_h: int
+    left: int
+    top: int
+
+    @classmethod
+    def of(cls, width: int, height: int, size: int) -> "Letterbox":
+        """Same arithmetic as RandomResize([size]) followed by NormalizeAndPad(size) (centred)."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size {width}x{height} is empty")
+        ratio = size / float(max(height, width))
+        new_w, new_h = round(width * ratio), round(height * ratio)
+        left, top = round((size - new_w) / 2.0 - 0.1), round((size - new_h) / 2.0 - 0.1)
+        return cls(width, height, size, ratio, new_w, new_h, left, top)
+
+    @property
+    def crop_box(self) -> Tuple[int, int, int, int]:
+        """The image's region of the padded frame, (x0, y0, x1, y1) in padded-frame pixels."""
+        return self.left, self.top, self.left + self.new_w, self.top + self.new_h
+
+    def to_original(self, boxes_cxcywh: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """Normalised (cx, cy, w, h) in the padded frame [..., 4] -> xyxy pixels of the original image
+        (float64), clipped to the image unless `clip=False`."""
+        xyxy = box_cxcywh_to_xyxy(torch.as_tensor(boxes_cxcywh).double()) * self.size
+        offset = torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
+        out = (xyxy - offset) / self.ratio
+        if clip:
+            limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=torch.float64)
+            out = torch.minimum(out.clamp(min=0), limit)
+        return out
+
+    def to_padded(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """Original-image xyxy pixels [..., 4] -> normalised (cx, cy, w, h) in the padded frame (the
+        transform's forward map of a box)."""
+        b = torch.as_tensor(boxes_xyxy).double() * self.ratio
+        b = b + torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
+        x0, y0, x1, y1 = b.unbind(-1)
+        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / self.size
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (any shape) -> uint8 RGB [..., 3] of a jet-like colour map (blue low, red high)."""
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0)
+    rgb = np.stack([np.interp(v, _JET_X, _JET_RGB[:, c]) for c in range(3)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def heatmap_to_image(heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
+                     image_size: Tuple[int, int]) -> np.ndarray:
+    """A [gh, gw] map over the padded frame -> [H, W] float32 over the original image: bilinear
+    upsampling to frame_size x frame_size, crop of the image region, bilinear resize to image_size (w, h)."""
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"heat map must be [gh, gw], got shape {heat.shape}")
+    frame = Image.fromarray(heat, mode="F").resize((frame_size, frame_size), Image.BILINEAR)
+    region = frame.crop(tuple(int(c) for c in crop_box)).resize(tuple(image_size), Image.BILINEAR)
+    return np.asarray(region, dtype=np.float32)
+
+
+def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
+                    alpha: float = 0.5, normalize: bool = True) -> Image.Image:
+    """Blend a [gh, gw] map of the padded frame over `image` (RGB, the original size).
+
+    `crop_box` is the image's region of the padded frame (Letterbox.crop_box) and `frame_size` its side S.
+    With `normalize` the map is stretched to [0, 1] over the image region (attention weights are small
+    numbers that sum to 1); otherwise values are taken as already in [0, 1] (e.g. sigmoid probabilities).
+    """
+    img = image.convert("RGB")
+    values = heatmap_to_image(heat, crop_box, frame_size, img.size)
+    if normalize:
+        lo, hi = float(values.min()), float(values.max())
+        values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    colour = colormap(values).astype(np.float32)
+    base = np.asarray(img, dtype=np.float32)
+    return Image.fromarray(np.round((1 - alpha) * base + alpha * colour).clip(0, 255).astype(np.uint8))
+
+
+def _font(image_size: Tuple[int, int]):
+    size = max(10, round(min(image_size) / 32))
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, colour, font, image_size) -> None:
+    """Text on a box-coloured tab above (x, y), or just inside the image when there is no room."""
+    W, H = image_size
+    if draw.textlength(text, font=font) + 4 > W:   # shorten to the image width
+        while len(text) > 1 and draw.textlength(text + "...", font=font) + 4 > W:
+            text = text[:-1]
+        text = text + "..."
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
+    tw, th = x1 - x0 + 4, y1 - y0 + 4
+    x = min(max(0, xy[0]), max(0, W - tw))
+    y = xy[1] - th if xy[1] - th >= 0 else min(max(0, xy[1]), max(0, H - th))
+    draw.rectangle([x, y, x + tw, y + th], fill=colour)
+    draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
+
+
+def _width(image_size) -> int:
+    return max(1, round(min(image_size) / 200))
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
+               colours: Optional[Sequence[Tuple[int, int, int]]] = None) -> Image.Image:
+    """A copy of `image` (RGB, same size) with every xyxy pixel box outlined and labelled."""
+    img = image.convert("RGB")  # always a new image
+    draw = ImageDraw.Draw(img)
+    font = _font(img.size)
+    colours = colours or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
+    for box, colour in zip(boxes, colours):
+        draw.rectangle([float(c) for c in box], outline=colour, width=_width(img.size))
+    for box, label, colour in zip(boxes, labels, colours):  # labels last: never covered by another box
+        _label(draw, (float(box[0]), float(box[1])), label, colour, font, img.size)
+    return img
+
+
+def _wrap(draw, text: str, font, width: int) -> List[str]:
+    lines, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines or [""]
+
+
+def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], text: str,
+                    iou: float) -> Image.Image:
+    """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
+    a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`."""
+    img = image.convert("RGB")
+    W, H = img.size
+    font = _font((max(W, 320), max(H, 320)))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([float(c) for c in gt_xyxy], outline=GREEN, width=_width(img.size))
+    draw.rectangle([float(c) for c in pred_xyxy], outline=CYAN, width=_width(img.size))
+    caption = f"{text}  |  IoU {iou:.2f} ({'hit' if iou >= 0.5 else 'miss'})  |  pred cyan, gt green"
+    strip_w = max(W, 320)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = _wrap(probe, caption, font, strip_w - 8)
+    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
+    out = Image.new("RGB", (strip_w, H + line_h * len(lines) + 6), (0, 0, 0))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((4, H + 3 + i * line_h), line, fill=(255, 255, 255), font=font)
+    return out
+
+
+def _evenly(group: Sequence[int], m: int) -> List[int]:
+    """m members of `group` evenly spaced (the middle of m equal parts); all of it when m >= len."""
+    L = len(group)
+    if m >= L:
+        return list(group)
+    return [group[(2 * k + 1) * L // (2 * m)] for k in range(m)]
+
+
+def select_for_visualization(ious: Sequence[float], n: int, threshold: float = 0.5) -> List[int]:
+    """Indices of n samples to draw, deterministically: half hits (IoU >= threshold), half misses (the
+    odd one is a hit), each evenly spaced over its group in index order; a short group is filled up from
+    the other. Sorted ascending; min(n, len(ious)) indices."""
+    n = max(0, min(int(n), len(ious)))
+    hits = [i for i, v in enumerate(ious) if v >= threshold]
+    misses = [i for i, v in enumerate(ious) if not v >= threshold]   # NaN counts as a miss
+    n_miss = min(n // 2, len(misses))
+    n_hit = min(n - n_miss, len(hits))
+    n_miss = n - n_hit
+    return sorted(_evenly(hits, n_hit) + _evenly(misses, n_miss))
+
+
+@torch.no_grad()
+def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, device, prefix: str = "",
+                       batch_size: int = 16) -> List[Path]:
+    """Draw n samples of an evaluated split (chosen by select_for_visualization) into out_dir.
+
+    `dataset` is a datasets.refer.GroundingDataset with the eval transform, `ious` the per-sample IoUs
+    in dataset order. The selected samples are run through `model` again; prediction and ground truth
+    are drawn in pixels of the original image. Files: <prefix>_<index>_<hit|miss>.png. Returns the paths.
+    """
+    chosen = select_for_visualization(ious, n)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner = getattr(model, "module", model)  # DistributedDataParallel or the model itself
+    model.eval()
+    paths = []
+    for start in range(0, len(chosen), batch_size):
+        idx = chosen[start:start + batch_size]
+        records = [dataset[i] for i in idx]
+        images = torch.stack([r.image for r in records]).to(device)
+        masks = torch.stack([r.pixel_mask for r in records]).to(device)
+        ids = inner.tokenize([r.phrase for r in records]).to(device)
+        pred = model(images, masks, ids, outputs=["box"])["pred_box"].float().cpu()
+        for k, (i, record) in enumerate(zip(idx, records)):
+            ref = dataset.refs[i]
+            with Image.open(dataset.image_path(ref)) as im:
+                image = im.convert("RGB")
+            lb = Letterbox.of(image.width, image.height, inner.image_size)
+            pred_xyxy = lb.to_original(pred[k]).tolist()
+            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, record.phrase, float(ious[i]))
+            path = out_dir / f"{prefix + '_' if prefix else ''}{i:06d}_{'hit' if ious[i] >= 0.5 else 'miss'}.png"
+            picture.save(path)
+            paths.append(path)
+    return paths
