@@ -38,7 +38,12 @@ class TokenAlignHead(nn.Module):
 
 
 class SegHead(nn.Module):
-    """Patch grid upsampled 8x by 3 transposed convs, dot the text EOT: [B, N, D] -> [B, 1, 8gh, 8gw]."""
+    """Patch grid upsampled 8x by 3 transposed convs, dot the text EOT: [B, N, D] -> [B, 1, 8gh, 8gw].
+
+    The convs (kernel 2, stride 2, no bias) and the dot product are linear, so the EOT vector is pulled
+    back through the conv weights first: a [B, D, 8, 8] kernel per sample instead of a [B, D, 8gh, 8gw]
+    feature map. Same function, about 1/40 of the FLOPs and none of the large activations.
+    """
 
     def __init__(self, width: int):
         super().__init__()
@@ -47,5 +52,10 @@ class SegHead(nn.Module):
 
     def forward(self, patches: torch.Tensor, grid, text_eot_unit: torch.Tensor) -> torch.Tensor:
         B, N, D = patches.shape
-        feats = self.convs(patches.transpose(1, 2).reshape(B, D, *grid))
-        return torch.einsum("bdhw,bd->bhw", feats, text_eot_unit)[:, None]
+        w1, w2, w3 = (conv.weight for conv in self.convs)  # each [D_in, D_out, 2, 2]
+        k = torch.einsum("pqxy,bq->bpxy", w3, text_eot_unit)        # [B, D, a3, c3]
+        k = torch.einsum("pqxy,bqzw->bpxyzw", w2, k)                # [B, D, a2, c2, a3, c3]
+        k = torch.einsum("pqxy,bqzwuv->bpxyzwuv", w1, k)            # [B, D, a1, c1, a2, c2, a3, c3]
+        x = patches.transpose(1, 2).reshape(B, D, *grid)
+        seg = torch.einsum("bdij,bdxyzwuv->bixzujywv", x, k)        # rows (i, a1, a2, a3), cols (j, c1, c2, c3)
+        return seg.reshape(B, 1, grid[0] * 8, grid[1] * 8)

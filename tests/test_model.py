@@ -283,3 +283,14 @@ def test_quick_gelu_gradient_matches_autograd():
     (y * torch.sigmoid(1.702 * y)).sum().backward()
     quick_gelu(x).sum().backward()
     torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_seg_head_equals_the_conv_chain_it_factorises():
+    from models.heads import SegHead
+    torch.manual_seed(3)
+    head = SegHead(16).double()
+    patches = torch.randn(2, 12, 16, dtype=torch.float64)
+    eot = torch.nn.functional.normalize(torch.randn(2, 16, dtype=torch.float64), dim=-1)
+    feats = head.convs(patches.transpose(1, 2).reshape(2, 16, 3, 4))
+    expected = torch.einsum("bdhw,bd->bhw", feats, eot)[:, None]
+    torch.testing.assert_close(head(patches, (3, 4), eot), expected, rtol=1e-12, atol=1e-12)
