@@ -124,8 +124,10 @@ def _font(image_size: Tuple[int, int]):
         return ImageFont.load_default()
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, colour, font, image_size) -> None:
-    """Text on a box-coloured tab above (x, y), or just inside the image when there is no room."""
+def _label(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, colour, font, image_size,
+           placed: Optional[List[Tuple[float, float, float, float]]] = None) -> None:
+    """Text on a box-coloured tab above (x, y), or just inside the image when there is no room; moved
+    down past the tabs in `placed` it would overlap (and appended to it)."""
     W, H = image_size
     if draw.textlength(text, font=font) + 4 > W:   # shorten to the image width
         while len(text) > 1 and draw.textlength(text + "...", font=font) + 4 > W:
@@ -135,6 +137,13 @@ def _label(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, colour
     tw, th = x1 - x0 + 4, y1 - y0 + 4
     x = min(max(0, xy[0]), max(0, W - tw))
     y = xy[1] - th if xy[1] - th >= 0 else min(max(0, xy[1]), max(0, H - th))
+    if placed is not None:
+        for _ in range(len(placed)):
+            hit = [r for r in placed if x < r[2] and r[0] < x + tw and y < r[3] and r[1] < y + th]
+            if not hit:
+                break
+            y = min(max(r[3] for r in hit), max(0, H - th))
+        placed.append((x, y, x + tw, y + th))
     draw.rectangle([x, y, x + tw, y + th], fill=colour)
     draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
 
@@ -152,8 +161,9 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
     colours = colours or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
     for box, colour in zip(boxes, colours):
         draw.rectangle([float(c) for c in box], outline=colour, width=_width(img.size))
+    placed: List[Tuple[float, float, float, float]] = []
     for box, label, colour in zip(boxes, labels, colours):  # labels last: never covered by another box
-        _label(draw, (float(box[0]), float(box[1])), label, colour, font, img.size)
+        _label(draw, (float(box[0]), float(box[1])), label, colour, font, img.size, placed)
     return img
 
 

@@ -1,0 +1,417 @@
+"""predict.py and utils/visualize.py: letterbox inverse, the CLI on our and the authors' checkpoints,
+heat maps, pictures, evaluation-picture helpers, clear errors."""
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from datasets.transforms import Record, make_transforms
+from models.hivg import add_model_args, build_model, patch_padding_mask
+from tests.conftest import FIXTURES, REPO
+from utils import visualize as vis
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, rng_state, save_checkpoint
+
+OFFICIAL = FIXTURES / "hivg_tiny_unc+_stage0"
+RED = (230, 20, 20)
+# non-square sizes (w, h), odd and even pads, both orientations, one smaller than the input side
+SIZES = [(640, 480), (480, 640), (333, 101), (101, 333), (65, 17), (17, 65), (50, 30), (64, 64), (1000, 251)]
+
+
+def run_main(argv, capsys):
+    """(exit status, stdout lines, stderr) of predict.main."""
+    try:
+        rc = predict.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, [line for line in out.splitlines() if line.strip()], err
+
+
+def noise_image(path, size_wh, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def red_box_image(path, size_wh, box, **save_kw):
+    """Dark grey image with a red rectangle filling the xyxy pixel box (integer corners)."""
+    img = np.full((size_wh[1], size_wh[0], 3), 40, np.uint8)
+    x0, y0, x1, y1 = box
+    img[y0:y1, x0:x1] = RED
+    Image.fromarray(img).save(path, **save_kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny stage-1 model with fixed random weights (LoRA non-zero) saved as train_hivg.py saves."""
+    torch.manual_seed(0)
+    args = add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_stage", "1",
+         "--use_rtcc_constrain_loss"])
+    model = build_model(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
+                           "epoch": 0, "resume_at": (1, 0), "stage": 1, "hi_lora_mode": "paper",
+                           "args": vars(args), "clip_cfg": model.clip_cfg, "rng": [rng_state()],
+                           "best_acc": 0.1, "val_acc": 0.1})
+    return path, model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny):
+    return predict.load_model(tiny[0])[0]
+
+
+# ----------------------------------------------------------------------------------------- geometry
+
+@pytest.mark.parametrize("size_wh", SIZES)
+def test_letterbox_is_the_eval_transform_and_inverts_it(size_wh):
+    w, h = size_wh
+    S = 64
+    box = torch.tensor([0.13 * w, 0.27 * h, 0.81 * w, 0.94 * h])
+    record = make_transforms(S, train=False)(Record(Image.new("RGB", (w, h)), box.clone(), "x",
+                                                    np.zeros((h, w), bool)))
+    lb = vis.Letterbox.of(w, h, S)
+    x0, y0, x1, y1 = lb.crop_box
+    expected_mask = np.ones((S, S), np.int32)
+    expected_mask[y0:y1, x0:x1] = 0
+    assert np.array_equal(record.pixel_mask.numpy(), expected_mask), (size_wh, lb)
+    assert torch.allclose(lb.to_padded(box).float(), record.box, atol=1e-6)
+    back = lb.to_original(record.box, clip=False)
+    assert torch.allclose(back, box.double(), atol=2e-3), (back, box)
+
+
+def test_boxes_outside_the_image_are_clipped_to_it():
+    lb = vis.Letterbox.of(200, 100, 64)                       # padding above and below
+    full = torch.tensor([0.5, 0.5, 1.0, 1.0])                 # the whole padded frame
+    assert lb.to_original(full).tolist() == [0.0, 0.0, 200.0, 100.0]
+
+
+# ----------------------------------------------------------------------------------------- CLI, boxes
+
+class RedBoxOracle(torch.nn.Module):
+    """Stands in for HiVG: its box is the extent of the red pixels of the padded input (by construction in
+    the padded frame), so predict.py must return the drawn rectangle in original pixels."""
+
+    def __init__(self, image_size=224):
+        super().__init__()
+        self.image_size, self.grid, self.context_length = image_size, (image_size // 16,) * 2, 77
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def tokenize(self, texts):
+        return torch.zeros(len(texts), 77, dtype=torch.long)
+
+    def forward(self, images, pixel_mask, ids, outputs=None):
+        mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        boxes = []
+        for img in images:
+            rgb = img * std + mean
+            red = (rgb[0] > 0.6) & (rgb[1] < 0.4)
+            ys, xs = torch.nonzero(red, as_tuple=True)
+            x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+            boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]).float() / self.image_size)
+        return {"pred_box": torch.stack(boxes)}
+
+
+def test_jsonl_boxes_map_back_to_original_pixels_for_non_square_images(tmp_path, monkeypatch, capsys):
+    cases = [("wide.png", (600, 240), (100, 60, 260, 200)), ("tall.png", (150, 420), (20, 300, 140, 410)),
+             ("big.jpg", (1200, 500), (700, 100, 1100, 420))]       # JPEG decoded in draft mode
+    lines = []
+    for name, size, box in cases:
+        red_box_image(tmp_path / name, size, box, **({"quality": 98} if name.endswith("jpg") else {}))
+        lines.append(json.dumps({"image": name, "text": f"the red box in {name}"}))
+    lines.insert(1, json.dumps({"image": "wide.png", "text": "the same image again"}))
+    (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n\n")
+    oracle = RedBoxOracle(224)
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: (oracle, {}))
+    rc, out, err = run_main(["--checkpoint", tmp_path / "req.jsonl", "--jsonl", tmp_path / "req.jsonl",
+                             "--batch_size", 2, "--out_dir", tmp_path / "pics"], capsys)
+    assert rc == 0, err
+    results = [json.loads(line) for line in out]
+    assert [r["image"] for r in results] == ["wide.png", "wide.png", "tall.png", "big.jpg"]
+    expected = {name: (size, box) for name, size, box in cases}
+    for r in results:
+        size, box = expected[r["image"]]
+        tol = 1.5 / vis.Letterbox.of(*size, 224).ratio                # 1.5 input pixels
+        assert np.allclose(r["box_xyxy"], box, atol=tol), (r, box, tol)
+    for name, size, _ in cases:                                        # one picture per image, its size
+        with Image.open(tmp_path / "pics" / f"{name.rsplit('.', 1)[0]}.png") as pic:
+            assert pic.size == size
+
+
+def test_single_image_cli_on_our_checkpoint(tiny, tmp_path, capsys):
+    path, model = tiny
+    image = noise_image(tmp_path / "photo.png", (150, 90))
+    out = tmp_path / "out" / "pred.png"
+    texts = ["the man on the left", "a red car"]
+    rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", texts[0], "--text", texts[1],
+                               "--out", out, "--heatmap", "--token_map", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    results = [json.loads(line) for line in lines]
+    assert [r["text"] for r in results] == texts
+    # reference: the checkpoint rebuilt independently, unmerged, on the eval transform
+    ref = build_model_from_checkpoint(load_checkpoint(path)).eval()
+    with Image.open(image) as im:
+        rec = make_transforms(64, train=False)(Record(im.convert("RGB"), torch.zeros(4), "", np.zeros((90, 150), bool)))
+    with torch.no_grad():
+        pred = ref(rec.image[None].expand(2, -1, -1, -1), rec.pixel_mask[None].expand(2, -1, -1),
+                   ref.tokenize(texts), outputs=["box"])["pred_box"]
+    lb = vis.Letterbox.of(150, 90, 64)
+    for r, p in zip(results, pred):
+        assert np.allclose(r["box_xyxy"], lb.to_original(p).tolist(), atol=0.02)
+        assert all(0 <= v <= lim for v, lim in zip(r["box_xyxy"], (150, 90, 150, 90)))
+    for f in [out] + [tmp_path / "out" / f"pred_{k}_{i}.png" for k in ("attn", "tokmap") for i in (0, 1)]:
+        with Image.open(f) as pic:
+            assert pic.size == (150, 90), f
+    assert results[1]["attn_picture"] == str(tmp_path / "out" / "pred_attn_1.png")
+    assert "wrote" in err and "Traceback" not in err
+
+
+def test_default_picture_path_is_beside_the_working_directory(tiny, tmp_path, monkeypatch, capsys):
+    image = noise_image(tmp_path / "street.jpg", (80, 120))
+    monkeypatch.chdir(tmp_path)
+    rc, lines, err = run_main(["--checkpoint", tiny[0], "--image", image, "--text", "x"], capsys)
+    assert rc == 0, err
+    assert len(lines) == 1 and set(json.loads(lines[0])) == {"image", "text", "box_xyxy"}
+    with Image.open(tmp_path / "street_hivg.png") as pic:
+        assert pic.size == (80, 120)
+
+
+def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
+    _, model = tiny
+    assert not any("lora" in k for k in tiny_loaded.state_dict())
+    assert any("lora" in k for k in model.state_dict())
+    assert not tiny_loaded.training
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 64, 64, dtype=torch.int32)
+    mask[1, :, 50:] = 1
+    ids = model.tokenize(["left dog", "the red ball on the table"])
+    with torch.no_grad():
+        a = model(x, mask, ids, outputs=["box", "reg_attention"])
+        b = tiny_loaded(x, mask, ids, outputs=["box", "reg_attention"])
+    assert torch.allclose(a["pred_box"], b["pred_box"], atol=1e-5)
+    assert torch.allclose(a["reg_attention"], b["reg_attention"], atol=1e-5)
+
+
+def test_predictions_do_not_depend_on_the_batch(tiny_loaded):
+    p = [predict.prepare(Image.fromarray(np.full((40 + 10 * i, 64, 3), 30 * i, np.uint8)), 64) for i in range(3)]
+    texts = ["one", "the second thing", "three"]
+    together = predict.predict_prepared(tiny_loaded, p, texts, heatmap=True)
+    for i in range(3):
+        alone = predict.predict_prepared(tiny_loaded, [p[i]], [texts[i]], heatmap=True)[0]
+        assert np.allclose(alone.box_xyxy, together[i].box_xyxy, atol=1e-4)
+        assert np.allclose(alone.attention, together[i].attention, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- heat maps
+
+def test_heatmap_has_the_grid_shape_sums_to_one_and_ignores_padding(tiny_loaded):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 64, 3), dtype=np.uint8))  # 64 x 20
+    preds = predict.predict(tiny_loaded, img, ["the left one", "a thing"], heatmap=True, token_map=True)
+    prep = predict.prepare(Image.fromarray(np.zeros((20, 64, 3), np.uint8)), 64)
+    padding = patch_padding_mask(prep.pixel_mask[None], tiny_loaded.grid)[0].reshape(tiny_loaded.grid).numpy()
+    assert padding.any() and not padding.all()
+    for p in preds:
+        assert p.attention.shape == tiny_loaded.grid == (8, 8)
+        assert p.token_map.shape == tiny_loaded.grid
+        assert abs(float(p.attention.sum()) - 1.0) < 1e-5 and (p.attention >= 0).all()
+        assert np.all(p.attention[padding] == 0)
+
+
+def test_attention_is_computed_only_when_asked(tiny_loaded, monkeypatch):
+    layer = tiny_loaded.fusion.layers[-1]
+    calls = []
+    original = layer.reg_attention
+    monkeypatch.setattr(layer, "reg_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    img = Image.new("RGB", (64, 40), (10, 20, 30))
+    plain = predict.predict(tiny_loaded, img.copy(), ["a"])[0]
+    assert calls == [] and plain.attention is None and plain.token_map is None
+    with_heat = predict.predict(tiny_loaded, img.copy(), ["a"], heatmap=True)[0]
+    assert calls == [1] and with_heat.attention is not None and with_heat.token_map is None
+
+
+def test_overlay_puts_a_hot_patch_where_it_is_in_the_original_image():
+    lb = vis.Letterbox.of(300, 100, 64)                      # image rows 27..37 (approx.) of the frame
+    heat = np.zeros((8, 8), np.float32)
+    heat[3, 6] = 1.0                                          # frame pixels x 48..56, y 24..32
+    up = vis.heatmap_to_image(heat, lb.crop_box, lb.size, (300, 100))
+    assert up.shape == (100, 300)
+    y, x = np.unravel_index(np.argmax(up), up.shape)
+    cx, cy = (52 - lb.left) / lb.ratio, (28 - lb.top) / lb.ratio
+    assert abs(x - cx) <= 6 and abs(y - cy) <= 6, (x, y, cx, cy)
+    pic = vis.overlay_heatmap(Image.new("RGB", (300, 100), (128, 128, 128)), heat, lb.crop_box, lb.size)
+    assert pic.size == (300, 100)
+    r, g, b = np.asarray(pic, dtype=int)[y, x]
+    assert r > b                                              # hot end of the colour map
+    assert tuple(vis.colormap(np.array([0.0, 1.0]))[0]) == (0, 0, 128)
+
+
+# ----------------------------------------------------------------------------------------- authors' checkpoints
+
+def test_official_checkpoint_is_converted_on_load_and_matches_the_official_model(tmp_path, capsys):
+    config = json.loads((OFFICIAL / "config.json").read_text())
+    state = torch.load(OFFICIAL / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    path = tmp_path / "official.pth"
+    torch.save({"model": state, "args": argparse.Namespace(**config["hivg_args"])}, path)
+    model, args = predict.load_model(path, hf_clip_config=str(OFFICIAL / "config.json"))
+    assert not any("lora" in k for k in model.state_dict()) and args["bridge_attention"] == "per_sample"
+    inputs = torch.load(OFFICIAL / "inputs.pth", weights_only=True)
+    golden = torch.load(OFFICIAL / "outputs.pth", weights_only=True)["per_sample_int32_mask"]
+    prepared = [predict.Prepared(inputs["img"][i], inputs["img_mask_int32"][i], vis.Letterbox.of(w, h, 64))
+                for i, (h, w) in enumerate(inputs["raw_sizes_hw"])]
+    preds = predict.predict_prepared(model, prepared, inputs["texts"], token_map=True)
+    assert torch.allclose(torch.stack([p.box_padded for p in preds]), golden["pred_box"], atol=1e-4)
+    assert torch.allclose(torch.from_numpy(np.stack([p.token_map.ravel() for p in preds])),
+                          golden["visu_token_similarity"], atol=1e-3)
+    # the whole command line, too
+    image = noise_image(tmp_path / "img.png", (64, 40))
+    rc, lines, err = run_main(["--checkpoint", path, "--hf_clip_config", OFFICIAL / "config.json", "--image", image,
+                               "--text", "left zebra", "--out", tmp_path / "o.png"], capsys)
+    assert rc == 0 and len(lines) == 1, err
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+def test_unreadable_image_is_a_clear_error_without_traceback(tiny, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    proc = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(tiny[0]), "--image", str(bad),
+                           "--text", "x"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--image" in proc.stderr and "broken.png" in proc.stderr and "cannot be read as an image" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "truncated"])
+def test_bad_images(tiny, tmp_path, capsys, kind):
+    path = tmp_path / "img.png"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "truncated":
+        noise_image(path, (64, 48))
+        path.write_bytes(path.read_bytes()[:200])
+    rc, lines, err = run_main(["--checkpoint", tiny[0], "--image", path, "--text", "x"], capsys)
+    assert rc == 2 and not lines
+    assert f"--image {path}" in err
+    assert {"missing": "does not exist", "folder": "is a folder", "truncated": "cannot be decoded"}[kind] in err
+
+
+def test_empty_text_is_refused(tiny, tmp_path, capsys):
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    rc, lines, err = run_main(["--checkpoint", tiny[0], "--image", image, "--text", "ok", "--text", "   "], capsys)
+    assert rc == 2 and not lines and "--text #2" in err and "empty" in err
+
+
+@pytest.mark.parametrize("content", ["text", "dict", "state_dict", "foreign_model"])
+def test_checkpoint_that_is_not_hivg_is_refused(tmp_path, capsys, content):
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    path = tmp_path / "x.pth"
+    if content == "text":
+        path.write_text("hello")
+    elif content == "dict":
+        torch.save({"epoch": 3}, path)
+    elif content == "state_dict":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    else:
+        torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "args": {"model": "tiny"}}, path)
+    rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", "x"], capsys)
+    assert rc == 2 and not lines
+    assert f"--checkpoint {path} is not a HiVG model" in err and "Traceback" not in err
+
+
+def test_checkpoint_errors_name_the_flag(tiny, tmp_path, capsys):
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    rc, _, err = run_main(["--checkpoint", tmp_path / "nope.pth", "--image", image, "--text", "x"], capsys)
+    assert rc == 2 and "--checkpoint" in err and "does not exist" in err
+    rc, _, err = run_main(["--checkpoint", tiny[0], "--hf_clip_config", OFFICIAL / "config.json", "--image", image,
+                           "--text", "x"], capsys)
+    assert rc == 2 and "drop the flag" in err
+
+
+@pytest.mark.parametrize("line,expect", [
+    ("{not json", "line 2 is not JSON"),
+    ('{"image": "a.png"}', 'needs an object with "image" and "text"'),
+    ('{"image": "a.png", "text": ""}', "line 2: the text is empty"),
+    ('{"image": "missing.png", "text": "x"}', "line 2: image"),
+])
+def test_jsonl_errors_name_the_line(tiny, tmp_path, capsys, line, expect):
+    noise_image(tmp_path / "a.png", (64, 48))
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text(json.dumps({"image": "a.png", "text": "fine"}) + "\n" + line + "\n")
+    rc, lines, err = run_main(["--checkpoint", tiny[0], "--jsonl", jsonl], capsys)
+    assert rc == 2 and not lines and expect in err, err
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--image", "a.png"], "--image needs at least one --text"),
+    (["--jsonl", "r.jsonl", "--text", "x"], "--text goes with --image"),
+    (["--jsonl", "r.jsonl", "--heatmap"], "need --out_dir"),
+    (["--image", "a.png", "--text", "x", "--out", "o.xyz"], "unknown picture format"),
+    (["--image", "a.png", "--text", "x", "--batch_size", "0"], "--batch_size"),
+])
+def test_flag_errors(capsys, argv, expect):
+    rc, _, err = run_main(["--checkpoint", "c.pth"] + argv, capsys)
+    assert rc == 2 and expect in err
+
+
+def test_cuda_unavailable_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    rc, _, err = run_main(["--checkpoint", tiny[0], "--image", image, "--text", "x", "--device", "cuda"], capsys)
+    assert rc == 2 and "--device cuda" in err and "--device cpu" in err
+
+
+# ----------------------------------------------------------------------------------------- eval pictures
+
+def test_selection_is_deterministic_half_hits_half_misses():
+    ious = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.95, 0.05, 0.6, 0.4]   # hits at even indices
+    sel = vis.select_for_visualization(ious, 4)
+    assert sel == vis.select_for_visualization(list(ious), 4) == sorted(sel)
+    assert sum(ious[i] >= 0.5 for i in sel) == 2 and len(set(sel)) == 4
+    assert sum(ious[i] >= 0.5 for i in vis.select_for_visualization(ious, 5)) == 3
+    few_misses = [0.9] * 9 + [0.0]
+    assert vis.select_for_visualization(few_misses, 6) == [0, 2, 4, 6, 8, 9]   # the one miss, 5 hits
+    assert vis.select_for_visualization(ious, 100) == list(range(10))
+    assert vis.select_for_visualization(ious, 0) == []
+    assert vis.select_for_visualization([float("nan"), 0.7], 1) == [1]
+    # evenly spread over the group, not the first few
+    many = [1.0] * 100
+    assert vis.select_for_visualization(many, 4) == [12, 37, 62, 87]
+
+
+def test_draw_prediction_and_draw_boxes_colours():
+    img = Image.new("RGB", (200, 120), (0, 0, 0))
+    pic = vis.draw_prediction(img, [20, 30, 80, 90], [100, 10, 180, 100], "the dog on the left", 0.0)
+    assert pic.width >= 200 and pic.height > 120
+    px = np.asarray(pic)
+    assert tuple(px[60, 20]) == vis.CYAN and tuple(px[50, 180]) == vis.GREEN
+    assert px[120:].any()                                          # caption strip has text
+    boxed = vis.draw_boxes(img, [[10, 50, 60, 110]], ["a"])
+    assert boxed.size == img.size and tuple(np.asarray(boxed)[80, 10]) == vis.PALETTE[0]
+    assert not np.asarray(img).any()                               # input untouched
+
+
+def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
+    from datasets import build_dataset
+    from tests.data_helpers import TARGET_XYWH, args_for, write_layout
+
+    write_layout(str(tmp_path), "unc", splits=("val",), n=3)
+    dataset = build_dataset("val", args_for("unc", tmp_path, imsize=64))
+    paths = vis.save_eval_pictures(tiny_loaded, dataset, [0.9, 0.1, 0.6], 2, tmp_path / "vis", "cpu", prefix="val")
+    assert [p.name for p in paths] == ["val_000001_miss.png", "val_000002_hit.png"]   # middle of the hits
+    with Image.open(paths[0]) as pic:
+        assert pic.width == 640 and pic.height > 480
+        x, y, w, h = TARGET_XYWH                                   # ground truth drawn in original pixels
+        assert tuple(np.asarray(pic)[int(y + h / 2), int(x)]) == vis.GREEN
