@@ -15,7 +15,7 @@ Attention weights are computed only when asked for.
 
 --jsonl reads lines {"image": PATH, "text": EXPRESSION} (relative paths are taken from the JSONL file's
 folder, or from --image_root) and predicts them in batches; with --out_dir one picture per image
-(<image stem>.png, all its expressions) and the heat maps.
+(<image stem>_hivg.png, all its expressions) and the heat maps.
 
 The model is the checkpoint's (its --model, --imsize, --max_query_len, Hi LoRA stage ...), with LoRA
 merged into the weights, in eval mode; images go through the eval transform of its --imsize (long side
@@ -344,17 +344,6 @@ def run(opts) -> int:
         for path in dict.fromkeys(r.path for r in requests):
             what = next(r.where for r in requests if r.path == path) + ": image"
             open_image(path, what).close()
-    device = resolve_device(opts.device)
-    model, model_args = load_model(opts.checkpoint, opts.hf_clip_config, opts.bridge_attention)
-    model.to(device)
-    if opts.token_map and not model_args.get("use_rtcc_constrain_loss", False):
-        warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
-             "untrained and the map means nothing")
-    for r in requests:
-        if is_truncated(r.text.lower(), model.context_length):
-            warn(f"{r.where}: the expression is longer than the model's {model.context_length} tokens and "
-                 "is truncated")
-
     # picture paths: --image -> --out; --jsonl -> one per distinct image under --out_dir
     if opts.image is not None:
         pictures = {requests[0].path: Path(opts.out) if opts.out else Path(f"{Path(opts.image).stem}_hivg.png")}
@@ -365,15 +354,30 @@ def run(opts) -> int:
             while name in used:
                 name, n = f"{path.stem}_{n}", n + 1
             used.add(name)
-            pictures[path] = Path(opts.out_dir) / f"{name}.png"
+            pictures[path] = Path(opts.out_dir) / f"{name}_hivg.png"
     else:
         pictures = {}
     out_flag = "--out" if opts.image is not None else "--out_dir"
+    inputs = {r.path.resolve() for r in requests}
+    for picture in pictures.values():
+        if picture.resolve() in inputs:
+            raise UserError(f"{out_flag} would overwrite the input image {picture}; choose another path")
     for p in set(pictures.values()):
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{out_flag}: cannot create the folder {p.parent} ({e})") from None
+
+    device = resolve_device(opts.device)
+    model, model_args = load_model(opts.checkpoint, opts.hf_clip_config, opts.bridge_attention)
+    model.to(device)
+    if opts.token_map and not model_args.get("use_rtcc_constrain_loss", False):
+        warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
+             "untrained and the map means nothing")
+    for r in requests:
+        if is_truncated(r.text.lower(), model.context_length):
+            warn(f"{r.where}: the expression is longer than the model's {model.context_length} tokens and "
+                 "is truncated")
 
     per_image: Dict[Path, list] = {}
     bar = tqdm(total=len(requests), desc="predict", unit="expr", file=sys.stderr,

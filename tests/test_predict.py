@@ -147,7 +147,7 @@ def test_jsonl_boxes_map_back_to_original_pixels_for_non_square_images(tmp_path,
         tol = 1.5 / vis.Letterbox.of(*size, 224).ratio                # 1.5 input pixels
         assert np.allclose(r["box_xyxy"], box, atol=tol), (r, box, tol)
     for name, size, _ in cases:                                        # one picture per image, its size
-        with Image.open(tmp_path / "pics" / f"{name.rsplit('.', 1)[0]}.png") as pic:
+        with Image.open(tmp_path / "pics" / f"{name.rsplit('.', 1)[0]}_hivg.png") as pic:
             assert pic.size == size
 
 
@@ -306,6 +306,14 @@ def test_bad_images(tiny, tmp_path, capsys, kind):
     assert rc == 2 and not lines
     assert f"--image {path}" in err
     assert {"missing": "does not exist", "folder": "is a folder", "truncated": "cannot be decoded"}[kind] in err
+
+
+def test_the_input_image_is_never_overwritten(tmp_path, capsys):
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    before = image.read_bytes()
+    rc, lines, err = run_main(["--checkpoint", tmp_path / "c.pth", "--image", image, "--text", "x", "--out", image],
+                              capsys)
+    assert rc == 2 and "would overwrite the input image" in err and image.read_bytes() == before
 
 
 def test_empty_text_is_refused(tiny, tmp_path, capsys):

@@ -10,7 +10,6 @@ inverts exactly that.
 
 Only numpy and PIL: the colour map is implemented here.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -117,7 +116,7 @@ def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int
 
 
 def _font(image_size: Tuple[int, int]):
-    size = max(10, round(min(image_size) / 32))
+    size = max(8, round(min(image_size) / 32))
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
