@@ -401,7 +401,7 @@ def test_selection_is_deterministic_half_hits_half_misses():
 
 def test_draw_prediction_and_draw_boxes_colours():
     img = Image.new("RGB", (200, 120), (0, 0, 0))
-    pic = vis.draw_prediction(img, [20, 30, 80, 90], [100, 10, 180, 100], "the dog on the left", 0.0)
+    pic = vis.draw_prediction(img, [20, 30, 80, 90], [100, 10, 180, 100], "the dog on the left", 0.0, min_side=200)
     assert pic.width >= 200 and pic.height > 120
     px = np.asarray(pic)
     assert tuple(px[60, 20]) == vis.CYAN and tuple(px[50, 180]) == vis.GREEN
@@ -409,6 +409,9 @@ def test_draw_prediction_and_draw_boxes_colours():
     boxed = vis.draw_boxes(img, [[10, 50, 60, 110]], ["a"])
     assert boxed.size == img.size and tuple(np.asarray(boxed)[80, 10]) == vis.PALETTE[0]
     assert not np.asarray(img).any()                               # input untouched
+    small = vis.draw_prediction(Image.new("RGB", (64, 40)), [2, 4, 30, 20], [10, 10, 50, 30], "x", 0.7)
+    assert small.width >= 64 * 4 and small.height > 40 * 4                 # enlarged x4, boxes with it
+    assert tuple(np.asarray(small)[50, 8]) == vis.CYAN and tuple(np.asarray(small)[60, 200]) == vis.GREEN
 
 
 def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
@@ -420,6 +423,6 @@ def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
     paths = vis.save_eval_pictures(tiny_loaded, dataset, [0.9, 0.1, 0.6], 2, tmp_path / "vis", "cpu", prefix="val")
     assert [p.name for p in paths] == ["val_000001_miss.png", "val_000002_hit.png"]   # middle of the hits
     with Image.open(paths[0]) as pic:
-        assert pic.width == 640 and pic.height > 480
+        assert pic.width == 640 and pic.height > 480                      # not enlarged
         x, y, w, h = TARGET_XYWH                                   # ground truth drawn in original pixels
         assert tuple(np.asarray(pic)[int(y + h / 2), int(x)]) == vis.GREEN

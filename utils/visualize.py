@@ -179,10 +179,15 @@ def _wrap(draw, text: str, font, width: int) -> List[str]:
 
 
 def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], text: str,
-                    iou: float) -> Image.Image:
+                    iou: float, min_side: int = 256) -> Image.Image:
     """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
-    a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`."""
+    a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`. An image whose
+    long side is under `min_side` is first enlarged by an integer factor (nearest neighbour)."""
     img = image.convert("RGB")
+    k = max(1, -(-min_side // max(img.size)))
+    if k > 1:
+        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+        pred_xyxy, gt_xyxy = [float(c) * k for c in pred_xyxy], [float(c) * k for c in gt_xyxy]
     W, H = img.size
     font = _font((max(W, 320), max(H, 320)))
     draw = ImageDraw.Draw(img)
