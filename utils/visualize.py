@@ -92,7 +92,7 @@ def heatmap_to_image(heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
     heat = np.asarray(heat, dtype=np.float32)
     if heat.ndim != 2:
         raise ValueError(f"heat map must be [gh, gw], got shape {heat.shape}")
-    frame = Image.fromarray(heat, mode="F").resize((frame_size, frame_size), Image.BILINEAR)
+    frame = Image.fromarray(np.ascontiguousarray(heat)).resize((frame_size, frame_size), Image.BILINEAR)  # mode F
     region = frame.crop(tuple(int(c) for c in crop_box)).resize(tuple(image_size), Image.BILINEAR)
     return np.asarray(region, dtype=np.float32)
 
