@@ -16,11 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import add_data_args, build_dataset, collate_fn
-from models.convert import convert_official_state_dict
-from models.hivg import add_model_args, build_model
-from models.lora import merge_lora
+from models.hivg import add_model_args
 from utils import distributed as du
-from utils.checkpoint import read_any_checkpoint
+from utils.checkpoint import load_model
 from utils.engine import LENGTH_BUCKETS, evaluate
 
 DATA_FLAGS = ("dataset", "data_root", "split_root", "use_seg_mask", "allow_unsafe_pickle")
@@ -44,21 +42,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(path: str):
-    """(model with adapters merged, its args as a Namespace) from our or an official checkpoint."""
-    model_args, state, clip_cfg, ckpt = read_any_checkpoint(path)
-    args = argparse.Namespace(**model_args)
-    model = build_model(args, clip_cfg=clip_cfg)
-    if ckpt is None:
-        state = convert_official_state_dict(state, expected=model.state_dict())
-    else:
-        from models.convert import check_state_dict
-        check_state_dict(state, model.state_dict())
-    model.load_state_dict(state, strict=True)
-    merge_lora(model)
-    return model, args
-
-
 def format_table(results: dict) -> str:
     cols = ["split", "n", "Acc@0.5", "mIoU"] + [f"len {name}" for name, _, _ in LENGTH_BUCKETS]
     rows = [cols]
@@ -78,7 +61,8 @@ def main(argv=None) -> int:
                                                     for s in a.option_strings)}
     info = du.init_distributed(opts.device)
     try:
-        model, args = load_model(opts.eval_model)
+        model, model_args = load_model(opts.eval_model)
+        args = argparse.Namespace(**model_args)
         for key in DATA_FLAGS:
             if key in given or not hasattr(args, key):
                 setattr(args, key, getattr(opts, key))

@@ -85,11 +85,8 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
     """(model in eval mode with LoRA merged, its args dict) from our checkpoint or an official one."""
     import pickle
 
-    from models.convert import check_state_dict, convert_official_state_dict
     from models.convert_clip import hf_config_to_open_clip_cfg
-    from models.hivg import build_model
-    from models.lora import merge_lora
-    from utils.checkpoint import read_any_checkpoint
+    from utils.checkpoint import load_model as load_model_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -103,17 +100,7 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise UserError(f"--hf_clip_config {hf_clip_config} is not a readable HF CLIPConfig JSON ({e})") from None
     try:
-        model_args, state, clip_cfg, ckpt = read_any_checkpoint(path)
-        if ckpt is not None and clip_override is not None:
-            raise UserError(f"--hf_clip_config is for official checkpoints; {path} is a checkpoint of this "
-                            "project and carries its CLIP config: drop the flag")
-        model_args = dict(model_args, bridge_attention=bridge_attention)
-        model = build_model(argparse.Namespace(**model_args), clip_cfg=clip_override or clip_cfg)
-        if ckpt is None:
-            state = convert_official_state_dict(state, expected=model.state_dict())
-        else:
-            check_state_dict(state, model.state_dict())
-        model.load_state_dict(state, strict=True)
+        model, model_args = load_model_checkpoint(path, clip_cfg=clip_override, bridge_attention=bridge_attention)
     except UserError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError, OSError,
@@ -123,7 +110,6 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
                         "  pass a checkpoint written by train_hivg.py or models.convert, or an official HiVG "
                         "checkpoint (one whose CLIP is none of the registered --model configs also needs "
                         "--hf_clip_config)") from None
-    merge_lora(model)
     return model.eval(), model_args
 
 

@@ -140,8 +140,9 @@ def single_run(opts) -> dict:
 
 
 def run_in_child(argv, path) -> dict:
-    out = subprocess.run([sys.executable, __file__, *argv, "--path", path], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, *argv, "--path", path], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"the {path} path failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -63,9 +63,11 @@ class FusionLayer(nn.Module):
     def reg_attention(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """What the first token ([REG]) attends to in this layer: [B, L]."""
         y = self.norm1(x) if self.normalize_before else x
-        return self.self_attn.query_attention(y + pos, pad_mask)
+        return self.self_attn.query_attention(y + pos[: x.shape[1]], pad_mask)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D], pos: [>= L, D] (first L rows used), pad_mask: [B, L] bool."""
+        pos = pos[: x.shape[1]]
         if self.normalize_before:
             y = self.norm1(x)
             x = x + self.dropout1(self.self_attn(y + pos, y, pad_mask))
@@ -75,7 +77,7 @@ class FusionLayer(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-    """x: [B, L, D] tokens, pos: [L, D], pad_mask: [B, L] bool (True = padding)."""
+    """x: [B, L, D] tokens, pos: [>= L, D] (the first L rows are used), pad_mask: [B, L] bool (True = padding)."""
 
     def __init__(self, width: int = 512, heads: int = 8, layers: int = 6, ffn: int = 2048,
                  dropout: float = 0.1, normalize_before: bool = True):

@@ -163,7 +163,7 @@ class HiVG(nn.Module):
         tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
         never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
         pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids[:, :T] == 0], dim=1)
-        hs, reg_attn = self.fusion(tokens, self.pos_embed.weight[: tokens.shape[1]], pad,
+        hs, reg_attn = self.fusion(tokens, self.pos_embed.weight, pad,
                                    reg_attention="reg_attention" in want)
 
         out = {"pred_box": self.box_head(hs[:, 0])}

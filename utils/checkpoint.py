@@ -1,7 +1,9 @@
 """Checkpoint I/O: atomic writes and safe reads."""
 import os
 import tempfile
+from argparse import Namespace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,18 +44,37 @@ def build_model_from_checkpoint(ckpt: dict, merge: bool = False):
 
     `merge=True` folds every LoRA adapter into its weight (inference).
     """
-    from argparse import Namespace
-
-    from models.convert import check_state_dict
-    from models.hivg import build_model
-    from models.lora import merge_lora
-
     if "args" not in ckpt:
         raise ValueError("checkpoint has no 'args': it was not written by this project "
                          "(convert an official one with `python -m models.convert`)")
-    model = build_model(Namespace(**ckpt["args"]), clip_cfg=ckpt.get("clip_cfg"))
-    check_state_dict(ckpt["model"], model.state_dict())
-    model.load_state_dict(ckpt["model"], strict=True)
+    return _build_and_load(dict(ckpt["args"]), ckpt["model"], ckpt.get("clip_cfg"), False, merge)
+
+
+def load_model(path, clip_cfg: Optional[dict] = None, merge: bool = True, **overrides):
+    """(model, its args dict) from a checkpoint of ours or an official one (converted on load), strictly.
+
+    `clip_cfg` describes the CLIP of an official checkpoint that is none of the registered --model
+    configs; `overrides` replace model flags (e.g. bridge_attention). LoRA merged unless merge=False.
+    """
+    model_args, state, own_clip_cfg, ckpt = read_any_checkpoint(path)
+    if ckpt is not None and clip_cfg is not None:
+        raise ValueError(f"{path} is a checkpoint of this project and carries its CLIP config; a CLIP "
+                         "config is only for official checkpoints: drop the flag")
+    model_args.update({k: v for k, v in overrides.items() if v is not None})
+    model = _build_and_load(model_args, state, clip_cfg or own_clip_cfg, ckpt is None, merge)
+    return model, model_args
+
+
+def _build_and_load(model_args: dict, state: dict, clip_cfg, official: bool, merge: bool):
+    from models.convert import check_state_dict, convert_official_state_dict
+    from models.hivg import build_model
+    from models.lora import merge_lora
+
+    model = build_model(Namespace(**model_args), clip_cfg=clip_cfg)
+    if official:
+        state = convert_official_state_dict(state, expected=model.state_dict())
+    check_state_dict(state, model.state_dict())
+    model.load_state_dict(state, strict=True)
     if merge:
         merge_lora(model)
     return model
