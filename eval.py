@@ -20,6 +20,7 @@ from models.hivg import add_model_args
 from utils import distributed as du
 from utils.checkpoint import load_model
 from utils.engine import LENGTH_BUCKETS, evaluate
+from utils.visualize import save_eval_pictures
 
 DATA_FLAGS = ("dataset", "data_root", "split_root", "use_seg_mask", "allow_unsafe_pickle")
 
@@ -36,6 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    g.add_argument("--visualize", type=int, default=0, metavar="N",
+                   help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     for flag in ("--save_hilora_clip",):
         g.add_argument(flag, action="store_true", help="accepted for the official scripts; no effect")
     g.add_argument("--sup_type", default="full", help="accepted for the official scripts; no effect")
@@ -69,18 +72,24 @@ def main(argv=None) -> int:
         for key in ("aug_scale", "aug_crop", "aug_blur", "aug_translate"):
             setattr(args, key, False)
         model.to(info.device)
+        out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
         results = {}
         for split in opts.eval_set:
             dataset = build_dataset(split, args)
             loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate_fn,
                                                  num_workers=opts.num_workers)
             results[split] = evaluate(model, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
-                                      info.is_main and sys.stderr.isatty(), f"eval {split}")
+                                      info.is_main and sys.stderr.isatty(), f"eval {split}",
+                                      return_ious=opts.visualize > 0)
             if info.is_main:
                 print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
+            if info.is_main and opts.visualize > 0:
+                vis_dir = out_dir / f"vis_{Path(opts.eval_model).stem}"
+                paths = save_eval_pictures(model, dataset, results[split].pop("ious"), opts.visualize, vis_dir,
+                                           info.device, prefix=split)
+                print(f"{split}: {len(paths)} pictures in {vis_dir}")
         if info.is_main:
             print(format_table(results))
-            out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
             out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
             previous = json.loads(out.read_text()) if out.is_file() else {}
             previous.update({s: dict(r, dataset=args.dataset, checkpoint=str(opts.eval_model)) for s, r in results.items()})

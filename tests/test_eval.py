@@ -73,3 +73,18 @@ def test_errors(setup, tmp_path):
     assert proc.returncode != 0 and "does not match the model" in proc.stderr
     proc = run(["--eval_model", str(ckpt), "--eval_set", "testA"])
     assert proc.returncode != 0 and "has no split 'testA'" in proc.stderr
+
+
+def test_visualize_writes_half_hits_half_misses(setup, tmp_path):
+    _, ckpt = setup
+    out = tmp_path / "vis"
+    proc = run(["--eval_model", str(ckpt), "--eval_set", "test", "--num_workers", "0", "--output_dir", str(out),
+                "--visualize", "4"])
+    assert proc.returncode == 0, proc.stderr
+    pictures = sorted((out / "vis_best_checkpoint").glob("test_*.png"))
+    assert len(pictures) == 4 and "test: 4 pictures" in proc.stdout
+    results = json.loads((out / "eval_best_checkpoint.json").read_text())
+    assert "ious" not in results["test"]
+    n_hits = round(results["test"]["acc"] * 7)
+    want_hits = min(n_hits, 2) if 7 - n_hits >= 2 else min(n_hits, 4 - (7 - n_hits))
+    assert sum(p.stem.endswith("_hit") for p in pictures) == want_hits

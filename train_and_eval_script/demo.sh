@@ -34,7 +34,11 @@ for stage in 1 2 3; do
         --epochs "$EPOCHS_LORA" --lr "$lr" --output_dir "$OUTPUT_DIR/stage$stage"
     prev=$OUTPUT_DIR/stage$stage
 done
-"$PYTHON" eval.py --device cpu --num_workers "$WORKERS" --eval_model "$prev/best_checkpoint.pth" --eval_set val test \
+"$PYTHON" eval.py --device cpu --num_workers "$WORKERS" --eval_model "$prev/best_checkpoint.pth" --eval_set val test --visualize 6 \
     | tee "$OUTPUT_DIR/eval.txt"
+# One picture of what the model sees: the first test image with its own expression.
+read -r IMAGE TEXT < <("$PYTHON" -c "import torch; r = torch.load('$DATA_DIR/synthref/synthref_test.pth', weights_only=True)[0]; print(r[0], r[3])")
+"$PYTHON" predict.py --device cpu --checkpoint "$prev/best_checkpoint.pth" --image "$DATA_DIR/synthref/images/$IMAGE" \
+    --text "$TEXT" --heatmap --out "$OUTPUT_DIR/predict.png"
 echo "demo finished in $(( $(date +%s) - start ))s"
 grep "^test Acc@0.5:" "$OUTPUT_DIR/eval.txt" | tail -1

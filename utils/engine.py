@@ -158,7 +158,8 @@ def length_bucket(phrase: str) -> str:
 
 @torch.no_grad()
 def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device, rank: int = 0, world: int = 1,
-             amp: str = "none", show_progress: bool = False, desc: str = "eval") -> Dict[str, object]:
+             amp: str = "none", show_progress: bool = False, desc: str = "eval",
+             return_ious: bool = False) -> Dict[str, object]:
     """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each.
 
     Rank r evaluates indices r::world (no padding); per-sample IoUs are gathered with their indices
@@ -182,7 +183,10 @@ def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device,
     rows = sorted(r for part in gathered for r in part)
     if [r[0] for r in rows] != list(range(len(dataset))):
         raise RuntimeError("distributed evaluation did not cover every sample exactly once")
-    return summarize([r[1] for r in rows], [r[2] for r in rows])
+    summary = summarize([r[1] for r in rows], [r[2] for r in rows])
+    if return_ious:  # per-sample IoUs in dataset order
+        summary["ious"] = [r[1] for r in rows]
+    return summary
 
 
 def summarize(ious: List[float], phrases: List[str]) -> Dict[str, object]:
