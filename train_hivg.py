@@ -110,6 +110,8 @@ def resolve_args(argv=None):
             merged.update({k: v for k, v in given.items() if k != "hi_lora_stage" or kind != "resume"})
             if kind == "hi_lora_retrain" and "output_dir" not in given:
                 merged["output_dir"] = str(Path(args.hi_lora_retrain).parent / f"hi_lora_stage{args.hi_lora_stage}")
+            if kind == "resume" and "output_dir" not in given:  # keep writing where the run was
+                merged["output_dir"] = str(Path(args.resume).parent)
             source = (kind, prev_args, state, clip_cfg, ckpt)
             break
     for flag in ("epochs", "batch_size", "accum_steps"):
