@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="HiVG inference on images and referring expressions.",
                                      allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of train_hivg.py / models.convert, or an official HiVG checkpoint")
+                        help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image (with one or more --text)")
     src.add_argument("--jsonl", help='batch mode: a file of {"image": ..., "text": ...} lines')
@@ -85,20 +85,17 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
     """(model in eval mode with LoRA merged, its args dict) from our checkpoint or an official one."""
     import pickle
 
-    from models.convert_clip import hf_config_to_open_clip_cfg
+    from models.convert_clip import clip_cfg_from_hf_json
     from utils.checkpoint import load_model as load_model_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path} does not exist; pass a checkpoint written by train_hivg.py "
                         f"(e.g. OUTPUT_DIR/best_checkpoint.pth) or an official HiVG checkpoint")
-    clip_override = None
-    if hf_clip_config:
-        try:
-            hf = json.loads(Path(hf_clip_config).read_text())
-            clip_override = hf_config_to_open_clip_cfg(hf.get("clip_config", hf))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"--hf_clip_config {hf_clip_config} is not a readable HF CLIPConfig JSON ({e})") from None
+    try:
+        clip_override = clip_cfg_from_hf_json(hf_clip_config) if hf_clip_config else None
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         model, model_args = load_model_checkpoint(path, clip_cfg=clip_override, bridge_attention=bridge_attention)
     except UserError:
@@ -107,7 +104,7 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
             pickle.UnpicklingError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise UserError(f"--checkpoint {path} is not a HiVG model this project can load: {msg}\n"
-                        "  pass a checkpoint written by train_hivg.py or models.convert, or an official HiVG "
+                        "  pass a checkpoint written by train_hivg.py or utils.checkpoint, or an official HiVG "
                         "checkpoint (one whose CLIP is none of the registered --model configs also needs "
                         "--hf_clip_config)") from None
     return model.eval(), model_args

@@ -4,18 +4,15 @@ Official keys look like `clip.base_model.model.base_model.model.vision_model.enc
 q_proj.lora_A.default.weight` (one `base_model.model.` per nested peft wrap, `.base_layer` with newer
 peft). Every key is either mapped or on an explicit ignore list; anything else is an error naming it.
 
-    python -m models.convert OFFICIAL.pth OUT.pth     # writes a checkpoint eval.py / predict.py read
+The command `python -m utils.checkpoint OFFICIAL.pth OUT.pth` writes the converted checkpoint.
 """
 import argparse
-import json
 import re
-import sys
-from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .convert_clip import hf_config_to_open_clip_cfg, hf_key_to_open_clip
+from .convert_clip import hf_key_to_open_clip
 from .lora import ALPHA, RANK
 
 PEFT_PREFIX = re.compile(r"(base_model\.model\.)+")
@@ -186,30 +183,3 @@ def build_and_load_official(args: argparse.Namespace, official_state: Dict[str, 
     state = convert_official_state_dict(official_state, expected=model.state_dict())
     model.load_state_dict(state, strict=True)
     return model
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Convert an official HiVG checkpoint to this project's format.")
-    parser.add_argument("official", help="official checkpoint (.pth with 'model' and 'args')")
-    parser.add_argument("out", help="output checkpoint path")
-    parser.add_argument("--model", help="override the backbone (default: the checkpoint's args.model)")
-    parser.add_argument("--hf_clip_config", help="CLIP architecture from an HF CLIPConfig JSON (for a CLIP that "
-                                                 "is none of the registered --model configs)")
-    opts = parser.parse_args(argv)
-    from utils.checkpoint import save_checkpoint
-    state, official_args = load_official_checkpoint(opts.official)
-    if official_args is None:
-        parser.error(f"{opts.official} carries no 'args'; pass a checkpoint written by the official hivg_train.py")
-    clip_cfg = None
-    if opts.hf_clip_config:
-        hf_config = json.loads(Path(opts.hf_clip_config).read_text())
-        clip_cfg = hf_config_to_open_clip_cfg(hf_config.get("clip_config", hf_config))
-    args = official_args_to_ours(official_args, model=opts.model)
-    model = build_and_load_official(args, state, clip_cfg)
-    save_checkpoint(opts.out, {"model": model.state_dict(), "args": vars(args), "clip_cfg": model.clip_cfg})
-    print(f"wrote {opts.out}: {len(state)} official tensors -> {len(model.state_dict())} tensors")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,6 +16,7 @@ buffers), or rejected with an error naming it. ``hf_key_to_open_clip`` maps one 
 time, so checkpoints that hold only part of a CLIP (or CLIP keys among other modules) can
 be converted key by key.
 """
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -305,3 +306,12 @@ def hf_config_to_open_clip_cfg(hf_config: dict) -> dict:
         "text_cfg": text_cfg,
         "quick_gelu": _activation_is_quick_gelu(text, vision),
     }
+
+
+def clip_cfg_from_hf_json(path) -> dict:
+    """open_clip CLIP kwargs from an HF CLIPConfig JSON file (or a fixture config.json holding one)."""
+    try:
+        config = json.loads(Path(path).read_text())
+        return hf_config_to_open_clip_cfg(config.get("clip_config", config))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--hf_clip_config {path} is not a readable HF CLIPConfig JSON ({e})") from None

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from models.convert import canonical_key, convert_official_state_dict, main as convert_main
+from models.convert import canonical_key, convert_official_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint
+from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, main as convert_main
 
 FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
 

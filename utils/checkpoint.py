@@ -1,5 +1,10 @@
-"""Checkpoint I/O: atomic writes and safe reads."""
+"""Checkpoint I/O: atomic writes, safe reads, and the converter command for the authors' checkpoints.
+
+    python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json]
+"""
+import argparse
 import os
+import sys
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -46,7 +51,7 @@ def build_model_from_checkpoint(ckpt: dict, merge: bool = False):
     """
     if "args" not in ckpt:
         raise ValueError("checkpoint has no 'args': it was not written by this project "
-                         "(convert an official one with `python -m models.convert`)")
+                         "(convert an official one with `python -m utils.checkpoint`)")
     return _build_and_load(dict(ckpt["args"]), ckpt["model"], ckpt.get("clip_cfg"), False, merge)
 
 
@@ -195,3 +200,28 @@ def load_clip_weights(model, path, mode: str = "paper") -> None:
         state = load_clip_state_dict(path)
     load_allowing_fresh_adapters(model.clip, state, f"CLIP weights {path}")
     model.reset_visual_projection()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Convert an official HiVG checkpoint to this project's format.")
+    parser.add_argument("official", help="official checkpoint (.pth with 'model' and 'args')")
+    parser.add_argument("out", help="output checkpoint path")
+    parser.add_argument("--model", help="override the backbone (default: the checkpoint's args.model)")
+    parser.add_argument("--hf_clip_config", help="CLIP architecture from an HF CLIPConfig JSON (for a CLIP that "
+                                                 "is none of the registered --model configs)")
+    opts = parser.parse_args(argv)
+    from models.convert_clip import clip_cfg_from_hf_json
+
+    clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
+    model, args = load_model(opts.official, clip_cfg, merge=False, model=opts.model)
+    save_checkpoint(opts.out, {"model": model.state_dict(), "args": args, "clip_cfg": model.clip_cfg})
+    print(f"wrote {opts.out}: {args.get('model')} at Hi LoRA stage {args.get('hi_lora_stage')} "
+          f"({args.get('hi_lora_mode')} mode), {len(model.state_dict())} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
