@@ -294,3 +294,26 @@ def test_seg_head_equals_the_conv_chain_it_factorises():
     feats = head.convs(patches.transpose(1, 2).reshape(2, 16, 3, 4))
     expected = torch.einsum("bdhw,bd->bhw", feats, eot)[:, None]
     torch.testing.assert_close(head(patches, (3, 4), eot), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_autocast_training_step_runs_and_stays_close(stage):
+    from utils.losses import grounding_losses
+    model = build_model(tiny_args("--hi_lora_stage", str(stage), "--vl_dropout", "0")).eval()
+    randomize_lora(model)
+    images, mask, texts = batch()
+    ids = model.tokenize(texts)
+    boxes = torch.tensor([[0.5, 0.5, 0.3, 0.3]] * 3)
+    obj = torch.zeros(3, 64, 64)
+    obj[:, 20:40, 20:40] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, mask, ids)
+        loss = sum(grounding_losses(out["pred_box"].float(), boxes, obj, out["logits_per_text"].float(),
+                                    out["token_map"].float(), out["seg_map"].float()).values())
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        fp32 = model(images, mask, ids)["pred_box"]
+    assert (out["pred_box"].float() - fp32).abs().max() < 0.05
