@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo}
 DATA_DIR=${DATA_DIR:-$OUTPUT_DIR/data}
-NUM_TRAIN=${NUM_TRAIN:-2000}
-EPOCHS0=${EPOCHS0:-10}
+NUM_TRAIN=${NUM_TRAIN:-8000}
+EPOCHS0=${EPOCHS0:-16}
 EPOCHS_LORA=${EPOCHS_LORA:-1}
 WORKERS=${WORKERS:-1}
 start=$(date +%s)
@@ -22,9 +22,9 @@ if [ ! -f "$DATA_DIR/synthref/synthref_test.pth" ]; then
 fi
 "$PYTHON" -m datasets.synthetic --baseline "$DATA_DIR" --split test
 
-COMMON=(--device cpu --num_workers "$WORKERS" --batch_size 64 --lr_scheduler cosine)
+COMMON=(--device cpu --num_workers "$WORKERS" --batch_size 32 --lr_scheduler cosine)
 "$PYTHON" train_hivg.py "${COMMON[@]}" --model demo --dataset synthref --data_root "$DATA_DIR" --split_root "$DATA_DIR" \
-    --imsize 64 --max_query_len 16 --vl_enc_layers 3 --vl_nheads 4 --vl_dim_feedforward 256 \
+    --imsize 64 --max_query_len 16 --vl_enc_layers 4 --vl_nheads 4 --vl_dim_feedforward 256 --vl_dropout 0 \
     --normalize_before --enable_adaptive_weights --use_rtcc_constrain_loss --use_mask_loss \
     --epochs "$EPOCHS0" --lr 1e-3 --output_dir "$OUTPUT_DIR/stage0"
 prev=$OUTPUT_DIR/stage0
