@@ -6,13 +6,17 @@
 #
 # The demo model (models/configs/demo.json) is a random CLIP whose vision position embedding starts
 # as a 2-D sine-cosine table: with open_clip's random init the box regressor cannot read positions.
+# It is kept small for 2 CPU cores (~230 samples/s in stage 0): 3 frozen vision blocks, one bridge in
+# the last block (backward stops there), a 4-layer fusion encoder without dropout, batch 32. Stage 0
+# sees 8000 x 18 = 144k samples; the Hi LoRA stages use low learning rates (1e-4, 5e-5, 2.5e-5) so they
+# refine stage 0 instead of knocking it off its minimum. Measured: ~13 min, test Acc@0.5 ~0.45.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo}
 DATA_DIR=${DATA_DIR:-$OUTPUT_DIR/data}
 NUM_TRAIN=${NUM_TRAIN:-8000}
-EPOCHS0=${EPOCHS0:-16}
+EPOCHS0=${EPOCHS0:-18}
 EPOCHS_LORA=${EPOCHS_LORA:-1}
 WORKERS=${WORKERS:-1}
 start=$(date +%s)
@@ -29,7 +33,7 @@ COMMON=(--device cpu --num_workers "$WORKERS" --batch_size 32 --lr_scheduler cos
     --epochs "$EPOCHS0" --lr 1e-3 --output_dir "$OUTPUT_DIR/stage0"
 prev=$OUTPUT_DIR/stage0
 for stage in 1 2 3; do
-    lr=$(awk -v s="$stage" 'BEGIN { print 4e-4 / 2 ^ (s - 1) }')
+    lr=$(awk -v s="$stage" 'BEGIN { print 1e-4 / 2 ^ (s - 1) }')
     "$PYTHON" train_hivg.py "${COMMON[@]}" --hi_lora_retrain "$prev/best_checkpoint.pth" \
         --epochs "$EPOCHS_LORA" --lr "$lr" --output_dir "$OUTPUT_DIR/stage$stage"
     prev=$OUTPUT_DIR/stage$stage
