@@ -117,6 +117,16 @@ def is_our_checkpoint(ckpt: dict) -> bool:
     return isinstance(ckpt.get("args"), dict) and "clip_cfg" in ckpt
 
 
+def _try_plain_load(path: Path, what: str):
+    """The file's content if it loads with weights_only=True, else None (other formats are tried next)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+
+
 def read_any_checkpoint(path):
     """Our checkpoint, or the authors' converted on the fly: (model args dict, state dict, clip_cfg, ckpt).
 
@@ -124,12 +134,7 @@ def read_any_checkpoint(path):
     model with models.convert.convert_official_state_dict) and `ckpt` is None.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        ckpt = None
+    ckpt = _try_plain_load(path, "checkpoint")
     if isinstance(ckpt, dict) and is_our_checkpoint(ckpt):
         return dict(ckpt["args"]), ckpt["model"], ckpt["clip_cfg"], ckpt
     from models.convert import load_official_checkpoint, official_args_to_ours
@@ -185,13 +190,7 @@ def load_clip_weights(model, path, mode: str = "paper") -> None:
     ({'model': HF names with peft LoRA}), whose LoRA is merged in paper mode and kept in official mode."""
     from models.convert_clip import load_clip_state_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--clip_model {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raw = None
+    raw = _try_plain_load(Path(path), "--clip_model")
     sd = raw.get("model") if isinstance(raw, dict) else None
     if isinstance(sd, dict) and any(".lora_A." in k for k in sd):
         state = prepare_stage_state(sd, True, model, "paper" if mode == "paper" else "keep")
