@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from datasets import add_data_args, build_dataset, collate_fn

@@ -8,13 +8,10 @@ A Hi LoRA stage takes everything (model config, data, mode) from the previous st
 flags given on the command line override it. `--resume OUT/checkpoint.pth` continues a run exactly.
 """
 import argparse
-import json
 import math
-import os
 import random
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
