@@ -1,8 +1,8 @@
 """Safe reading of the official split files (pickled Python lists of tuples).
 
 The files are written with ``torch.save`` (zip or legacy format) or plain ``pickle``.
-By default they are read without executing arbitrary code: ``torch.load(...,
-weights_only=True)`` (or, for plain pickles, an unpickler with the same allow-list)
+By default they are read without executing arbitrary code: torch's weights-only loader
+(or, for plain pickles, an unpickler with the same allow-list)
 accepting the builtin containers and scalars plus numpy arrays and numpy scalars,
 which some split files carry for boxes. Anything else is refused with an error that
 names the file and the ``--allow_unsafe_pickle`` opt-in.
