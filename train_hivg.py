@@ -44,6 +44,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=1e-4)
     g.add_argument("--epochs", type=int, default=90)
     g.add_argument("--run_epochs", type=int, default=0, help="stop this run after N epochs (resume later); 0: all")
+    g.add_argument("--epoch_samples", type=int, default=0,
+                   help="train each epoch on N samples drawn afresh from the split (0: the whole split)")
     g.add_argument("--optimizer", choices=("adamw",), default="adamw")
     g.add_argument("--lr_scheduler", choices=SCHEDULERS, default="step", help="stepped once per epoch")
     g.add_argument("--lr_drop", type=int, default=60)
@@ -114,6 +116,8 @@ def resolve_args(argv=None):
     for flag in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.epoch_samples < 0:
+        parser.error(f"--epoch_samples must be 0 (whole split) or positive, got {args.epoch_samples}")
     if args.resume and args.hi_lora_retrain:
         parser.error("--resume and --hi_lora_retrain exclude each other (resume continues a run, "
                      "--hi_lora_retrain starts the next stage)")
@@ -251,10 +255,10 @@ def train(args, source, info, stop) -> int:
     val_set = build_dataset("val", args)
     micro = args.batch_size * args.accum_steps
     sampler = ShardSampler(len(train_set), info.rank, info.world_size, shuffle=True, seed=args.seed, batch_size=micro,
-                           drop_last=True)
+                           drop_last=True, epoch_samples=args.epoch_samples)
     if len(sampler) == 0:
-        raise ValueError(f"the training split has {len(train_set)} samples, fewer than one global batch "
-                         f"({info.world_size} x {micro}); lower --batch_size")
+        raise ValueError(f"the training split has {len(train_set)} samples (--epoch_samples {args.epoch_samples}), "
+                         f"fewer than one global batch ({info.world_size} x {micro}); lower --batch_size")
 
     def validate(desc):
         return evaluate(model, val_set, lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, device), device,

@@ -14,6 +14,7 @@ import train_hivg
 from datasets.synthetic import main as make_synthetic
 from models.lora import merge_lora_state_dict
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from utils.engine import ShardSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +78,19 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
         prev = out / "best_checkpoint.pth"
 
 
+def test_epoch_samples_draws_a_fresh_subset_each_epoch():
+    def sampler(rank=0, world=1, epoch=0, epoch_samples=24):
+        s = ShardSampler(50, rank, world, shuffle=True, seed=3, batch_size=4, drop_last=True, epoch_samples=epoch_samples)
+        s.epoch = epoch
+        return s.indices()
+
+    e0, e1 = sampler(), sampler(epoch=1)
+    assert len(e0) == len(set(e0)) == 24 and len(e1) == 24 and set(e0) != set(e1)
+    assert e0 == sampler(epoch_samples=0)[:24]                       # a prefix of the epoch's permutation
+    assert sorted(sampler(0, 2) + sampler(1, 2)) == sorted(e0)       # split over ranks, nothing repeated
+    assert len(sampler(epoch_samples=500)) == 48                     # capped by the split (then cut to batches)
+
+
 def test_resume_is_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert train_hivg.main(flags(data, a, "--epochs", "2")) == 0
@@ -129,8 +143,12 @@ def test_two_rank_gloo_run_equals_one_rank(data, tmp_path):
                       *flags(data, tmp_path / "two", *common, "--batch_size", "4")])
     assert two.returncode == 0, two.stderr
     assert "2 ranks x 4 x 1 accum = 8" in two.stdout
-    w1 = load_checkpoint(tmp_path / "one" / "checkpoint.pth")["model"]
-    w2 = load_checkpoint(tmp_path / "two" / "checkpoint.pth")["model"]
+    assert_same_weights(tmp_path / "one" / "checkpoint.pth", tmp_path / "two" / "checkpoint.pth")
+
+
+def assert_same_weights(path_a, path_b):
+    w1, w2 = load_checkpoint(path_a)["model"], load_checkpoint(path_b)["model"]
+    assert w1.keys() == w2.keys()
     for k in w1:
         a, b = w1[k], w2[k]
         if k.endswith("self_attn.in_proj_bias"):
@@ -141,8 +159,34 @@ def test_two_rank_gloo_run_equals_one_rank(data, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_accumulated_micro_batches_equal_one_batch(data, tmp_path):
+    common = ["--epochs", "1", "--vl_dropout", "0"]
+    assert train_hivg.main(flags(data, tmp_path / "one", *common)) == 0
+    assert train_hivg.main(flags(data, tmp_path / "acc", *common, "--batch_size", "4", "--accum_steps", "2")) == 0
+    assert_same_weights(tmp_path / "one" / "checkpoint.pth", tmp_path / "acc" / "checkpoint.pth")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    import utils.engine
+    real, calls = utils.engine.grounding_losses, []
+
+    def poisoned(*args):  # finite through epoch 0 (6 steps of 8), NaN from the 2nd step of epoch 1
+        calls.append(1)
+        losses = real(*args)
+        return {k: v * float("nan") for k, v in losses.items()} if len(calls) > 7 else losses
+
+    monkeypatch.setattr(utils.engine, "grounding_losses", poisoned)
+    assert train_hivg.main(flags(data, tmp_path, "--epochs", "3")) == 1
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert ckpt["epoch"] == 0 and ckpt["resume_at"] == (1, 0)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0]
+
+
 def test_errors_are_clear(data, stage0, tmp_path):
     for extra, message in ((["--epochs", "0"], "--epochs must be at least 1"),
+                           (["--epoch_samples", "-5"], "--epoch_samples must be 0"),
                            (["--amp", "fp8"], "invalid choice"),
                            (["--hi_lora_retrain", str(tmp_path / "nope.pth")], "does not exist")):
         proc = run_script(["train_hivg.py", *flags(data, tmp_path, *extra)])

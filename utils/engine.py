@@ -45,13 +45,15 @@ class ShardSampler(Sampler):
     Training (`drop_last`): the permutation is cut to a multiple of world * batch_size so every rank
     runs the same number of full batches and global batch k holds the same samples for any number of
     ranks. Evaluation: no padding and no cut, each sample lands on exactly one rank.
-    `skip` leaves out this rank's first `skip` indices (resuming inside an epoch).
+    `epoch_samples` > 0 keeps the first `epoch_samples` of each epoch's permutation (a fresh subset
+    every epoch). `skip` leaves out this rank's first `skip` indices (resuming inside an epoch).
     """
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0,
-                 batch_size: int = 1, drop_last: bool = False):
+                 batch_size: int = 1, drop_last: bool = False, epoch_samples: int = 0):
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
         self.batch_size, self.drop_last = batch_size, drop_last
+        self.epoch_samples = min(epoch_samples, n) if epoch_samples > 0 else n
         self.epoch, self.skip = 0, 0
 
     def indices(self) -> List[int]:
@@ -60,8 +62,9 @@ class ShardSampler(Sampler):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        order = order[: self.epoch_samples]
         if self.drop_last:
-            order = order[: self.n // (self.world * self.batch_size) * self.world * self.batch_size]
+            order = order[: len(order) // (self.world * self.batch_size) * self.world * self.batch_size]
         return order[self.rank::self.world][self.skip:]
 
     def __iter__(self):
