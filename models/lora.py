@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
+
 RANK = 32
 ALPHA = 16
 DROPOUT = 0.1
@@ -39,7 +41,7 @@ class LoRA(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(groups, out_features, rank))
         for a in self.lora_A.view(groups, rank, in_features):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, groups: Optional[slice] = None) -> torch.Tensor:
         """x: [..., in] -> update [..., n * out] for the selected groups (all by default)."""

@@ -275,6 +275,37 @@ def test_reg_attention_is_a_distribution_over_patches_and_only_on_request():
     assert grid[:, -2:].sum() == 0
 
 
+def test_cpu_dropout_mask_distribution_scale_and_gradient():
+    from models.dropout import Dropout
+    drop = Dropout(0.25)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01                  # 200k draws: std 0.001
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())                         # d(x * mask)/dx = mask
+    assert torch.equal(drop.eval()(x), x)
+    assert repr(drop) == repr(torch.nn.Dropout(0.25))
+
+
+def test_attention_dropout_on_cpu_drops_probabilities_then_averages_values():
+    from models.attention import attend
+    from models.dropout import keep_mask
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    keep[1, ..., -2:] = False
+    torch.manual_seed(7)
+    out = attend(q, k, v, keep, dropout_p=0.3)
+    torch.manual_seed(7)
+    probs = (q @ k.transpose(-2, -1) / 2).masked_fill(~keep, float("-inf")).softmax(-1)
+    mask, scale = keep_mask(probs.shape, 0.3)
+    assert scale == pytest.approx(1 / 0.7, rel=1e-9)
+    torch.testing.assert_close(out, (probs * mask * scale) @ v)
+    torch.testing.assert_close(attend(q, k, v, keep), probs @ v)           # no dropout: SDPA, same function
+
+
 def test_quick_gelu_gradient_matches_autograd():
     from models.activations import quick_gelu
     x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
