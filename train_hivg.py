@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from datasets import add_data_args, build_dataset, collate_fn
 from models.configs import load_model_config
+from models.convert_clip import clip_cfg_from_hf_json
 from models.hivg import add_model_args, build_model
 from utils import distributed as du
 from utils.checkpoint import (load_allowing_fresh_adapters, load_clip_weights, prepare_stage_state,
@@ -28,8 +29,8 @@ from utils.engine import EpochSeeded, NonFiniteLossError, ShardSampler, evaluate
 from utils.logger import RunLogger
 
 # Flags that describe one run, never inherited from the checkpoint a stage starts from.
-RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hi_lora_stage",
-            "run_epochs", "device", "num_workers")
+RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
+            "hi_lora_stage", "run_epochs", "device", "num_workers")
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
 
 
@@ -59,6 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default="", help="continue a run from its checkpoint.pth")
     g.add_argument("--retrain", default="", help="start from these weights, evaluate them first")
     g.add_argument("--hi_lora_retrain", default="", help="start the next Hi LoRA stage from this checkpoint")
+    g.add_argument("--hf_clip_config", default="", help="an official checkpoint given to --hi_lora_retrain or "
+                   "--retrain whose CLIP is none of the --model configs: its architecture as an HF CLIPConfig JSON")
     g.add_argument("--hi_lora_clip", default="", help="accepted for the official scripts; not needed")
     g.add_argument("--save_hilora_clip", action="store_true", help="accepted for the official scripts; no effect")
     g.add_argument("--output_dir", default="./outputs")
@@ -98,6 +101,9 @@ def resolve_args(argv=None):
             prev_args, state, clip_cfg, ckpt = read_any_checkpoint(getattr(args, kind))
             if kind == "resume" and ckpt is None:
                 parser.error(f"--resume {args.resume} is not a checkpoint of this project")
+            if ckpt is not None and args.hf_clip_config:
+                parser.error(f"{getattr(args, kind)} is a checkpoint of this project and carries its CLIP config; "
+                             "drop --hf_clip_config (it is for official checkpoints)")
             merged = vars(args)
             merged.update({k: v for k, v in prev_args.items() if k in merged and k not in RUN_ONLY})
             if kind == "resume":
@@ -118,6 +124,9 @@ def resolve_args(argv=None):
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.epoch_samples < 0:
         parser.error(f"--epoch_samples must be 0 (whole split) or positive, got {args.epoch_samples}")
+    if args.hf_clip_config and not (args.hi_lora_retrain or args.retrain):
+        parser.error("--hf_clip_config describes the CLIP of an official checkpoint given to --hi_lora_retrain "
+                     "or --retrain; give one of them")
     if args.resume and args.hi_lora_retrain:
         parser.error("--resume and --hi_lora_retrain exclude each other (resume continues a run, "
                      "--hi_lora_retrain starts the next stage)")
@@ -232,7 +241,10 @@ def train(args, source, info, stop) -> int:
     np.random.seed(seed)
     random.seed(seed)
     ckpt = source[4] if source and source[0] == "resume" else None
-    model = build_model(argparse.Namespace(**vars(args)), clip_cfg=source[3] if source else None)
+    clip_cfg = source[3] if source else None
+    if clip_cfg is None and args.hf_clip_config:
+        clip_cfg = clip_cfg_from_hf_json(args.hf_clip_config)
+    model = build_model(argparse.Namespace(**vars(args)), clip_cfg=clip_cfg)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
     else:

@@ -1,5 +1,6 @@
 """train_hivg.py on a tiny model and a tiny synthetic set: learning, Hi LoRA stages, resume,
 signals, atomic writes, torchrun equivalence and error handling."""
+import argparse
 import json
 import os
 import signal
@@ -12,8 +13,10 @@ import torch
 
 import train_hivg
 from datasets.synthetic import main as make_synthetic
+from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
 from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from tests.conftest import FIXTURES
 from utils.engine import ShardSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +79,29 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
         assert adapted == {str(i) for i in range(2 * stage)}  # tiny: 6 layers, groups of 2
         assert not any(k.startswith("clip.transformer.") for k in changed)
         prev = out / "best_checkpoint.pth"
+
+
+def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
+    fixture = FIXTURES / "hivg_tiny_unc_stage1"   # the authors' model after Hi LoRA stage 1 (official mode)
+    config = json.loads((fixture / "config.json").read_text())
+    src = tmp_path / "official.pth"
+    torch.save({"model": torch.load(fixture / "checkpoint.pth", weights_only=True)["model"],
+                "args": argparse.Namespace(**config["hivg_args"])}, src)
+    out = tmp_path / "stage2"
+    assert train_hivg.main(["--hi_lora_retrain", str(src), "--hf_clip_config", str(fixture / "config.json"),
+                            "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
+                            "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--output_dir", str(out)]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["stage"] == 2 and ckpt["args"]["hi_lora_mode"] == "official"
+    model = build_model_from_checkpoint(ckpt)     # no flag needed any more: the CLIP config travels along
+    assert model.clip_cfg == ckpt["clip_cfg"] and len(model.clip.visual.transformer.resblocks) == 12
+    official = convert_official_state_dict(torch.load(src, weights_only=False)["model"], model.state_dict())
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "clip.visual.transformer.resblocks.11.attn.lora_in.lora_A" in frozen   # stage 2 trains layers 0-7
+    assert all(torch.equal(ckpt["model"][k], official[k]) for k in frozen)         # loaded, not re-initialised
+    assert json.loads((out / "log.txt").read_text().splitlines()[0])["epoch"] == 0
+    with pytest.raises(SystemExit):
+        train_hivg.resolve_args(["--hf_clip_config", str(fixture / "config.json"), "--output_dir", str(tmp_path)])
 
 
 def test_epoch_samples_draws_a_fresh_subset_each_epoch():
