@@ -104,6 +104,20 @@ def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
         train_hivg.resolve_args(["--hf_clip_config", str(fixture / "config.json"), "--output_dir", str(tmp_path)])
 
 
+def test_warmup_run_then_stage0_with_fresh_bridges(data, tmp_path, capsys):
+    warm, out = tmp_path / "warm", tmp_path / "stage0"   # tiny has no bridges in warmup, as ViT-L/14
+    assert train_hivg.main(flags(data, warm, "--epochs", "1", "--warmup")) == 0
+    before = load_checkpoint(warm / "checkpoint.pth")["model"]
+    assert not any(k.startswith("bridges.") for k in before)
+    # lr 0: stage 0 must hold exactly the warmup weights plus new bridges
+    assert train_hivg.main(flags(data, out, "--epochs", "1", "--lr", "0", "--retrain", str(warm / "checkpoint.pth"))) == 0
+    after = load_checkpoint(out / "checkpoint.pth")["model"]
+    bridges = {k for k in after if k.startswith("bridges.")}
+    assert bridges and set(after) - set(before) == bridges
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert f"{len(bridges)} fresh tensors (new adapters, bridges)" in capsys.readouterr().out
+
+
 def test_epoch_samples_draws_a_fresh_subset_each_epoch():
     def sampler(rank=0, world=1, epoch=0, epoch_samples=24):
         s = ShardSampler(50, rank, world, shuffle=True, seed=3, batch_size=4, drop_last=True, epoch_samples=epoch_samples)
