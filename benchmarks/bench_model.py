@@ -34,9 +34,9 @@ from utils.losses import grounding_losses  # noqa: E402
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
 
 
-def matmul_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 GFLOP/s of an n x n x n matmul on this device and thread count."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n matmul in `dtype` (the run's compute dtype) on this device and thread count."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(reps + 1):
         _sync(device)
@@ -86,7 +86,7 @@ def single_run(opts) -> dict:
     model = make_model(opts, device)
     images, mask, ids, boxes, obj = make_batch(opts, model, device)
     reference = opts.path == "reference"
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.amp]
+    amp_dtype = None if reference else {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.amp]
 
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -133,7 +133,7 @@ def single_run(opts) -> dict:
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak_rate = matmul_gflops(device)
+    peak_rate = matmul_gflops(device, amp_dtype or torch.float32)
     return {"samples_per_s": opts.batch_size / median, "step_s": median, "peak_mem_mb": peak,
             "flops_per_sample": flops / opts.batch_size, "matmul_gflops": peak_rate,
             "share_of_peak": flops / median / 1e9 / peak_rate}
