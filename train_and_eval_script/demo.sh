@@ -10,7 +10,7 @@
 # the last block (backward stops there), a 4-layer fusion encoder without dropout, batch 64. Stage 0
 # sees 48000 x 3 = 144k samples (a large generated set beats more epochs over a small one); each Hi
 # LoRA stage trains one epoch of 6400 samples drawn from it at low learning rates (1e-4, 5e-5, 2.5e-5)
-# so that it refines stage 0 instead of knocking it off its minimum. Measured: ~13 min, test Acc@0.5 0.606.
+# so that it refines stage 0 instead of knocking it off its minimum. Measured: ~13.5 min, test Acc@0.5 0.58-0.61.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
