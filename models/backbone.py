@@ -3,7 +3,9 @@
 open_clip's CLIP owns the weights (names `visual.*`, `transformer.*`, `token_embedding`, ...). We walk
 its blocks ourselves so that we can (a) keep the per-layer text hidden states, (b) insert the
 cross-modal bridges between a vision block's attention and its MLP, (c) interpolate position
-embeddings to any grid, and (d) run attention through SDPA with Hi LoRA side paths.
+embeddings to any grid, and (d) run attention through SDPA with Hi LoRA side paths: each block's
+nn.MultiheadAttention is replaced by a models.attention.Attention holding the same parameters, so
+open_clip's own block forward is not used (nor usable) on these towers.
 """
 import math
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -16,33 +18,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .activations import quick_gelu
-from .attention import attend
-from .lora import in_projection, out_projection
+from .attention import Attention
 
 
 def build_clip(clip_cfg: dict) -> nn.Module:
-    """open_clip CLIP from a config dict (open_clip's kwargs: embed_dim, vision_cfg, text_cfg, quick_gelu)."""
+    """open_clip CLIP from a config dict (open_clip's kwargs: embed_dim, vision_cfg, text_cfg, quick_gelu).
+
+    Every block's `attn` becomes an Attention sharing its parameters: state-dict names are unchanged.
+    """
     model = open_clip.model.CLIP(**clip_cfg)
     for blk in list(model.visual.transformer.resblocks) + list(model.transformer.resblocks):
         if type(blk) is not ResidualAttentionBlock:
             raise ValueError(f"unsupported open_clip block type {type(blk).__name__}: HiVG needs the plain "
                              "CLIP ResidualAttentionBlock (no custom attention, no attentional pooler)")
+        blk.attn = Attention.sharing(blk.attn)
     return model
-
-
-def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """Multi-head self-attention with the weights of `attn` (+ its LoRA). x: [B, L, d] -> [B, L, d]."""
-    B, L, d = x.shape
-    h = attn.num_heads
-    q, k, v = in_projection(attn, x).view(B, L, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    y = attend(q, k, v, causal=causal)
-    return out_projection(attn, y.transpose(1, 2).reshape(B, L, d))
 
 
 def block_forward(blk: ResidualAttentionBlock, x: torch.Tensor, causal: bool = False,
                   bridge: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """One CLIP block; the bridge (if any) adds its update after attention, before the MLP."""
-    x = x + blk.ls_1(self_attention(blk.attn, blk.ln_1(x), causal))
+    x = x + blk.ls_1(blk.attn(blk.ln_1(x), causal=causal))
     if bridge is not None:
         x = x + bridge(x)
     return x + blk.ls_2(mlp_forward(blk.mlp, blk.ln_2(x)))

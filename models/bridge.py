@@ -15,43 +15,18 @@ import torch
 from torch import nn
 
 from .activations import QuickGELU
-
-from .attention import attend
-from .lora import in_projection, out_projection
+from .attention import Attention
 
 BRIDGE_ATTENTION_MODES = ("per_sample", "official")
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries [B, L, d] over keys/values [B, T, d] (fused q/k/v weights).
-
-    `mode='official'` reproduces the authors' batch-mixing reshape: their key/value tensor is laid
-    out (T, B, d) but viewed as (B, T, d), so each sample attends to tokens of the whole batch.
-    """
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"bridge width {width} is not divisible by {heads} heads")
-        self.num_heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        # Same init as three separate nn.Linear(width, width), as the official bridge has.
-        for w, b in zip(self.in_proj_weight.view(3, width, width), self.in_proj_bias.view(3, width)):
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            nn.init.uniform_(b, -1 / math.sqrt(width), 1 / math.sqrt(width))
-
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mode: str = "per_sample") -> torch.Tensor:
-        B, L, d = x.shape
-        T = kv.shape[1]
-        h = self.num_heads
-        if mode == "official":
-            kv = kv.transpose(0, 1).reshape(B, T, d)
-        q = in_projection(self, x, slice(0, 1)).view(B, L, h, d // h).transpose(1, 2)
-        k, v = in_projection(self, kv, slice(1, 3)).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = attend(q, k, v)
-        return out_projection(self, y.transpose(1, 2).reshape(B, L, d))
+@torch.no_grad()
+def init_like_linears(attn: Attention) -> None:
+    """q/k/v initialised as three separate nn.Linear(d, d), as the official bridge has them."""
+    d = attn.in_proj_weight.shape[1]
+    for w, b in zip(attn.in_proj_weight.view(3, d, d), attn.in_proj_bias.view(3, d)):
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        nn.init.uniform_(b, -1 / math.sqrt(d), 1 / math.sqrt(d))
 
 
 class BridgeMLP(nn.Module):
@@ -83,7 +58,8 @@ class CrossModalBridge(nn.Module):
             raise ValueError(f"--bridge_attention must be one of {BRIDGE_ATTENTION_MODES}, got {mode!r}")
         self.mode = mode
         self.norm = nn.LayerNorm(width, eps=1e-5)
-        self.attn = CrossAttention(width, heads)
+        self.attn = Attention(width, heads)
+        init_like_linears(self.attn)
         self.mlp = BridgeMLP(width, mlp_width)
         if adaptive_weights:
             # torch's default Embedding init, N(0, 1), as the official nn.Embedding weights.
@@ -101,6 +77,12 @@ class CrossModalBridge(nn.Module):
         return self.text_gate(torch.cat(weighted, dim=-1))
 
     def forward(self, x: torch.Tensor, text_states: List[torch.Tensor]) -> torch.Tensor:
-        """x: [B, L, d_v] vision tokens -> residual update [B, L, d_v]."""
+        """x: [B, L, d_v] vision tokens -> residual update [B, L, d_v].
+
+        `mode='official'` reproduces the authors' batch-mixing reshape: their key/value tensor is laid
+        out (T, B, d) but viewed as (B, T, d), so each sample attends to tokens of the whole batch.
+        """
         kv = self.text_kv(text_states).to(x.dtype)
-        return self.mlp(self.attn(self.norm(x), kv, self.mode))
+        if self.mode == "official":
+            kv = kv.transpose(0, 1).reshape(kv.shape)
+        return self.mlp(self.attn(self.norm(x), kv))

@@ -5,8 +5,8 @@ their q/k/v weights fused in one `in_proj_weight` (open_clip's layout), so one `
 `groups` stacked adapters: group g adapts rows `g*out:(g+1)*out` of the fused weight. The update is
 always applied as a low-rank side path; `B A` is only formed when merging.
 
-Hosts: a module with `in_proj_weight` (+ `in_proj_bias`) and `out_proj` (an nn.MultiheadAttention or
-models.bridge.CrossAttention) may carry adapters as children `lora_in` (groups=3) and `lora_out`.
+Hosts are models.attention.Attention modules (the CLIP towers, the bridges, the fusion encoder): their
+declared children `lora_in` (groups=3) and `lora_out` hold the adapters, None until added.
 """
 import math
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import Attention
 from .dropout import Dropout
 
 RANK = 32
@@ -61,33 +62,17 @@ class LoRA(nn.Module):
         return (torch.bmm(self.lora_B, a) * self.scale).flatten(0, 1)
 
 
-def add_attention_lora(host: nn.Module, dropout: float = DROPOUT) -> None:
+def add_attention_lora(host: Attention, dropout: float = DROPOUT) -> None:
     """Give an attention host a fresh q/k/v adapter (`lora_in`) and an output adapter (`lora_out`)."""
-    d_in = host.in_proj_weight.shape[1]
-    d_out = host.in_proj_weight.shape[0] // 3
-    host.lora_in = LoRA(d_in, d_out, groups=3, dropout=dropout)
-    host.lora_out = LoRA(host.out_proj.in_features, host.out_proj.out_features, dropout=dropout)
+    d = host.in_proj_weight.shape[1]
+    host.lora_in = LoRA(d, d, groups=3, dropout=dropout)
+    host.lora_out = LoRA(d, d, dropout=dropout)
 
 
-def in_projection(host: nn.Module, x: torch.Tensor, groups: slice = slice(0, 3)) -> torch.Tensor:
-    """Fused q/k/v (or a contiguous subset of them) of `x` with the host's LoRA, if any: [..., n*d]."""
-    d = host.in_proj_weight.shape[0] // 3
-    rows = slice(groups.start * d, groups.stop * d)
-    bias = host.in_proj_bias[rows] if host.in_proj_bias is not None else None
-    y = F.linear(x, host.in_proj_weight[rows], bias)
-    lora = getattr(host, "lora_in", None)
-    return y if lora is None else y + lora(x, groups)
-
-
-def out_projection(host: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = host.out_proj(x)
-    lora = getattr(host, "lora_out", None)
-    return y if lora is None else y + lora(x)
-
-
-def attention_hosts(module: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+def attention_hosts(module: nn.Module) -> Iterator[Tuple[str, Attention]]:
+    """The attention modules under `module` that carry adapters, with their names."""
     for name, m in module.named_modules():
-        if hasattr(m, "lora_in") or hasattr(m, "lora_out"):
+        if isinstance(m, Attention) and m.has_lora:
             yield name, m
 
 
@@ -100,12 +85,12 @@ def merge_lora(module: nn.Module) -> int:
     """
     hosts = list(attention_hosts(module))
     for _, host in hosts:
-        if hasattr(host, "lora_in"):
+        if host.lora_in is not None:
             host.in_proj_weight.add_(host.lora_in.delta_weight().to(host.in_proj_weight.dtype))
-            del host.lora_in
-        if hasattr(host, "lora_out"):
+            host.lora_in = None
+        if host.lora_out is not None:
             host.out_proj.weight.add_(host.lora_out.delta_weight().to(host.out_proj.weight.dtype))
-            del host.lora_out
+            host.lora_out = None
     return len(hosts)
 
 
@@ -117,10 +102,9 @@ def paper_stage_layers(num_layers: int, stage: int) -> range:
     return range(num_layers // NUM_STAGES * stage)
 
 
-def _set_lora_trainable(host: nn.Module, trainable: bool) -> None:
-    for name in ("lora_in", "lora_out"):
-        for p in getattr(host, name).parameters():
-            p.requires_grad_(trainable)
+def _set_lora_trainable(host: Attention, trainable: bool) -> None:
+    host.lora_in.requires_grad_(trainable)
+    host.lora_out.requires_grad_(trainable)
 
 
 def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], bridges: List[nn.Module],
@@ -137,13 +121,13 @@ def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], 
         raise ValueError(f"--hi_lora_stage must be one of {sorted(OFFICIAL_VISION_LAYERS_PER_STAGE)}, got {stage}")
     if mode == "paper":
         for i in paper_stage_layers(len(vision_blocks), stage):
-            if not hasattr(vision_blocks[i].attn, "lora_in"):
+            if not vision_blocks[i].attn.has_lora:
                 add_attention_lora(vision_blocks[i].attn, dropout)
             _set_lora_trainable(vision_blocks[i].attn, True)
     elif mode == "official":
         hosts = [b.attn for b in vision_blocks + text_blocks + bridges]
         for host in hosts:
-            if not hasattr(host, "lora_in"):
+            if not host.has_lora:
                 add_attention_lora(host, dropout)
         n_vision = OFFICIAL_VISION_LAYERS_PER_STAGE[stage]
         for i, blk in enumerate(vision_blocks):
