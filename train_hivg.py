@@ -27,6 +27,7 @@ from utils.checkpoint import (load_allowing_fresh_adapters, load_clip_weights, p
                               read_any_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from utils.engine import EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, train_one_epoch
 from utils.logger import RunLogger
+from utils.losses import build_criterion
 
 # Flags that describe one run, never inherited from the checkpoint a stage starts from.
 RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
@@ -262,6 +263,7 @@ def train(args, source, info, stop) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     scaler = loss_scaler(args.amp, device)
+    criterion = build_criterion(args)
 
     train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args), args.seed)
     val_set = build_dataset("val", args)
@@ -310,8 +312,8 @@ def train(args, source, info, stop) -> int:
         sampler.epoch = train_set.epoch = epoch
         sampler.skip = start_step * micro if epoch == start_epoch else 0
         try:
-            stats = train_one_epoch(net, make_loader(train_set, sampler, args.batch_size, args, device), optimizer,
-                                    device, amp=args.amp, scaler=scaler, accum_steps=args.accum_steps,
+            stats = train_one_epoch(net, criterion, make_loader(train_set, sampler, args.batch_size, args, device),
+                                    optimizer, device, amp=args.amp, scaler=scaler, accum_steps=args.accum_steps,
                                     max_norm=args.clip_max_norm, start_step=sampler.skip // micro,
                                     stop_requested=stop, desc=f"epoch {epoch}", show_progress=log.progress)
         except NonFiniteLossError as e:

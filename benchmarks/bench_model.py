@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.attention import eager_attention  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
-from utils.losses import grounding_losses  # noqa: E402
+from utils.losses import AUX_LOSSES, GroundingCriterion  # noqa: E402
 
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
 
@@ -106,12 +106,12 @@ def single_run(opts) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
+        criterion = GroundingCriterion(aux_losses=AUX_LOSSES)  # the three auxiliary losses of make_model's flags
 
         def step():
             with amp(), attention():
                 out = model(images, mask, ids)
-                loss = sum(grounding_losses(out["pred_box"], boxes, obj, out.get("logits_per_text"),
-                                            out.get("token_map"), out.get("seg_map")).values())
+                loss = sum(criterion(out, {"boxes": boxes, "obj_masks": obj}).values())
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

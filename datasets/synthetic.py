@@ -27,8 +27,7 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-
-from utils.box_ops import box_iou
+from torchvision.ops import box_iou
 
 from .masks import polygons_to_mask
 from .refer import IMAGE_DIRS, split_path
@@ -204,7 +203,7 @@ def baselines(out: str, split: str = "test") -> dict:
         centre = torch.tensor([[W * (1 - rel_w) / 2, H * (1 - rel_h) / 2, W * (1 + rel_w) / 2, H * (1 + rel_h) / 2]],
                               dtype=torch.float64)
         candidates = torch.cat([centre, boxes])                                                  # [1 + K, 4]
-        hit = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float64), candidates)[0][0] >= 0.5
+        hit = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float64), candidates)[0] >= 0.5
         head = _head_words(phrase)
         matching = torch.tensor([all(o[k] == v for k, v in head.items()) for o in objs])
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -207,15 +207,15 @@ def test_accumulated_micro_batches_equal_one_batch(data, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import utils.engine
-    real, calls = utils.engine.grounding_losses, []
+    from utils.losses import GroundingCriterion
+    real, calls = GroundingCriterion.forward, []
 
-    def poisoned(*args):  # finite through epoch 0 (6 steps of 8), NaN from the 2nd step of epoch 1
+    def poisoned(self, outputs, targets):  # finite through epoch 0 (6 steps of 8), NaN from the 2nd step of epoch 1
         calls.append(1)
-        losses = real(*args)
+        losses = real(self, outputs, targets)
         return {k: v * float("nan") for k, v in losses.items()} if len(calls) > 7 else losses
 
-    monkeypatch.setattr(utils.engine, "grounding_losses", poisoned)
+    monkeypatch.setattr(GroundingCriterion, "forward", poisoned)
     assert train_hivg.main(flags(data, tmp_path, "--epochs", "3")) == 1
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
     assert ckpt["epoch"] == 0 and ckpt["resume_at"] == (1, 0)

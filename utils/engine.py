@@ -12,11 +12,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
 from utils import distributed as du
-from utils.box_ops import box_cxcywh_to_xyxy, paired_box_iou
-from utils.losses import grounding_losses
 
 LENGTH_BUCKETS = (("1-5", 1, 5), ("6-7", 6, 7), ("8-10", 8, 10), ("11+", 11, None))
 
@@ -80,7 +79,7 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_one_epoch(model, loader, optimizer, device: torch.device, *, amp: str = "none", scaler=None,
+def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *, amp: str = "none", scaler=None,
                     accum_steps: int = 1, max_norm: float = 0.0, start_step: int = 0,
                     stop_requested: Callable[[], bool] = lambda: False,
                     desc: str = "", show_progress: bool = True) -> Dict[str, float]:
@@ -104,9 +103,7 @@ def train_one_epoch(model, loader, optimizer, device: torch.device, *, amp: str 
         with sync:
             with autocast(device, amp):
                 out = model(batch.images, batch.pixel_mask, model_tokenize(model, batch.texts, device))
-            losses = grounding_losses(out["pred_box"].float(), batch.boxes, batch.obj_masks,
-                                      *(out[k].float() if k in out else None
-                                        for k in ("logits_per_text", "token_map", "seg_map")))
+            losses = criterion(out, {"boxes": batch.boxes, "obj_masks": batch.obj_masks})
             total = sum(losses.values())
             if not last_micro:
                 (scaler.scale(total / accum_steps) if scaler else total / accum_steps).backward()
@@ -177,8 +174,8 @@ def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device,
         batch = batch.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(batch.images, batch.pixel_mask, model_tokenize(model, batch.texts, device), outputs=["box"])
-        pred = box_cxcywh_to_xyxy(out["pred_box"].float()).clamp(0, 1)
-        ious += paired_box_iou(pred, box_cxcywh_to_xyxy(batch.boxes)).nan_to_num(0.0).tolist()
+        pred = box_convert(out["pred_box"].float(), "cxcywh", "xyxy").clamp(0, 1)[:, None]  # [B, 1, 4]: sets of one box
+        ious += box_iou(pred, box_convert(batch.boxes, "cxcywh", "xyxy")[:, None])[:, 0, 0].nan_to_num(0.0).tolist()
         phrases += batch.texts
     if len(ious) != len(order):
         raise RuntimeError(f"rank {rank} evaluated {len(ious)} samples, expected {len(order)}")

@@ -19,7 +19,7 @@ import torch
 
 from models.convert import build_and_load_official, canonical_key, map_key, official_args_to_ours
 from models.convert_clip import hf_config_to_open_clip_cfg
-from utils.losses import OFFICIAL_LOSS_NAMES, grounding_losses
+from utils.losses import AUX_LOSSES, OFFICIAL_LOSS_NAMES, GroundingCriterion
 
 ATOL = {"logits_per_text": 5e-5, "logits_per_image": 5e-5}
 DEFAULT_ATOL = 1e-5
@@ -27,6 +27,8 @@ RTOL = 1e-5
 # official output name -> ours
 OUTPUT_NAMES = {"pred_box": "pred_box", "logits_per_text": "logits_per_text", "visu_token_similarity": "token_map",
                 "seg_mask": "seg_map"}
+# Every fixture was made with the three auxiliary losses on: the official loss dict has all seven terms.
+CRITERION = GroundingCriterion(aux_losses=AUX_LOSSES)
 
 
 def _load(path: Path):
@@ -59,8 +61,7 @@ def run_outputs(model, inputs) -> Dict[str, torch.Tensor]:
     with torch.no_grad():
         out = model(inputs["img"], inputs["img_mask_int32"], model.tokenize(inputs["texts"]))
     out["logits_per_image"] = out["logits_per_text"].t()
-    losses = grounding_losses(out["pred_box"], inputs["gt_box_cxcywh"], inputs["obj_mask"].squeeze(1),
-                              out["logits_per_text"], out["token_map"], out["seg_map"])
+    losses = CRITERION(out, {"boxes": inputs["gt_box_cxcywh"], "obj_masks": inputs["obj_mask"]})
     out.update(losses)
     out["loss_total"] = sum(losses.values())
     return out

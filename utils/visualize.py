@@ -17,8 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-
-from utils.box_ops import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert
 
 CYAN = (0, 255, 255)
 GREEN = (0, 255, 0)
@@ -61,7 +60,7 @@ class Letterbox:
     def to_original(self, boxes_cxcywh: torch.Tensor, clip: bool = True) -> torch.Tensor:
         """Normalised (cx, cy, w, h) in the padded frame [..., 4] -> xyxy pixels of the original image
         (float64), clipped to the image unless `clip=False`."""
-        xyxy = box_cxcywh_to_xyxy(torch.as_tensor(boxes_cxcywh).double()) * self.size
+        xyxy = box_convert(torch.as_tensor(boxes_cxcywh).double(), "cxcywh", "xyxy") * self.size
         offset = torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
         out = (xyxy - offset) / self.ratio
         if clip:
