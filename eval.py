@@ -1,11 +1,11 @@
-"""Evaluate a HiVG checkpoint (ours, or the authors' converted on load) on one or more splits.
+"""Evaluate a HiVG checkpoint: Acc@0.5, mean IoU and accuracy by expression length, on one or more splits.
 
     python eval.py --eval_model OUT/best_checkpoint.pth --eval_set val testA testB
-    torchrun --nproc_per_node 4 eval.py --eval_model ... --eval_set test      # exact for any rank count
+    torchrun --nproc_per_node 8 eval.py --eval_model ... --eval_set test     # exact under any rank count
 
-Reports Acc@0.5, mean IoU and accuracy by expression length; writes eval_<checkpoint>.json beside
-the checkpoint (or in --output_dir). The checkpoint defines the model; data flags given here
-override its data paths. Model flags of the official eval command lines are accepted and ignored.
+The checkpoint defines the model (ours, or the authors' converted on load); the data flags default to the
+ones of the run that wrote it. Results are added to eval_<checkpoint stem>.json beside the checkpoint (or
+in --output_dir), keyed by dataset and split; other entries of that file are kept.
 """
 import argparse
 import json
@@ -14,68 +14,86 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from datasets import add_data_args, build_dataset, collate_fn
-from models.hivg import add_model_args
+from datasets import Collate, build_dataset
+from datasets.refer import DATASETS, UNSAFE_FLAG
+from models.bridge import BRIDGE_ATTENTION_MODES
+from models.convert_clip import clip_cfg_from_hf_json
+from models.weights import load_model, read_weights
 from utils import distributed as du
-from utils.checkpoint import load_model
 from utils.engine import LENGTH_BUCKETS, evaluate
 from utils.visualize import save_eval_pictures
 
-DATA_FLAGS = ("dataset", "data_root", "split_root", "use_seg_mask", "allow_unsafe_pickle")
+DATA_DEFAULTS = {"dataset": "referit", "data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("HiVG evaluation", allow_abbrev=False)
-    add_data_args(parser)
-    add_model_args(parser)
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval_model", required=True, help="checkpoint to evaluate")
-    g.add_argument("--eval_set", nargs="+", default=["test"], help="one or more splits")
-    g.add_argument("--batch_size", type=int, default=64, help="per rank")
-    g.add_argument("--num_workers", type=int, default=2)
-    g.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    g.add_argument("--visualize", type=int, default=0, metavar="N",
-                   help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
-    for flag in ("--save_hilora_clip",):
-        g.add_argument(flag, action="store_true", help="accepted for the official scripts; no effect")
-    g.add_argument("--sup_type", default="full", help="accepted for the official scripts; no effect")
+    parser = argparse.ArgumentParser("HiVG evaluation", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--eval_model", required=True, help="checkpoint to evaluate")
+    parser.add_argument("--eval_set", nargs="+", default=["test"], help="one or more splits")
+    parser.add_argument("--dataset", choices=list(DATASETS), help="default: the checkpoint's")
+    parser.add_argument("--data_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["data_root"])
+    parser.add_argument("--split_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["split_root"])
+    parser.add_argument(UNSAFE_FLAG, action="store_true",
+                        help="unpickle split files without restrictions (can run code; trusted files only)")
+    parser.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES,
+                        help="default: what the checkpoint was trained with (official for the authors' checkpoints)")
+    parser.add_argument("--hf_clip_config", help="an authors' checkpoint whose CLIP is none of our --model configs: "
+                                                 "its architecture as an HF CLIPConfig JSON")
+    parser.add_argument("--batch_size", type=int, default=64, help="per rank")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     return parser
 
 
-def format_table(results: dict) -> str:
-    cols = ["split", "n", "Acc@0.5", "mIoU"] + [f"len {name}" for name, _, _ in LENGTH_BUCKETS]
+def format_table(dataset: str, results: dict) -> str:
+    cols = ["dataset", "split", "n", "Acc@0.5", "mIoU"] + [f"len {name}" for name, _, _ in LENGTH_BUCKETS]
     rows = [cols]
     for split, r in results.items():
-        rows.append([split, str(r["count"]), f"{100 * r['acc']:.2f}", f"{100 * r['miou']:.2f}"]
+        rows.append([dataset, split, str(r["count"]), f"{100 * r['acc']:.2f}", f"{100 * r['miou']:.2f}"]
                     + [f"{100 * b['acc']:.2f} ({b['count']})" if b["acc"] is not None else "-"
                        for b in r["acc_by_length"].values()])
     widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
+def data_args(opts, run_args: dict, image_size: int) -> argparse.Namespace:
+    """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
+    values = {k: getattr(opts, k) or run_args.get(k) or default for k, default in DATA_DEFAULTS.items()}
+    return argparse.Namespace(**values, imsize=image_size, use_seg_mask=False, allow_unsafe_pickle=opts.allow_unsafe_pickle,
+                              aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)
+
+
+def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> None:
+    """Merge into out[dataset][split]; entries of other datasets and splits stay."""
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    entry = previous.setdefault(dataset, {})
+    entry.update({split: dict(r, checkpoint=checkpoint) for split, r in results.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(previous, indent=2) + "\n")
+
+
 def main(argv=None) -> int:
-    parser = get_args_parser()
-    argv = sys.argv[1:] if argv is None else argv
-    opts = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions if any(s in argv or any(x.startswith(s + "=") for x in argv)
-                                                    for s in a.option_strings)}
+    opts = get_args_parser().parse_args(argv)
     info = du.init_distributed(opts.device)
     try:
-        model, model_args = load_model(opts.eval_model)
-        args = argparse.Namespace(**model_args)
-        for key in DATA_FLAGS:
-            if key in given or not hasattr(args, key):
-                setattr(args, key, getattr(opts, key))
-        for key in ("aug_scale", "aug_crop", "aug_blur", "aug_translate"):
-            setattr(args, key, False)
-        model.to(info.device)
+        clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
+        weights = read_weights(opts.eval_model, clip_cfg)
+        model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
+        args = data_args(opts, weights.run_args or {}, model.image_size)
+        if info.is_main:
+            print(f"{opts.eval_model}: {weights.kind} checkpoint, {model.config.name} at Hi LoRA stage "
+                  f"{model.config.hi_lora_stage}, bridge attention: {model.config.bridge_attention}", flush=True)
+        collate = Collate(model.context_length)
         out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
         results = {}
         for split in opts.eval_set:
             dataset = build_dataset(split, args)
-            loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate_fn,
+            loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
                                                  num_workers=opts.num_workers)
             results[split] = evaluate(model, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
                                       info.is_main and sys.stderr.isatty(), f"eval {split}",
@@ -88,12 +106,9 @@ def main(argv=None) -> int:
                                            info.device, prefix=split)
                 print(f"{split}: {len(paths)} pictures in {vis_dir}")
         if info.is_main:
-            print(format_table(results))
+            print(format_table(args.dataset, results))
             out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
-            previous = json.loads(out.read_text()) if out.is_file() else {}
-            previous.update({s: dict(r, dataset=args.dataset, checkpoint=str(opts.eval_model)) for s, r in results.items()})
-            out_dir.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(previous, indent=2) + "\n")
+            write_results(out, args.dataset, str(opts.eval_model), results)
             print(f"wrote {out}")
         return 0
     finally:

@@ -4,8 +4,9 @@
     python predict.py --checkpoint CKPT --image IMG --text "..." --heatmap [--token_map]
     python predict.py --checkpoint CKPT --jsonl requests.jsonl [--out_dir DIR] [--batch_size 16]
 
-Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy"} with the box in pixels of
-the original image (x0, y0, x1, y1, clipped to the image). With --image it also draws every box with its
+Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy", "score"} with the box in pixels
+of the original image (x0, y0, x1, y1, clipped to the image) and the token-alignment score of the box (for
+models trained with the token-alignment loss; see models/api.py). With --image it also draws every box with its
 expression on the image (same size as the image) and saves it to --out (default: <image stem>_hivg.png).
 
 --heatmap overlays the [REG] token's attention over the visual tokens in the last fusion layer (averaged
@@ -17,10 +18,8 @@ Attention weights are computed only when asked for.
 folder, or from --image_root) and predicts them in batches; with --out_dir one picture per image
 (<image stem>_hivg.png, all its expressions) and the heat maps.
 
-The model is the checkpoint's (its --model, --imsize, --max_query_len, Hi LoRA stage ...), with LoRA
-merged into the weights, in eval mode; images go through the eval transform of its --imsize (long side
-resized, centred padding), and boxes are mapped back through the exact inverse of that letterbox.
-The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
+The model is the checkpoint's, run through the Python API (models/api.py: LoRA merged, eval mode, the eval
+transform of its input size, boxes mapped back through the exact inverse of that letterbox). The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
 depend on the other expressions of its batch; for the authors' checkpoints this is their model run
 one sample at a time.
 """
@@ -29,13 +28,14 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from utils.visualize import Letterbox, draw_boxes, overlay_heatmap
+from models.api import Grounder, Grounding, Prepared
+from utils.visualize import draw_boxes, overlay_heatmap
 
 PROG = "predict.py"
 
@@ -81,25 +81,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str = "per_sample"):
-    """(model in eval mode with LoRA merged, its args dict) from our checkpoint or an official one."""
+def load_grounder(path, device: torch.device, hf_clip_config: Optional[str] = None,
+                  bridge_attention: str = "per_sample") -> Grounder:
+    """The checkpoint's model (ours or official) behind the Python API, or a UserError saying why not."""
     import pickle
 
     from models.convert_clip import clip_cfg_from_hf_json
-    from utils.checkpoint import load_model as load_model_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--checkpoint {path} does not exist; pass a checkpoint written by train_hivg.py "
                         f"(e.g. OUTPUT_DIR/best_checkpoint.pth) or an official HiVG checkpoint")
     try:
-        clip_override = clip_cfg_from_hf_json(hf_clip_config) if hf_clip_config else None
+        clip_cfg = clip_cfg_from_hf_json(hf_clip_config) if hf_clip_config else None
     except ValueError as e:
         raise UserError(str(e)) from None
     try:
-        model, model_args = load_model_checkpoint(path, clip_cfg=clip_override, bridge_attention=bridge_attention)
-    except UserError:
-        raise
+        return Grounder.from_checkpoint(path, device, bridge_attention, clip_cfg)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError, OSError,
             pickle.UnpicklingError) as e:
         msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -107,7 +105,6 @@ def load_model(path, hf_clip_config: Optional[str] = None, bridge_attention: str
                         "  pass a checkpoint written by train_hivg.py or utils.checkpoint, or an official HiVG "
                         "checkpoint (one whose CLIP is none of the registered --model configs also needs "
                         "--hf_clip_config)") from None
-    return model.eval(), model_args
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -134,30 +131,10 @@ def load_rgb(path, what: str) -> Image.Image:
         raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
 
 
-@dataclass
-class Prepared:
-    """One image through the eval transform: [3, S, S] image, [S, S] int32 padding mask, geometry."""
-    image: torch.Tensor
-    pixel_mask: torch.Tensor
-    letterbox: Letterbox
-
-
-def prepare(img: Image.Image, imsize: int) -> Prepared:
-    """The eval transform of datasets.transforms (long side to imsize, normalise, centred pad).
-
-    Consumes `img`: a JPEG may be decoded in draft (reduced) mode; reopen the file to draw on it."""
-    from datasets.transforms import Record, make_transforms
-
-    w, h = img.size
-    record = Record(image=img, box=torch.zeros(4), phrase="", obj_mask=np.zeros((h, w), dtype=bool))
-    record = make_transforms(imsize, train=False)(record)
-    return Prepared(record.image, record.pixel_mask, Letterbox.of(w, h, imsize))
-
-
-def prepare_file(path, imsize: int, what: str) -> Prepared:
+def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
     img = open_image(path, what)
     try:
-        return prepare(img, imsize)
+        return grounder.prepare(img)
     except (OSError, ValueError) as e:     # pixels are decoded inside the first resize
         raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
     finally:
@@ -166,50 +143,7 @@ def prepare_file(path, imsize: int, what: str) -> Prepared:
 
 # ----------------------------------------------------------------------------------------- prediction
 
-@dataclass
-class Prediction:
-    """box_xyxy: pixels of the original image; attention: [gh, gw] [REG] attention over the patches
-    (sums to 1); token_map: [gh, gw] token-alignment logits; both in the padded frame, None unless asked."""
-    box_xyxy: List[float]
-    letterbox: Letterbox
-    box_padded: torch.Tensor                 # normalised (cx, cy, w, h) in the padded frame
-    attention: Optional[np.ndarray] = None
-    token_map: Optional[np.ndarray] = None
-
-
-@torch.inference_mode()
-def predict_prepared(model, prepared: Sequence[Prepared], texts: Sequence[str], device=None,
-                     heatmap: bool = False, token_map: bool = False) -> List[Prediction]:
-    """One forward pass over (image i, text i) pairs."""
-    if len(prepared) != len(texts):
-        raise ValueError(f"{len(prepared)} images for {len(texts)} texts")
-    device = device or next(model.parameters()).device
-    images = torch.stack([p.image for p in prepared]).to(device)
-    masks = torch.stack([p.pixel_mask for p in prepared]).to(device)
-    ids = model.tokenize(list(texts)).to(device)
-    outputs = ["box"] + (["reg_attention"] if heatmap else []) + (["token_map"] if token_map else [])
-    out = model(images, masks, ids, outputs=outputs)
-    boxes = out["pred_box"].float().cpu()
-    gh, gw = model.grid
-    preds = []
-    for i, p in enumerate(prepared):
-        pred = Prediction(p.letterbox.to_original(boxes[i]).tolist(), p.letterbox, boxes[i])
-        if heatmap:
-            pred.attention = out["reg_attention"][i].float().cpu().reshape(gh, gw).numpy()
-        if token_map:
-            pred.token_map = out["token_map"][i].float().cpu().reshape(gh, gw).numpy()
-        preds.append(pred)
-    return preds
-
-
-def predict(model, image: Image.Image, texts: Sequence[str], device=None, heatmap: bool = False,
-            token_map: bool = False) -> List[Prediction]:
-    """All expressions of one PIL image (the image is consumed, see `prepare`)."""
-    p = prepare(image, model.image_size)
-    return predict_prepared(model, [p] * len(texts), texts, device, heatmap, token_map)
-
-
-def heat_pictures(image: Image.Image, pred: Prediction, text: str, colour) -> Dict[str, Image.Image]:
+def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour) -> Dict[str, Image.Image]:
     """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap'."""
     lb = pred.letterbox
     pics = {}
@@ -281,8 +215,10 @@ def heat_path(base: Path, kind: str, k: int) -> Path:
     return base.with_name(f"{base.stem}_{kind}_{k}{base.suffix}")
 
 
-def json_line(req: Request, pred: Prediction, files: Dict[str, Path]) -> str:
+def json_line(req: Request, pred: Grounding, files: Dict[str, Path]) -> str:
     obj = {"image": req.image, "text": req.text, "box_xyxy": [round(v, 2) for v in pred.box_xyxy]}
+    if pred.score is not None:
+        obj["score"] = round(pred.score, 4)
     obj.update({f"{k}_picture": str(v) for k, v in files.items()})
     return json.dumps(obj)
 
@@ -351,10 +287,10 @@ def run(opts) -> int:
         except OSError as e:
             raise UserError(f"{out_flag}: cannot create the folder {p.parent} ({e})") from None
 
-    device = resolve_device(opts.device)
-    model, model_args = load_model(opts.checkpoint, opts.hf_clip_config, opts.bridge_attention)
-    model.to(device)
-    if opts.token_map and not model_args.get("use_rtcc_constrain_loss", False):
+    grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), opts.hf_clip_config,
+                             opts.bridge_attention)
+    model = grounder.model
+    if opts.token_map and not grounder.scored:
         warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
              "untrained and the map means nothing")
     for r in requests:
@@ -370,10 +306,10 @@ def run(opts) -> int:
         cache: Dict[Path, Prepared] = {}
         for r in chunk:
             if r.path not in cache:
-                cache[r.path] = prepare_file(r.path, model.image_size,
+                cache[r.path] = prepare_file(grounder, r.path,
                                              "--image" if opts.image is not None else f"{r.where}: image")
-        preds = predict_prepared(model, [cache[r.path] for r in chunk], [r.text for r in chunk], device,
-                                 opts.heatmap, opts.token_map)
+        preds = grounder.ground_prepared([cache[r.path] for r in chunk], [r.text for r in chunk], opts.heatmap,
+                                         opts.token_map)
         for r, pred in zip(chunk, preds):
             entries = per_image.setdefault(r.path, [])
             colour = PALETTE[len(entries) % len(PALETTE)]

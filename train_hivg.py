@@ -4,8 +4,9 @@
     python train_hivg.py --hi_lora_retrain out/s0/best_checkpoint.pth --output_dir out/s1 --lr 1e-4 --epochs 20
     torchrun --nproc_per_node 8 train_hivg.py ...          # NCCL on CUDA, gloo on CPU
 
-A Hi LoRA stage takes everything (model config, data, mode) from the previous stage's checkpoint;
-flags given on the command line override it. `--resume OUT/checkpoint.pth` continues a run exactly.
+A Hi LoRA stage takes everything (model, data, mode) from the previous stage's checkpoint; flags given on
+the command line override it. `--resume OUT/checkpoint.pth` continues a run exactly, with the network its
+checkpoint describes.
 """
 import argparse
 import math
@@ -18,27 +19,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datasets import add_data_args, build_dataset, collate_fn
-from models.configs import load_model_config
+from datasets import Collate, add_data_args, build_dataset
+from models.configs import names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
-from models.hivg import add_model_args, build_model
+from models.hivg import HiVG, add_model_args, build_model
+from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
-from utils.checkpoint import (load_allowing_fresh_adapters, load_clip_weights, prepare_stage_state,
-                              read_any_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
 from utils.engine import EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, train_one_epoch
 from utils.logger import RunLogger
 from utils.losses import build_criterion
+from utils.run_flags import given_flags, inherit_flags
 
-# Flags that describe one run, never inherited from the checkpoint a stage starts from.
-RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
-            "hi_lora_stage", "run_epochs", "device", "num_workers")
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("HiVG training", allow_abbrev=False)
+    parser = argparse.ArgumentParser("HiVG training", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_args(parser)
-    add_model_args(parser)
+    add_model_args(parser, shared=False)
     g = parser.add_argument_group("training")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--batch_size", type=int, default=8, help="per rank and micro-batch")
@@ -70,56 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
     g.add_argument("--num_workers", type=int, default=2)
     g.add_argument("--eval_batch_size", type=int, default=0, help="default: --batch_size")
+    g.add_argument("--print_freq", type=int, default=20,
+                   help="a plain progress line every N optimizer steps when the output is not a terminal (0: none)")
     return parser
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv) -> dict:
-    """The values of the flags actually given on the command line."""
-    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for action in parser._actions:
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if isinstance(action, argparse.BooleanOptionalAction):
-                quiet.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
-            elif action.nargs == 0:
-                quiet.add_argument(*action.option_strings, action="store_const", const=action.const, **kwargs)
-            else:
-                quiet.add_argument(*action.option_strings, nargs=action.nargs, type=action.type, **kwargs)
-    return vars(quiet.parse_known_args(argv)[0])
-
-
-def resolve_args(argv=None):
-    """Parse flags; a resumed run or a new Hi LoRA stage inherits the checkpoint's flags.
-
-    Returns (args, source) with source = (kind, model args, state, clip_cfg, checkpoint) or None.
-    """
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    given = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
-    source = None
-    for kind in ("resume", "hi_lora_retrain"):
-        if getattr(args, kind):
-            prev_args, state, clip_cfg, ckpt = read_any_checkpoint(getattr(args, kind))
-            if kind == "resume" and ckpt is None:
-                parser.error(f"--resume {args.resume} is not a checkpoint of this project")
-            if ckpt is not None and args.hf_clip_config:
-                parser.error(f"{getattr(args, kind)} is a checkpoint of this project and carries its CLIP config; "
-                             "drop --hf_clip_config (it is for official checkpoints)")
-            merged = vars(args)
-            merged.update({k: v for k, v in prev_args.items() if k in merged and k not in RUN_ONLY})
-            if kind == "resume":
-                merged["hi_lora_stage"] = prev_args["hi_lora_stage"]
-            elif "hi_lora_stage" not in given:
-                if prev_args.get("hi_lora_stage", 0) >= 3:
-                    parser.error(f"{args.hi_lora_retrain} is from the last Hi LoRA stage (3); nothing follows it")
-                merged["hi_lora_stage"] = prev_args.get("hi_lora_stage", 0) + 1
-            merged.update({k: v for k, v in given.items() if k != "hi_lora_stage" or kind != "resume"})
-            if kind == "hi_lora_retrain" and "output_dir" not in given:
-                merged["output_dir"] = str(Path(args.hi_lora_retrain).parent / f"hi_lora_stage{args.hi_lora_stage}")
-            if kind == "resume" and "output_dir" not in given:  # keep writing where the run was
-                merged["output_dir"] = str(Path(args.resume).parent)
-            source = (kind, prev_args, state, clip_cfg, ckpt)
-            break
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("epochs", "batch_size", "accum_steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -128,14 +84,43 @@ def resolve_args(argv=None):
     if args.hf_clip_config and not (args.hi_lora_retrain or args.retrain):
         parser.error("--hf_clip_config describes the CLIP of an official checkpoint given to --hi_lora_retrain "
                      "or --retrain; give one of them")
-    if args.resume and args.hi_lora_retrain:
-        parser.error("--resume and --hi_lora_retrain exclude each other (resume continues a run, "
-                     "--hi_lora_retrain starts the next stage)")
+    if sum(bool(p) for p in (args.resume, args.hi_lora_retrain, args.retrain)) > 1:
+        parser.error("--resume, --hi_lora_retrain and --retrain exclude each other (resume continues a run, "
+                     "--hi_lora_retrain starts the next stage, --retrain starts from given weights)")
+
+
+def resolve_args(argv=None):
+    """Parse flags and read the checkpoint a run starts from: (args, Weights or None).
+
+    A resumed run or a new Hi LoRA stage inherits the flags of the run that wrote its checkpoint
+    (utils.run_flags.inherit_flags); flags given on the command line win.
+    """
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    flag = next((f for f in ("resume", "hi_lora_retrain", "retrain") if getattr(args, f)), None)
+    start = None
+    if flag:
+        clip_cfg = clip_cfg_from_hf_json(args.hf_clip_config) if args.hf_clip_config else None
+        start = read_weights(getattr(args, flag), clip_cfg, what=f"--{flag}")
+        if not start.is_hivg:
+            parser.error(f"--{flag} {start.path} holds CLIP weights ({start.kind}); give it to --clip_model")
+        if flag == "resume" and start.checkpoint is None:
+            parser.error(f"--resume {start.path} is not a checkpoint of this project (an authors' checkpoint "
+                         "starts a run with --retrain or --hi_lora_retrain)")
+    if flag in ("resume", "hi_lora_retrain"):
+        previous = dict(start.run_args or {}, hi_lora_stage=start.config.hi_lora_stage,
+                        hi_lora_mode=start.config.hi_lora_mode, bridge_attention=start.config.bridge_attention)
+        defaults = vars(parser.parse_args([]))
+        merged = inherit_flags(defaults, given_flags(get_args_parser, argv), previous, flag, getattr(args, flag))
+        args = argparse.Namespace(**merged)
     args.eval_batch_size = args.eval_batch_size or args.batch_size
-    return args, source
+    return args, start
 
 
 def lr_lambda(args):
+    """Learning-rate factor of epoch e, stepped once per epoch (the authors' schedules)."""
     if args.lr_scheduler == "cosine":
         return lambda e: 0.5 * (1.0 + math.cos(math.pi * e / args.epochs))
     if args.lr_scheduler == "poly":
@@ -147,51 +132,25 @@ def lr_lambda(args):
     return lambda e: 0.1 ** (e // args.lr_drop)
 
 
-@torch.no_grad()
-def init_sincos_position_embedding(clip) -> None:
-    """Fixed 2-D sine-cosine table for a random CLIP's vision position embedding (CLS row zero),
-    scaled to the patch embedding's output std. open_clip's random init (std ~0.09 at small widths)
-    leaves position barely readable from the features, and the box is read from those features."""
-    v = clip.visual
-    pos = v.positional_embedding
-    g, d = math.isqrt(pos.shape[0] - 1), pos.shape[1]
-    if g * g != pos.shape[0] - 1 or d % 4:
-        raise ValueError("sincos position init needs a square grid and a width divisible by 4")
-    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
-    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
-    parts = [f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)]
-    table = torch.cat(parts, dim=1)
-    std = v.conv1.weight.std() * math.sqrt(v.conv1.weight[0].numel())
-    pos[0].zero_()
-    pos[1:].copy_(table / table.std() * std)
-
-
-def init_weights(model, args, source) -> None:
-    """Weights for a run that does not resume: the previous stage / --retrain / CLIP / random."""
-    if args.hi_lora_retrain or args.retrain:
-        path = args.hi_lora_retrain or args.retrain
-        src_args, state, _, ckpt = source[1:] if args.hi_lora_retrain else read_any_checkpoint(args.retrain)
-        state = prepare_stage_state(state, ckpt is None, model, args.hi_lora_mode)
-        after_warmup = src_args.get("warmup", False) and not args.warmup
-        fresh = load_allowing_fresh_adapters(model, state, f"checkpoint {path}", ("bridges.",) if after_warmup else ())
-        print(f"loaded {path}; {len(fresh)} fresh tensors (new adapters{', bridges' if after_warmup else ''}) "
-              f"for Hi LoRA stage {args.hi_lora_stage}")
+def build_run_model(args, start, log) -> HiVG:
+    """The network of this run with its starting weights: the resumed checkpoint's exactly, the previous
+    stage's (--hi_lora_retrain, --retrain), CLIP weights (--clip_model) or random."""
+    if args.resume:
+        model = HiVG.from_config(start.config, grad_checkpointing=args.grad_checkpointing)
+        load_strict(model, start.state)
+        return model
+    model = build_model(args, clip_cfg=start.config.clip if start else None)
+    if start:
+        fresh = load_previous_stage(model, start)
+        new_bridges = any(k.startswith("bridges.") for k in fresh)
+        log.print(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
+                  f"for Hi LoRA stage {args.hi_lora_stage}")
     elif args.clip_model:
-        load_clip_weights(model, args.clip_model, args.hi_lora_mode)
-        print(f"loaded CLIP weights from {args.clip_model}")
-    else:
-        cfg = load_model_config(args.model)
-        if cfg.get("vision_pos_embed_init") == "sincos":
-            init_sincos_position_embedding(model.clip)
-        if cfg["name"] not in ("tiny", "demo"):
-            print(f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP", flush=True)
-
-
-def freeze_unused_heads(model, args) -> None:
-    """Heads without a loss would get no gradient; keeping them out avoids find_unused_parameters."""
-    for flag, module in (("use_rtcc_constrain_loss", model.token_align), ("use_mask_loss", model.seg_head)):
-        if not getattr(args, flag):
-            module.requires_grad_(False)
+        load_clip(model, read_weights(args.clip_model, what="--clip_model"))
+        log.print(f"loaded CLIP weights from {args.clip_model}")
+    elif names_pretrained_clip(args.model):
+        log.print(f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP")
+    return model
 
 
 def ignore_stop_signals(_worker_id: int) -> None:
@@ -201,7 +160,7 @@ def ignore_stop_signals(_worker_id: int) -> None:
 
 
 def make_loader(dataset, sampler, batch_size, args, device):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
                       worker_init_fn=ignore_stop_signals)
 
@@ -225,120 +184,140 @@ class StopFlag:
 
 
 def main(argv=None) -> int:
-    args, source = resolve_args(argv)
+    args, start = resolve_args(argv)
     info = du.init_distributed(args.device)
     stop = StopFlag()
     try:
-        return train(args, source, info, stop)
+        return Trainer(args, start, info).fit(stop)
     finally:
         stop.close()
         du.cleanup()
 
 
-def train(args, source, info, stop) -> int:
-    device = info.device
-    seed = args.seed + info.rank
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    ckpt = source[4] if source and source[0] == "resume" else None
-    clip_cfg = source[3] if source else None
-    if clip_cfg is None and args.hf_clip_config:
-        clip_cfg = clip_cfg_from_hf_json(args.hf_clip_config)
-    model = build_model(argparse.Namespace(**vars(args)), clip_cfg=clip_cfg)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
-    else:
-        init_weights(model, args, source)
-    freeze_unused_heads(model, args)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log = RunLogger(args.output_dir, info.is_main, vars(args))
-    log.print(f"Hi LoRA stage {args.hi_lora_stage} ({args.hi_lora_mode}): {sum(p.numel() for p in params):,} trainable "
-              f"of {sum(p.numel() for p in model.parameters()):,} parameters; effective batch {info.world_size} ranks "
-              f"x {args.batch_size} x {args.accum_steps} accum = {info.world_size * args.batch_size * args.accum_steps}")
-    net = model
-    if info.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-    scaler = loss_scaler(args.amp, device)
-    criterion = build_criterion(args)
+class Trainer:
+    """One training run: model, optimizer, data, checkpoints; `fit` runs the epochs."""
 
-    train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args), args.seed)
-    val_set = build_dataset("val", args)
-    micro = args.batch_size * args.accum_steps
-    sampler = ShardSampler(len(train_set), info.rank, info.world_size, shuffle=True, seed=args.seed, batch_size=micro,
-                           drop_last=True, epoch_samples=args.epoch_samples)
-    if len(sampler) == 0:
-        raise ValueError(f"the training split has {len(train_set)} samples (--epoch_samples {args.epoch_samples}), "
-                         f"fewer than one global batch ({info.world_size} x {micro}); lower --batch_size")
+    def __init__(self, args, start, info):
+        self.args, self.info, self.device = args, info, info.device
+        seed = args.seed + info.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.log = RunLogger(args.output_dir, info.is_main, vars(args))
+        self.model = build_run_model(args, start, self.log)
+        self.model.freeze_heads_without_loss()
+        self.model.to(self.device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.log.print(f"Hi LoRA stage {args.hi_lora_stage} ({args.hi_lora_mode}): {sum(p.numel() for p in params):,} "
+                       f"trainable of {sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
+                       f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
+                       f"{info.world_size * args.batch_size * args.accum_steps}")
+        self.net = self.model
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args))
+        self.scaler = loss_scaler(args.amp, self.device)
+        self.criterion = build_criterion(args)
+        self.train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args),
+                                     args.seed)
+        self.val_set = build_dataset("val", args)
+        self.micro = args.batch_size * args.accum_steps
+        self.sampler = ShardSampler(len(self.train_set), info.rank, info.world_size, shuffle=True, seed=args.seed,
+                                    batch_size=self.micro, drop_last=True, epoch_samples=args.epoch_samples)
+        if len(self.sampler) == 0:
+            raise ValueError(f"the training split has {len(self.train_set)} samples (--epoch_samples "
+                             f"{args.epoch_samples}), fewer than one global batch ({info.world_size} x {self.micro}); "
+                             "lower --batch_size")
+        self.start = start
+        self.best_acc = -1.0
 
-    def validate(desc):
-        return evaluate(model, val_set, lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, device), device,
-                        info.rank, info.world_size, args.amp, log.progress, desc)
+    def validate(self, desc: str) -> dict:
+        args = self.args
+        return evaluate(self.model, self.val_set,
+                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device), self.device,
+                        self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
 
-    def state(epoch, resume_at, val_acc):
-        rngs = du.all_gather_object(rng_state())
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "resume_at": resume_at,
-                "stage": args.hi_lora_stage, "hi_lora_mode": args.hi_lora_mode, "args": vars(args),
-                "clip_cfg": model.clip_cfg, "rng": rngs, "best_acc": best_acc, "val_acc": val_acc}
+    def state(self, epoch: int, resume_at, val_acc) -> dict:
+        """Everything a resume needs, and the config that rebuilds the network (plain types only)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "epoch": epoch, "resume_at": resume_at, "stage": self.args.hi_lora_stage,
+                "hi_lora_mode": self.args.hi_lora_mode, "args": vars(self.args),
+                "config": self.model.config.to_dict(), "rng": du.all_gather_object(rng_state()),
+                "best_acc": self.best_acc, "val_acc": val_acc}
 
-    def save(name, obj):
-        if info.is_main:
-            save_checkpoint(Path(args.output_dir) / name, obj)
+    def save(self, name: str, obj: dict) -> None:
+        if self.info.is_main:
+            save_checkpoint(Path(self.args.output_dir) / name, obj)
         du.barrier()
 
-    best_acc, start_epoch, start_step = -1.0, 0, 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        best_acc, (start_epoch, start_step) = ckpt["best_acc"], ckpt["resume_at"]
-        rngs = ckpt["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
-        log.print(f"resumed {args.resume} at epoch {start_epoch}, step {start_step}")
-    elif args.hi_lora_retrain or args.retrain:
-        stats = validate("val (inherited)")
-        best_acc = stats["acc"]
-        log.print(f"inherited model: val Acc@0.5 {best_acc:.4f}, mIoU {stats['miou']:.4f}")
-        log.scalars({"val/acc": best_acc, "val/miou": stats["miou"]}, -1)
-        save("best_checkpoint.pth", state(-1, (0, 0), best_acc))
+    def restore(self):
+        """(start epoch, start step): from the resumed checkpoint, or (0, 0) after evaluating the inherited
+        weights of a new stage (they are the best so far)."""
+        if self.args.resume:
+            ckpt = self.start.checkpoint
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            rngs = ckpt["rng"]
+            set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+            self.best_acc = ckpt["best_acc"]
+            self.log.print(f"resumed {self.args.resume} at epoch {ckpt['resume_at'][0]}, step {ckpt['resume_at'][1]}")
+            return tuple(ckpt["resume_at"])
+        if self.start is not None:
+            stats = self.validate("val (inherited)")
+            self.best_acc = stats["acc"]
+            self.log.print(f"inherited model: val Acc@0.5 {self.best_acc:.4f}, mIoU {stats['miou']:.4f}")
+            self.log.scalars({"val/acc": self.best_acc, "val/miou": stats["miou"]}, -1)
+            self.save("best_checkpoint.pth", self.state(-1, (0, 0), self.best_acc))
+        return 0, 0
 
-    end_epoch = args.epochs if not args.run_epochs else min(args.epochs, start_epoch + args.run_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        sampler.epoch = train_set.epoch = epoch
-        sampler.skip = start_step * micro if epoch == start_epoch else 0
-        try:
-            stats = train_one_epoch(net, criterion, make_loader(train_set, sampler, args.batch_size, args, device),
-                                    optimizer, device, amp=args.amp, scaler=scaler, accum_steps=args.accum_steps,
-                                    max_norm=args.clip_max_norm, start_step=sampler.skip // micro,
-                                    stop_requested=stop, desc=f"epoch {epoch}", show_progress=log.progress)
-        except NonFiniteLossError as e:
-            log.print(f"error: {e}; stopping, the last good checkpoint in {args.output_dir} is kept")
-            return 1
-        if stats["interrupted"] or stop():
-            resume_at = (epoch, int(stats["steps"])) if stats["interrupted"] else (epoch + 1, 0)
-            if not stats["interrupted"]:
-                scheduler.step()
-            save("checkpoint.pth", state(epoch - 1 + (not stats["interrupted"]), resume_at, None))
-            log.print(f"stopped by signal {stop.signum}: saved {args.output_dir}/checkpoint.pth "
-                      f"(continue with --resume)")
-            return 128 + stop.signum
-        scheduler.step()
-        val = validate(f"val {epoch}")
-        log.epoch(epoch, stats, val)
-        is_best = val["acc"] > best_acc
-        best_acc = max(best_acc, val["acc"])
-        obj = state(epoch, (epoch + 1, 0), val["acc"])
-        save("checkpoint.pth", obj)
-        if is_best:
-            save("best_checkpoint.pth", obj)
-    log.print(f"done: best val Acc@0.5 {best_acc:.4f} -> {args.output_dir}/best_checkpoint.pth")
-    log.close()
-    return 0
+    def fit(self, stop) -> int:
+        """Train to --epochs (or --run_epochs more); 0 when done, 1 on a non-finite loss, 128 + signal."""
+        args = self.args
+        start_epoch, start_step = self.restore()
+        end_epoch = args.epochs if not args.run_epochs else min(args.epochs, start_epoch + args.run_epochs)
+        for epoch in range(start_epoch, end_epoch):
+            self.sampler.epoch = self.train_set.epoch = epoch
+            self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
+            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device)
+            try:
+                stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
+                                        scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
+                                        start_step=self.sampler.skip // self.micro, stop_requested=stop,
+                                        desc=f"epoch {epoch}", show_progress=self.log.progress,
+                                        print_freq=args.print_freq, log=self.log.print)
+            except NonFiniteLossError as e:
+                self.log.print(f"error: {e}; stopping, the last good checkpoint in {args.output_dir} is kept")
+                return 1
+            if stats["interrupted"] or stop():
+                return self.stop_early(epoch, stats, stop.signum)
+            self.scheduler.step()
+            val = self.validate(f"val {epoch}")
+            self.log.epoch(epoch, stats, val)
+            is_best = val["acc"] > self.best_acc
+            self.best_acc = max(self.best_acc, val["acc"])
+            obj = self.state(epoch, (epoch + 1, 0), val["acc"])
+            self.save("checkpoint.pth", obj)
+            if is_best:
+                self.save("best_checkpoint.pth", obj)
+        self.log.print(f"done: best val Acc@0.5 {self.best_acc:.4f} -> {args.output_dir}/best_checkpoint.pth")
+        self.log.close()
+        return 0
+
+    def stop_early(self, epoch: int, stats: dict, signum: int) -> int:
+        """Save where a signal stopped the run (inside the epoch, or after it) so that --resume continues."""
+        inside = bool(stats["interrupted"])
+        resume_at = (epoch, int(stats["steps"])) if inside else (epoch + 1, 0)
+        if not inside:
+            self.scheduler.step()
+        self.save("checkpoint.pth", self.state(epoch - 1 + (not inside), resume_at, None))
+        self.log.print(f"stopped by signal {signum}: saved {self.args.output_dir}/checkpoint.pth (continue with --resume)")
+        return 128 + signum
 
 
 if __name__ == "__main__":

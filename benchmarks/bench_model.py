@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.tokens import tokenize  # noqa: E402
 from models.attention import eager_attention  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
@@ -77,7 +78,7 @@ def make_batch(opts, model, device):
     boxes = torch.cat([boxes, torch.full((B, 2), 0.3)], dim=1).to(device)
     obj = torch.zeros(B, S, S)
     obj[:, S // 4:S // 2, S // 4:S // 2] = 1
-    return images, mask.to(device), model.tokenize(texts).to(device), boxes, obj.to(device)
+    return images, mask.to(device), tokenize(texts, model.context_length).to(device), boxes, obj.to(device)
 
 
 def single_run(opts) -> dict:

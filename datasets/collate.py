@@ -1,40 +1,45 @@
-"""Batching of transformed records."""
+"""Batching of transformed records, with the phrases tokenised (in the loader workers, not in the step)."""
 from typing import List, NamedTuple
 
 import torch
 
+from .tokens import CONTEXT_LENGTH, tokenize
 from .transforms import Record
 
 
 class Batch(NamedTuple):
-    """What the model and the losses consume (B samples, input side S).
+    """What the model and the losses consume (B samples, input side S, T text tokens).
 
     images:     [B, 3, S, S] float32, ImageNet-normalised, zeros on padding.
     pixel_mask: [B, S, S] int32, 1 on padded pixels, 0 on image pixels (the dtype the
                 official collate hands the model).
-    texts:      list of B lower-cased phrases, untokenised (the model tokenises).
+    ids:        [B, T] int64 CLIP token ids of the lower-cased phrases, zero-padded.
     boxes:      [B, 4] float32 ground truth, normalised (cx, cy, w, h) in the padded frame.
     obj_masks:  [B, S, S] float32 0/1 ground-truth object mask (box or polygon) in the padded frame.
+    texts:      the B phrases as given (for reports and pictures).
     """
     images: torch.Tensor
     pixel_mask: torch.Tensor
-    texts: List[str]
+    ids: torch.Tensor
     boxes: torch.Tensor
     obj_masks: torch.Tensor
+    texts: List[str]
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """Move the tensors to ``device``; texts stay a list."""
-        return Batch(self.images.to(device, non_blocking=non_blocking),
-                     self.pixel_mask.to(device, non_blocking=non_blocking),
-                     self.texts,
-                     self.boxes.to(device, non_blocking=non_blocking),
-                     self.obj_masks.to(device, non_blocking=non_blocking))
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self[:5]), self.texts)
 
 
-def collate_fn(records: List[Record]) -> Batch:
-    """Stack records produced by the dataset (all of the same input side) into a Batch."""
-    return Batch(images=torch.stack([r.image for r in records]),
-                 pixel_mask=torch.stack([r.pixel_mask for r in records]),
-                 texts=[r.phrase for r in records],
-                 boxes=torch.stack([r.box for r in records]),
-                 obj_masks=torch.stack([r.obj_mask for r in records]))
+class Collate:
+    """Stack records (all of the same input side) into a Batch, tokenising to `context_length` tokens."""
+
+    def __init__(self, context_length: int = CONTEXT_LENGTH):
+        self.context_length = context_length
+
+    def __call__(self, records: List[Record]) -> Batch:
+        return Batch(images=torch.stack([r.image for r in records]),
+                     pixel_mask=torch.stack([r.pixel_mask for r in records]),
+                     ids=tokenize([r.phrase for r in records], self.context_length),
+                     boxes=torch.stack([r.box for r in records]),
+                     obj_masks=torch.stack([r.obj_mask for r in records]),
+                     texts=[r.phrase for r in records])

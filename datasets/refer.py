@@ -253,8 +253,8 @@ def build_dataset(split: str, args) -> GroundingDataset:
 def add_data_args(parser):
     """Register the data flags (official names and defaults) on an argparse parser.
 
-    A flag the parser already has (e.g. --dataset, --imsize, --max_query_len from the model
-    flags) is left as it is.
+    --dataset, --imsize and --max_query_len are model flags too: add the model flags after these with
+    models.hivg.add_model_args(parser, shared=False).
     """
     flags = [
         ("--dataset", dict(default="referit", type=str, choices=list(DATASETS),
@@ -275,6 +275,5 @@ def add_data_args(parser):
                            help="unpickle split files without restrictions (can run code; trusted files only)")),
     ]
     for flag, kwargs in flags:
-        if flag not in parser._option_string_actions:
-            parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, **kwargs)
     return parser

@@ -18,11 +18,12 @@ size) before resizing, so a large photo is never fully decoded for a small input
 """
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter
+from torchvision.ops import box_convert
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -242,3 +243,56 @@ def build_transforms(args, train: bool) -> Compose:
     """make_transforms from args.imsize, aug_scale, aug_crop, aug_blur and aug_translate."""
     return make_transforms(args.imsize, train, aug_scale=args.aug_scale, aug_crop=args.aug_crop,
                            aug_blur=args.aug_blur, aug_translate=args.aug_translate)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where an image of width x height lands in the S x S input of the eval transform.
+
+    The eval transform resizes the long side to S with ratio = S / max(h, w), new size (round(w * ratio),
+    round(h * ratio)), and pads centred with left = round(dw / 2 - 0.1), top = round(dh / 2 - 0.1)
+    (dw = S - new_w, dh = S - new_h). A box goes through it as xyxy * ratio + (left, top), then normalised
+    (cx, cy, w, h) / S; `to_original` inverts exactly that.
+    """
+    width: int
+    height: int
+    size: int
+    ratio: float
+    new_w: int
+    new_h: int
+    left: int
+    top: int
+
+    @classmethod
+    def of(cls, width: int, height: int, size: int) -> "Letterbox":
+        """Same arithmetic as RandomResize([size]) followed by NormalizeAndPad(size) (centred)."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size {width}x{height} is empty")
+        ratio = size / float(max(height, width))
+        new_w, new_h = round(width * ratio), round(height * ratio)
+        left, top = round((size - new_w) / 2.0 - 0.1), round((size - new_h) / 2.0 - 0.1)
+        return cls(width, height, size, ratio, new_w, new_h, left, top)
+
+    @property
+    def crop_box(self) -> Tuple[int, int, int, int]:
+        """The image's region of the padded frame, (x0, y0, x1, y1) in padded-frame pixels."""
+        return self.left, self.top, self.left + self.new_w, self.top + self.new_h
+
+    def to_original(self, boxes_cxcywh: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """Normalised (cx, cy, w, h) in the padded frame [..., 4] -> xyxy pixels of the original image
+        (float64), clipped to the image unless `clip=False`."""
+        xyxy = box_convert(torch.as_tensor(boxes_cxcywh).double(), "cxcywh", "xyxy") * self.size
+        offset = torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
+        out = (xyxy - offset) / self.ratio
+        if clip:
+            limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=torch.float64)
+            out = torch.minimum(out.clamp(min=0), limit)
+        return out
+
+    def to_padded(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """Original-image xyxy pixels [..., 4] -> normalised (cx, cy, w, h) in the padded frame (the
+        transform's forward map of a box)."""
+        b = torch.as_tensor(boxes_xyxy).double() * self.ratio
+        b = b + torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
+        x0, y0, x1, y1 = b.unbind(-1)
+        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / self.size

@@ -6,13 +6,14 @@ peft). Every key is either mapped or on an explicit ignore list; anything else i
 
 The command `python -m utils.checkpoint OFFICIAL.pth OUT.pth` writes the converted checkpoint.
 """
-import argparse
 import re
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from .config import HiVGConfig
 from .convert_clip import hf_key_to_open_clip
+from .hivg import config_from_flags
 from .lora import ALPHA, RANK
 
 PEFT_PREFIX = re.compile(r"(base_model\.model\.)+")
@@ -149,37 +150,9 @@ def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.T
                          + "\n  ".join(line for line in lines if line))
 
 
-def load_official_checkpoint(path: str) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
-    """Read an official checkpoint safely: (state dict, its argparse values as a dict or None)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a HiVG checkpoint (expected a dict with a 'model' state dict)")
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    return state, (vars(args) if isinstance(args, argparse.Namespace) else args)
-
-
-def official_args_to_ours(official: dict, **overrides) -> argparse.Namespace:
-    """Our model flags from an official argparse namespace (as a dict): their values where they
+def official_config(official: dict, clip_cfg: Optional[dict] = None, **overrides) -> HiVGConfig:
+    """The config of an authors' checkpoint from its argparse values (as a dict): their flags where they
     name the same thing, and the official Hi LoRA layout and bridge attention their weights need."""
-    from .hivg import add_model_args
-    args = add_model_args(argparse.ArgumentParser()).parse_args([])
-    for key, value in official.items():
-        if hasattr(args, key):
-            setattr(args, key, value)
-    args.hi_lora_mode, args.bridge_attention = "official", "official"
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(args, key, value)
-    return args
-
-
-def build_and_load_official(args: argparse.Namespace, official_state: Dict[str, torch.Tensor],
-                            clip_cfg: Optional[dict] = None):
-    """Build our model for `args` and load an official state dict into it strictly."""
-    from .hivg import build_model
-    model = build_model(args, clip_cfg=clip_cfg)
-    state = convert_official_state_dict(official_state, expected=model.state_dict())
-    model.load_state_dict(state, strict=True)
-    return model
+    flags = dict(official, hi_lora_mode="official", bridge_attention="official")
+    flags.update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_flags(flags, clip_cfg)

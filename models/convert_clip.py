@@ -18,7 +18,6 @@ be converted key by key.
 """
 import json
 import re
-import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -55,7 +54,7 @@ _BLOCK_RULES = (
 )
 # HF keys that carry no weights (index buffers) and are deliberately dropped.
 HF_DROPPED_KEYS = re.compile(r"(text|vision)_model\.embeddings\.position_ids")
-_HF_TOWER_PREFIXES = ("text_model.", "vision_model.")
+HF_TOWER_PREFIXES = ("text_model.", "vision_model.")
 
 
 def _compile(template: str) -> re.Pattern:
@@ -150,89 +149,6 @@ def open_clip_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             converted[hf_key] = tensor.t().contiguous() if kind == "transpose" else tensor
     return converted
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    """True for a TorchScript zip archive (such as OpenAI's released CLIP ``.pt`` files)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
-
-
-def _load_openai_jit(path: Path) -> dict[str, Tensor]:
-    """State dict (open_clip names, fp32) of an OpenAI JIT archive, via open_clip's OpenAI loader."""
-    from open_clip import load_openai_model
-
-    try:
-        model = load_openai_model(str(path), precision="fp32", device="cpu")
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(
-            f"{path}: TorchScript archive that open_clip's OpenAI loader cannot read ({err}); "
-            "pass the model name and this file through open_clip instead "
-            "(open_clip.create_model(name, pretrained=path))"
-        ) from err
-    return model.state_dict()
-
-
-def _read_file(path: Path) -> dict:
-    """Raw content of a .safetensors / .bin / .pt / .pth checkpoint (not TorchScript)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path}: cannot be read as a weights-only PyTorch checkpoint ({err}); "
-            "save the CLIP weights as a plain state dict of tensors (torch.save(model.state_dict()) "
-            "or safetensors)"
-        ) from err
-
-
-def _unwrap(checkpoint, path: Path) -> dict[str, Tensor]:
-    """The state dict inside a checkpoint: a ``state_dict`` entry, else the dict itself; no ``module.``."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise ValueError(f"{path}: expected a non-empty state dict, got {type(checkpoint).__name__}")
-    if all(key.startswith("module.") for key in checkpoint):
-        checkpoint = {key[len("module."):]: value for key, value in checkpoint.items()}
-    return checkpoint
-
-
-def _is_open_clip_naming(state_dict: dict[str, Tensor]) -> bool:
-    return any(key.startswith("visual.") or key == "token_embedding.weight" for key in state_dict)
-
-
-def load_clip_state_dict(path) -> dict[str, Tensor]:
-    """Read a CLIP checkpoint file and return its state dict in open_clip ``CLIP`` names.
-
-    Accepts ``.safetensors``, ``.bin``, ``.pt`` and ``.pth``: HF transformers CLIPModel
-    weights (converted), open_clip / OpenAI state dicts (passed through, ``module.``
-    stripped) and OpenAI TorchScript archives (read through open_clip's OpenAI loader).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
-    if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-        raise ValueError(f"{path}: unsupported CLIP checkpoint type; use .safetensors, .bin, .pt or .pth")
-    if path.suffix != ".safetensors" and _is_torchscript_archive(path):
-        return _load_openai_jit(path)
-    state_dict = _unwrap(_read_file(path), path)
-    if any(key.startswith(_HF_TOWER_PREFIXES) for key in state_dict):
-        try:
-            return hf_to_open_clip(state_dict)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from err
-    if not _is_open_clip_naming(state_dict):
-        sample = ", ".join(list(state_dict)[:3])
-        raise ValueError(
-            f"{path}: neither HF CLIPModel nor open_clip CLIP key names (first keys: {sample}); "
-            "convert it to one of these layouts first"
-        )
-    return state_dict
 
 
 def _positive_int_ratio(numerator: int, denominator: int, what: str) -> int:

@@ -9,22 +9,21 @@ Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
     [REG] + visual + text -> fusion encoder -> box head ([REG]), token map / seg map (patches . EOT)
 """
 import argparse
+import math
 from functools import partial
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_clip, encode_image, encode_text
 from .bridge import BRIDGE_ATTENTION_MODES, CrossModalBridge
-from .configs import list_models, load_model_config
+from .config import OUTPUTS, HiVGConfig, build_config
+from .configs import list_models
 from .fusion import FusionEncoder
 from .heads import BoxHead, SegHead, TokenAlignHead
 from .lora import DROPOUT, apply_hi_lora
-
-OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
 
 
 def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
@@ -36,6 +35,23 @@ def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
     m = F.interpolate(pixel_mask.float()[:, None], size=tuple(grid), mode="bilinear",
                       antialias=True, align_corners=False)
     return torch.round(m).flatten(1) != 0
+
+
+@torch.no_grad()
+def init_sincos_position_embedding(visual: nn.Module) -> None:
+    """A fixed 2-D sine-cosine table for a random CLIP's vision position embedding (CLS row zero), scaled
+    to the patch embedding's output std. open_clip's random init (std ~0.09 at small widths) leaves
+    position barely readable from the features, and the box is read from those features."""
+    pos = visual.positional_embedding
+    g, d = math.isqrt(pos.shape[0] - 1), pos.shape[1]
+    if g * g != pos.shape[0] - 1 or d % 4:
+        raise ValueError("sincos position init needs a square grid and a width divisible by 4")
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
+    table = torch.cat([f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)], 1)
+    std = visual.conv1.weight.std() * math.sqrt(visual.conv1.weight[0].numel())
+    pos[0].zero_()
+    pos[1:].copy_(table / table.std() * std)
 
 
 class HiVG(nn.Module):
@@ -66,7 +82,6 @@ class HiVG(nn.Module):
         if not adaptive_weights and not mixup:
             raise ValueError("without --enable_adaptive_weights the bridge takes the projected text of "
                              "--mixup_pretrain; pass --enable_adaptive_weights for fine-tuning")
-        self.clip_cfg = clip_cfg
         self.clip = build_clip(clip_cfg)
         vis, txt = self.clip.visual, self.clip.transformer
         d_v, d_t = vis.transformer.width, txt.width
@@ -109,6 +124,19 @@ class HiVG(nn.Module):
         self.seg_head = SegHead(D)
         self.reset_visual_projection()
 
+    @classmethod
+    def from_config(cls, cfg: HiVGConfig, grad_checkpointing: bool = False) -> "HiVG":
+        """The network `cfg` describes, at its Hi LoRA stage, with random weights."""
+        model = cls(cfg.clip, cfg.bridge_layers, cfg.extract_layers, cfg.text_layers, cfg.image_size,
+                    cfg.context_length, cfg.adaptive_weights, cfg.mixup, cfg.bridge_attention, cfg.fusion_heads,
+                    cfg.fusion_layers, cfg.fusion_ffn, cfg.fusion_dropout, cfg.normalize_before,
+                    cfg.token_mlp_width, cfg.outputs, grad_checkpointing)
+        model.set_stage(cfg.hi_lora_stage, cfg.hi_lora_mode, cfg.lora_dropout)
+        if cfg.pos_embed_init == "sincos":
+            init_sincos_position_embedding(model.clip.visual)
+        model.config = cfg
+        return model
+
     @torch.no_grad()
     def reset_visual_projection(self) -> None:
         """Initialise the multi-level projection as side-by-side copies of CLIP's visual projection.
@@ -117,10 +145,6 @@ class HiVG(nn.Module):
         """
         proj_t = self.clip.visual.proj.t()
         self.visual_proj_multi.weight.copy_(torch.cat([proj_t] * len(self.extract_layers), dim=1))
-
-    def tokenize(self, texts: List[str]) -> torch.Tensor:
-        """Lower-cased CLIP BPE ids [B, T], truncated with EOT forced last (open_clip.tokenize)."""
-        return open_clip.tokenize([t.lower() for t in texts], context_length=self.context_length)
 
     def text_tower_trains(self) -> bool:
         clip = self.clip
@@ -187,6 +211,11 @@ class HiVG(nn.Module):
                 out["seg_map"] = self.seg_head(patches, vis.grid, eot)
         return out
 
+    def freeze_heads_without_loss(self) -> None:
+        """Heads outside `outputs` get no gradient in training; freezing them keeps DDP from waiting on them."""
+        self.token_align.requires_grad_("token_map" in self.outputs)
+        self.seg_head.requires_grad_("seg_map" in self.outputs)
+
     def set_stage(self, stage: int, mode: str = "paper", lora_dropout: float = DROPOUT) -> None:
         """Freeze CLIP, add this Hi LoRA stage's adapters and mark exactly its parameters trainable.
 
@@ -201,32 +230,18 @@ class HiVG(nn.Module):
         self.hi_lora_stage, self.hi_lora_mode = stage, mode
 
 
-TEXT_LAYER_RULES = {"unc": "last", "unc+": "middle_last", "referit": "middle_last",
-                    "gref": "all", "gref_umd": "all"}
+def add_model_args(parser: argparse.ArgumentParser, shared: bool = True) -> argparse.ArgumentParser:
+    """Model flags, with the authors' names; defaults follow the paper.
 
-
-def select_text_layers(dataset: str, num_layers: int) -> List[int]:
-    """Text blocks feeding the bridge for a dataset (SPEC section 1): 12 layers -> [11], [5, 11] or all."""
-    rule = TEXT_LAYER_RULES.get(dataset, "last")
-    if rule == "all":
-        return list(range(num_layers))
-    if rule == "middle_last":
-        return [num_layers // 2 - 1, num_layers - 1]
-    return [num_layers - 1]
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Model flags, with the authors' names; defaults follow SPEC (the paper).
-
-    --dataset, --imsize and --max_query_len are shared with datasets.add_data_args: they are added
-    here only when the parser does not have them yet.
+    `shared=False` leaves out --dataset, --imsize and --max_query_len, for a parser that has them from
+    datasets.add_data_args already.
     """
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="ViT-B/16", help=f"backbone config: one of {list_models()} or a JSON file")
-    for flag, kwargs in (("--dataset", dict(default="referit", help="selects the text layers feeding the bridge")),
-                         ("--imsize", dict(type=int, default=224)), ("--max_query_len", dict(type=int, default=77))):
-        if flag not in parser._option_string_actions:
-            g.add_argument(flag, **kwargs)
+    if shared:
+        g.add_argument("--dataset", default="referit", help="selects the text layers feeding the bridge")
+        g.add_argument("--imsize", type=int, default=224)
+        g.add_argument("--max_query_len", type=int, default=77)
     g.add_argument("--warmup", action="store_true", help="ViT-L/14: first run without bridges")
     g.add_argument("--mixup_pretrain", action="store_true")
     g.add_argument("--enable_adaptive_weights", action=argparse.BooleanOptionalAction, default=None,
@@ -250,32 +265,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
-    """The one place that reads the argparse namespace. Builds the model with random CLIP weights;
-    callers load CLIP or HiVG weights afterwards (models.convert / utils.checkpoint).
-    `clip_cfg` replaces the config's open_clip kwargs (e.g. a CLIP described by an HF config)."""
-    cfg = load_model_config(args.model)
-    clip_cfg = clip_cfg or cfg["clip"]
-    adaptive = args.enable_adaptive_weights
-    adaptive = not args.mixup_pretrain if adaptive is None else adaptive
-    D = clip_cfg["embed_dim"]
-    if getattr(args, "vl_hidden_dim", None) not in (None, D):
-        raise ValueError(f"--vl_hidden_dim {args.vl_hidden_dim} must equal the CLIP embedding width {D} of "
-                         f"--model {args.model} (the fusion encoder runs at that width); omit the flag")
-    warmup = getattr(args, "warmup", False)
-    bridge_layers = cfg["warmup_bridge_layers"] if warmup and "warmup_bridge_layers" in cfg else cfg["bridge_layers"]
-    outputs = ["box"]
-    outputs += ["contrastive"] if getattr(args, "use_contrastive_loss", False) else []
-    outputs += ["token_map"] if getattr(args, "use_rtcc_constrain_loss", False) else []
-    outputs += ["seg_map"] if getattr(args, "use_mask_loss", False) else []
-    model = HiVG(
-        clip_cfg, bridge_layers, cfg["extract_layers"],
-        select_text_layers(args.dataset, clip_cfg["text_cfg"].get("layers", 12)),
-        image_size=args.imsize, context_length=args.max_query_len,
-        adaptive_weights=adaptive, mixup=args.mixup_pretrain,
-        bridge_attention=getattr(args, "bridge_attention", "per_sample"),
-        fusion_heads=args.vl_nheads, fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward,
-        fusion_dropout=args.vl_dropout, normalize_before=args.normalize_before,
-        token_mlp_width=cfg.get("token_mlp_width", 3072), outputs=outputs,
-        grad_checkpointing=getattr(args, "grad_checkpointing", False))
-    model.set_stage(args.hi_lora_stage, getattr(args, "hi_lora_mode", "paper"))
-    return model
+    """The model the flags describe, with random CLIP weights (callers load weights afterwards, see
+    models.weights). `clip_cfg` replaces the JSON config's open_clip kwargs (a CLIP from an HF config)."""
+    return HiVG.from_config(build_config(args, clip_cfg), grad_checkpointing=args.grad_checkpointing)
+
+
+def config_from_flags(flags: dict, clip_cfg: Optional[dict] = None) -> HiVGConfig:
+    """The config of a run given its model flags as a dict (a flag it lacks takes its default; other
+    entries are ignored): checkpoints that stored flags, and the authors' argparse values."""
+    values = vars(add_model_args(argparse.ArgumentParser()).parse_args([]))
+    values.update({k: v for k, v in flags.items() if k in values})
+    return build_config(argparse.Namespace(**values), clip_cfg)

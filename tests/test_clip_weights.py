@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from models.backbone import build_clip
 from models.convert_clip import open_clip_to_hf
 from models.hivg import add_model_args, build_model
-from utils.checkpoint import load_clip_weights
+from models.weights import load_clip, read_weights
 
 
 def tiny(mode="paper"):
@@ -21,7 +21,11 @@ def tiny(mode="paper"):
 @pytest.fixture(scope="module")
 def source():
     torch.manual_seed(123)
-    return tiny().clip_cfg, build_clip(tiny().clip_cfg).state_dict()
+    return tiny().config.clip, build_clip(tiny().config.clip).state_dict()
+
+
+def load_clip_weights(model, path):
+    load_clip(model, read_weights(path, what="--clip_model"))
 
 
 def assert_clip_equals(model, state):
@@ -80,7 +84,7 @@ def test_debiased_clip_lora_is_kept_in_official_mode(tmp_path, source):
     _, state = source
     path, a, b = debiased_file(tmp_path, state)
     model = tiny("official")
-    load_clip_weights(model, path, "official")
+    load_clip_weights(model, path)
     lora = model.clip.transformer.resblocks[0].attn.lora_in
     assert torch.equal(lora.lora_A[:32], a) and torch.equal(lora.lora_B[0], b)
     assert torch.equal(model.clip.transformer.resblocks[0].attn.in_proj_weight,

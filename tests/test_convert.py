@@ -9,7 +9,8 @@ import torch
 from models.convert import canonical_key, convert_official_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, main as convert_main
+from models.weights import load_model
+from utils.checkpoint import load_checkpoint, main as convert_main, save_checkpoint
 
 FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
 
@@ -21,7 +22,7 @@ def official_state():
 
 @pytest.fixture(scope="module")
 def model():
-    return parity.build_from_fixture(FIXTURE, "official")[0]
+    return parity.build_from_fixture(FIXTURE, "official")
 
 
 def respell_newer_peft(state):
@@ -84,16 +85,15 @@ def test_converter_command_writes_a_checkpoint_that_reloads(tmp_path, official_s
     out = tmp_path / "ours.pth"
     assert convert_main([str(src), str(out), "--hf_clip_config", str(FIXTURE / "config.json")]) == 0
     ckpt = load_checkpoint(out)
-    assert ckpt["args"]["hi_lora_mode"] == "official" and ckpt["args"]["hi_lora_stage"] == 1
-    reloaded = build_model_from_checkpoint(ckpt)
+    assert ckpt["config"]["hi_lora_mode"] == "official" and ckpt["config"]["hi_lora_stage"] == 1
+    reloaded = load_model(out, merge=False)
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
 def test_checkpoint_with_a_foreign_key_is_refused(tmp_path, model):
-    ckpt = {"model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
-            "args": vars(parity.official_args_to_ours(
-                json.loads((FIXTURE / "config.json").read_text())["hivg_args"])),
-            "clip_cfg": model.clip_cfg}
+    path = tmp_path / "foreign.pth"
+    save_checkpoint(path, {"model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
+                           "config": model.config.to_dict(), "args": {}})
     with pytest.raises(ValueError, match="extra.weight"):
-        build_model_from_checkpoint(ckpt)
+        load_model(path)

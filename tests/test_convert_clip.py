@@ -11,9 +11,9 @@ from models.convert_clip import (
     hf_config_to_open_clip_cfg,
     hf_key_to_open_clip,
     hf_to_open_clip,
-    load_clip_state_dict,
     open_clip_to_hf,
 )
+from models.weights import read_weights
 from tests.conftest import FIXTURES
 
 FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
@@ -230,7 +230,7 @@ def test_load_hf_bin_and_safetensors(tmp_path, tiny_clip):
     torch.save(hf, tmp_path / "pytorch_model.bin")
     save_file(hf, str(tmp_path / "model.safetensors"))
     for name in ("pytorch_model.bin", "model.safetensors"):
-        assert_same_tensors(load_clip_state_dict(tmp_path / name), reference)
+        assert_same_tensors(read_weights(tmp_path / name).state, reference)
 
 
 def test_load_open_clip_names_pass_through(tmp_path, tiny_clip, clip_cfg):
@@ -239,7 +239,7 @@ def test_load_open_clip_names_pass_through(tmp_path, tiny_clip, clip_cfg):
     torch.save({"epoch": 3, "state_dict": reference}, tmp_path / "train.pth")
     save_file({key: value.contiguous() for key, value in reference.items()}, str(tmp_path / "oc.safetensors"))
     for name in ("ddp.pt", "train.pth", "oc.safetensors"):
-        loaded = load_clip_state_dict(tmp_path / name)
+        loaded = read_weights(tmp_path / name).state
         assert_same_tensors(loaded, reference)
         open_clip.model.CLIP(**clip_cfg).load_state_dict(loaded, strict=True)
 
@@ -268,7 +268,7 @@ def test_load_openai_jit_archive(tmp_path):
                                  quick_gelu=True)
     reference = {key: value.half().float() for key, value in model.state_dict().items()}  # fp16 archive values
     scripted_tensor_tree(reference).save(str(tmp_path / "ViT-tiny.pt"))
-    loaded = load_clip_state_dict(tmp_path / "ViT-tiny.pt")
+    loaded = read_weights(tmp_path / "ViT-tiny.pt").state
     assert_same_tensors(loaded, reference)
 
 
@@ -278,17 +278,17 @@ class NotATensor:
 
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.bin"):
-        load_clip_state_dict(tmp_path / "missing.bin")
+        read_weights(tmp_path / "missing.bin")
     (tmp_path / "weights.ckpt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"weights\.ckpt.*\.safetensors, \.bin, \.pt or \.pth"):
-        load_clip_state_dict(tmp_path / "weights.ckpt")
+    with pytest.raises(ValueError, match=r"weights\.ckpt cannot be read as a weights-only PyTorch file"):
+        read_weights(tmp_path / "weights.ckpt")
     torch.save({"backbone.weight": torch.zeros(1)}, tmp_path / "other.bin")
     with pytest.raises(ValueError, match=r"other\.bin: neither HF CLIPModel nor open_clip"):
-        load_clip_state_dict(tmp_path / "other.bin")
+        read_weights(tmp_path / "other.bin")
     torch.save({"text_model.encoder.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(1),
                 "logit_scale": torch.zeros(())}, tmp_path / "peft.bin")
     with pytest.raises(ValueError, match=r"peft\.bin: unexpected key .*lora_A"):
-        load_clip_state_dict(tmp_path / "peft.bin")
+        read_weights(tmp_path / "peft.bin")
     torch.save({"model": NotATensor()}, tmp_path / "pickle.pth")
-    with pytest.raises(ValueError, match=r"pickle\.pth: cannot be read as a weights-only"):
-        load_clip_state_dict(tmp_path / "pickle.pth")
+    with pytest.raises(ValueError, match=r"pickle\.pth cannot be read as a weights-only"):
+        read_weights(tmp_path / "pickle.pth")

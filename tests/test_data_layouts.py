@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from datasets import Batch, build_dataset, collate_fn
+from datasets import Batch, Collate, build_dataset
+from datasets.tokens import tokenize
 from datasets.refer import DATASETS, load_refs
 from tests.data_helpers import (TARGET_XYWH, args_for, assert_box_on_red, assert_mask_on_red, write_layout, xyxy)
 
@@ -71,14 +72,15 @@ def test_polygon_masks_follow_the_image(tmp_path, dataset):
 def test_collate_batch(tmp_path):
     write_layout(tmp_path, "unc")
     ds = build_dataset("val", args_for("unc", tmp_path, imsize=96))
-    batch = collate_fn([ds[i] for i in range(len(ds))])
+    batch = Collate(16)([ds[i] for i in range(len(ds))])
     assert isinstance(batch, Batch)
     assert batch.images.shape == (3, 3, 96, 96) and batch.images.dtype == torch.float32
     assert batch.pixel_mask.shape == (3, 96, 96) and batch.pixel_mask.dtype == torch.int32
     assert batch.boxes.shape == (3, 4) and batch.boxes.dtype == torch.float32
     assert batch.obj_masks.shape == (3, 96, 96) and set(batch.obj_masks.unique().tolist()) <= {0.0, 1.0}
     assert batch.texts == ["the red box"] * 3
+    assert batch.ids.shape == (3, 16) and torch.equal(batch.ids, tokenize(["the red box"] * 3, 16))
     moved = batch.to("cpu")
-    assert torch.equal(moved.images, batch.images) and moved.texts == batch.texts
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_fn, num_workers=0)
+    assert torch.equal(moved.images, batch.images) and torch.equal(moved.ids, batch.ids) and moved.texts == batch.texts
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=Collate(), num_workers=0)
     assert [b.images.shape[0] for b in loader] == [2, 1]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets import build_dataset, collate_fn
+from datasets import Collate, build_dataset
 from datasets.masks import polygons_to_mask
 from datasets.synthetic import COLOURS, SHAPES, baselines, generate, main
 from tests.data_helpers import args_for, synth_dir  # noqa: F401 - fixture
@@ -110,7 +110,7 @@ def test_loader_reads_the_set(synth_dir):
                                             aug_translate=True, use_seg_mask=True))
     test = build_dataset("test", args_for("synthref", synth_dir, imsize=64, use_seg_mask=True))
     random.seed(0)
-    batch = collate_fn([train[i] for i in range(8)])
+    batch = Collate()([train[i] for i in range(8)])
     assert batch.images.shape == (8, 3, 64, 64) and batch.obj_masks.shape == (8, 64, 64)
     assert bool((batch.boxes > 0).all()) and bool((batch.boxes <= 1).all())
     assert len(test) == 40 and test[0].phrase == load(synth_dir, "test")[0][0][3]

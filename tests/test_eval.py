@@ -9,6 +9,7 @@ import pytest
 
 from datasets.synthetic import main as make_synthetic
 from models.hivg import add_model_args, build_model
+from models.weights import load_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.engine import length_bucket, summarize
 
@@ -23,9 +24,9 @@ def setup(tmp_path_factory):
     args = parser.parse_args(["--model", "tiny", "--dataset", "synthref", "--imsize", "64", "--max_query_len", "16",
                               "--hi_lora_stage", "1"])
     model = build_model(args)
-    extra = {"data_root": str(root), "split_root": str(root), "use_seg_mask": False}
+    run_args = {**vars(args), "data_root": str(root), "split_root": str(root)}
     ckpt = root / "best_checkpoint.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "args": {**vars(args), **extra}, "clip_cfg": model.clip_cfg})
+    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config.to_dict(), "args": run_args})
     return root, ckpt
 
 
@@ -48,10 +49,10 @@ def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert "test Acc@0.5:" in proc.stdout and "len 1-5" in proc.stdout
         results.append(json.loads((out / "eval_best_checkpoint.json").read_text()))
-    assert results[0]["val"]["count"] == 13 and results[0]["test"]["count"] == 7
+    assert results[0]["synthref"]["val"]["count"] == 13 and results[0]["synthref"]["test"]["count"] == 7
     for split in ("val", "test"):
         for key in ("count", "acc", "miou", "acc_by_length"):
-            assert results[0][split][key] == results[1][split][key]
+            assert results[0]["synthref"][split][key] == results[1]["synthref"][split][key]
 
 
 def test_summary_buckets():
@@ -67,7 +68,7 @@ def test_errors(setup, tmp_path):
     proc = run(["--eval_model", str(tmp_path / "missing.pth"), "--eval_set", "val"])
     assert proc.returncode != 0 and "does not exist" in proc.stderr
     bad = load_checkpoint(ckpt)
-    bad["args"]["hi_lora_stage"] = 0
+    bad["config"]["hi_lora_stage"] = 0
     save_checkpoint(tmp_path / "bad.pth", bad)
     proc = run(["--eval_model", str(tmp_path / "bad.pth"), "--eval_set", "val"])
     assert proc.returncode != 0 and "does not match the model" in proc.stderr
@@ -83,8 +84,42 @@ def test_visualize_writes_half_hits_half_misses(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr
     pictures = sorted((out / "vis_best_checkpoint").glob("test_*.png"))
     assert len(pictures) == 4 and "test: 4 pictures" in proc.stdout
-    results = json.loads((out / "eval_best_checkpoint.json").read_text())
+    results = json.loads((out / "eval_best_checkpoint.json").read_text())["synthref"]
     assert "ious" not in results["test"]
     n_hits = round(results["test"]["acc"] * 7)
     want_hits = min(n_hits, 2) if 7 - n_hits >= 2 else min(n_hits, 4 - (7 - n_hits))
     assert sum(p.stem.endswith("_hit") for p in pictures) == want_hits
+
+
+def test_model_flags_are_refused_the_checkpoint_defines_the_model(setup, tmp_path):
+    _, ckpt = setup
+    proc = run(["--eval_model", str(ckpt), "--eval_set", "val", "--model", "ViT-L/14", "--imsize", "336"])
+    assert proc.returncode == 2 and "unrecognized arguments: --model ViT-L/14 --imsize 336" in proc.stderr
+
+
+def test_results_are_keyed_by_dataset_and_split_and_kept(setup, tmp_path):
+    root, ckpt = setup
+    out = tmp_path / "eval_best_checkpoint.json"
+    out.write_text(json.dumps({"unc": {"val": {"acc": 0.5}}}))
+    for split in ("val", "test"):
+        proc = run(["--eval_model", str(ckpt), "--eval_set", split, "--num_workers", "0", "--output_dir", str(tmp_path)])
+        assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    assert results["unc"] == {"val": {"acc": 0.5}}                  # another dataset's entry is kept
+    assert set(results["synthref"]) == {"val", "test"} and results["synthref"]["val"]["count"] == 13
+    assert results["synthref"]["test"]["checkpoint"] == str(ckpt)
+
+
+def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tmp_path):
+    _, ckpt = setup
+    official = tmp_path / "official_bridge.pth"
+    content = load_checkpoint(ckpt)
+    content["config"]["bridge_attention"] = "official"
+    save_checkpoint(official, content)
+    assert load_model(official).bridges["1"].mode == "official"
+    assert load_model(official, bridge_attention="per_sample").bridges["1"].mode == "per_sample"
+    for choice, expected in (([], "official"), (["--bridge_attention", "per_sample"], "per_sample")):
+        proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0",
+                    "--output_dir", str(tmp_path), *choice])
+        assert proc.returncode == 0, proc.stderr
+        assert f"bridge attention: {expected}" in proc.stdout

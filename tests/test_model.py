@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from models.configs import list_models, load_model_config
-from models.hivg import add_model_args, build_model, patch_padding_mask, select_text_layers
+from datasets.tokens import tokenize
+from models.config import select_text_layers
+from models.hivg import add_model_args, build_model, patch_padding_mask
 from models.lora import merge_lora, merge_lora_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
@@ -48,12 +50,12 @@ def test_parity_detects_a_wrong_model(monkeypatch, capsys):
     build = parity.build_from_fixture
 
     def broken(folder, mode):
-        model, args = build(folder, mode)
+        model = build(folder, mode)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.zero_()
-        return model, args
+        return model
 
     monkeypatch.setattr(parity, "build_from_fixture", broken)
     assert not parity.check_folder(FIXTURE_DIRS[0])
@@ -64,7 +66,7 @@ def test_per_sample_bridge_equals_running_each_sample_alone():
     model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
     randomize_lora(model)
     images, mask, texts = batch()
-    ids = model.tokenize(texts)
+    ids = tokenize(texts, model.context_length)
     with torch.no_grad():
         together = model(images, mask, ids)
         alone = [model(images[i:i + 1], mask[i:i + 1], ids[i:i + 1]) for i in range(3)]
@@ -83,7 +85,7 @@ def test_merged_lora_matches_unmerged(mode):
     model = build_model(tiny_args("--hi_lora_stage", "3", "--hi_lora_mode", mode)).eval()
     randomize_lora(model)
     images, mask, texts = batch()
-    ids = model.tokenize(texts)
+    ids = tokenize(texts, model.context_length)
     with torch.no_grad():
         before = model(images, mask, ids)
         assert merge_lora(model) > 0
@@ -147,7 +149,7 @@ def test_text_tower_runs_without_autograd_when_frozen():
     images, mask, texts = batch(2)
     seen = []
     model.clip.ln_final.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
-    out = model(images, mask, model.tokenize(texts))
+    out = model(images, mask, tokenize(texts, model.context_length))
     assert seen == [False]
     out["pred_box"].sum().backward()
     assert model.bridges["1"].adaptive_weights[0].grad is not None
@@ -159,9 +161,9 @@ def test_outputs_are_computed_only_when_asked():
     calls = []
     model.seg_head.register_forward_hook(lambda *a: calls.append("seg"))
     model.token_align.register_forward_hook(lambda *a: calls.append("tok"))
-    out = model(images, mask, model.tokenize(texts), outputs=["box"])
+    out = model(images, mask, tokenize(texts, model.context_length), outputs=["box"])
     assert set(out) == {"pred_box"} and calls == []
-    out = model(images, mask, model.tokenize(texts))
+    out = model(images, mask, tokenize(texts, model.context_length))
     assert set(out) == {"pred_box", "logits_per_text", "token_map", "seg_map"}
     assert out["seg_map"].shape == (2, 1, 64, 64) and out["token_map"].shape == (2, 64)
 
@@ -170,7 +172,7 @@ def test_mixup_variant_and_refusals():
     model = build_model(tiny_args("--mixup_pretrain"))
     assert model.mixup_text_proj is not None and model.bridges["1"].adaptive_weights is None
     images, mask, texts = batch(2)
-    assert model(images, mask, model.tokenize(texts))["pred_box"].shape == (2, 4)
+    assert model(images, mask, tokenize(texts, model.context_length))["pred_box"].shape == (2, 4)
     with pytest.raises(ValueError, match="--enable_adaptive_weights cannot be combined"):
         build_model(tiny_args("--mixup_pretrain", "--enable_adaptive_weights"))
     with pytest.raises(ValueError, match="--vl_hidden_dim"):
@@ -200,7 +202,7 @@ def test_patch_mask_rounds_like_the_official_int32_path():
 def test_position_embedding_interpolates_to_other_image_sizes():
     model = build_model(tiny_args("--imsize", "96")).eval()
     images, mask, texts = batch(2, S=96)
-    out = model(images, mask, model.tokenize(texts))
+    out = model(images, mask, tokenize(texts, model.context_length))
     assert out["token_map"].shape == (2, 144)
 
 
@@ -225,7 +227,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         for m in model.modules():  # LoRA dropout off: both runs must see the same function
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        out = model(images, mask, model.tokenize(texts))
+        out = model(images, mask, tokenize(texts, model.context_length))
         (out["pred_box"].sum() + out["seg_map"].mean() + out["logits_per_text"].sum()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert set(grads[0]) == set(grads[1]) and grads[0]
@@ -236,7 +238,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_backward_reaches_exactly_the_trainable_parameters():
     model = build_model(tiny_args("--hi_lora_stage", "2")).train()
     images, mask, texts = batch()
-    out = model(images, mask, model.tokenize(texts))
+    out = model(images, mask, tokenize(texts, model.context_length))
     (out["pred_box"].sum() + out["token_map"].mean() + out["seg_map"].mean()
      + out["logits_per_text"].sum()).backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
@@ -249,7 +251,7 @@ def test_eager_reference_attention_matches_sdpa():
     model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
     randomize_lora(model)
     images, mask, texts = batch()
-    ids = model.tokenize(texts)
+    ids = tokenize(texts, model.context_length)
     with torch.no_grad():
         fast = model(images, mask, ids)
         with eager_attention():
@@ -261,7 +263,7 @@ def test_eager_reference_attention_matches_sdpa():
 def test_reg_attention_is_a_distribution_over_patches_and_only_on_request():
     model = build_model(tiny_args()).eval()
     images, mask, texts = batch()
-    ids = model.tokenize(texts)
+    ids = tokenize(texts, model.context_length)
     with torch.no_grad():
         out = model(images, mask, ids, outputs=["box", "reg_attention"])
         plain = model(images, mask, ids, outputs=["box"])
@@ -333,7 +335,7 @@ def test_bf16_autocast_training_step_runs_and_stays_close(stage):
     model = build_model(tiny_args("--hi_lora_stage", str(stage), "--vl_dropout", "0")).eval()
     randomize_lora(model)
     images, mask, texts = batch()
-    ids = model.tokenize(texts)
+    ids = tokenize(texts, model.context_length)
     boxes = torch.tensor([[0.5, 0.5, 0.3, 0.3]] * 3)
     obj = torch.zeros(3, 64, 64)
     obj[:, 20:40, 20:40] = 1

@@ -11,11 +11,14 @@ import torch
 from PIL import Image
 
 import predict
-from datasets.transforms import Record, make_transforms
+from datasets.tokens import tokenize
+from datasets.transforms import Letterbox, Record, make_transforms
+from models.api import Grounder, Prepared, box_score, prepare
 from models.hivg import add_model_args, build_model, patch_padding_mask
+from models.weights import load_model
 from tests.conftest import FIXTURES, REPO
 from utils import visualize as vis
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from utils.checkpoint import rng_state, save_checkpoint
 
 OFFICIAL = FIXTURES / "hivg_tiny_unc+_stage0"
 RED = (230, 20, 20)
@@ -63,14 +66,19 @@ def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
     save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
                            "epoch": 0, "resume_at": (1, 0), "stage": 1, "hi_lora_mode": "paper",
-                           "args": vars(args), "clip_cfg": model.clip_cfg, "rng": [rng_state()],
+                           "args": vars(args), "config": model.config.to_dict(), "rng": [rng_state()],
                            "best_acc": 0.1, "val_acc": 0.1})
     return path, model.eval()
 
 
 @pytest.fixture(scope="module")
-def tiny_loaded(tiny):
-    return predict.load_model(tiny[0])[0]
+def grounder(tiny):
+    return Grounder.from_checkpoint(tiny[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(grounder):
+    return grounder.model
 
 
 # ----------------------------------------------------------------------------------------- geometry
@@ -82,7 +90,7 @@ def test_letterbox_is_the_eval_transform_and_inverts_it(size_wh):
     box = torch.tensor([0.13 * w, 0.27 * h, 0.81 * w, 0.94 * h])
     record = make_transforms(S, train=False)(Record(Image.new("RGB", (w, h)), box.clone(), "x",
                                                     np.zeros((h, w), bool)))
-    lb = vis.Letterbox.of(w, h, S)
+    lb = Letterbox.of(w, h, S)
     x0, y0, x1, y1 = lb.crop_box
     expected_mask = np.ones((S, S), np.int32)
     expected_mask[y0:y1, x0:x1] = 0
@@ -93,7 +101,7 @@ def test_letterbox_is_the_eval_transform_and_inverts_it(size_wh):
 
 
 def test_boxes_outside_the_image_are_clipped_to_it():
-    lb = vis.Letterbox.of(200, 100, 64)                       # padding above and below
+    lb = Letterbox.of(200, 100, 64)                       # padding above and below
     full = torch.tensor([0.5, 0.5, 1.0, 1.0])                 # the whole padded frame
     assert lb.to_original(full).tolist() == [0.0, 0.0, 200.0, 100.0]
 
@@ -107,10 +115,8 @@ class RedBoxOracle(torch.nn.Module):
     def __init__(self, image_size=224):
         super().__init__()
         self.image_size, self.grid, self.context_length = image_size, (image_size // 16,) * 2, 77
+        self.config = argparse.Namespace(outputs=["box"])
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def tokenize(self, texts):
-        return torch.zeros(len(texts), 77, dtype=torch.long)
 
     def forward(self, images, pixel_mask, ids, outputs=None):
         mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -135,7 +141,7 @@ def test_jsonl_boxes_map_back_to_original_pixels_for_non_square_images(tmp_path,
     lines.insert(1, json.dumps({"image": "wide.png", "text": "the same image again"}))
     (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n\n")
     oracle = RedBoxOracle(224)
-    monkeypatch.setattr(predict, "load_model", lambda *a, **k: (oracle, {}))
+    monkeypatch.setattr(predict, "load_grounder", lambda *a, **k: Grounder(oracle))
     rc, out, err = run_main(["--checkpoint", tmp_path / "req.jsonl", "--jsonl", tmp_path / "req.jsonl",
                              "--batch_size", 2, "--out_dir", tmp_path / "pics"], capsys)
     assert rc == 0, err
@@ -144,7 +150,7 @@ def test_jsonl_boxes_map_back_to_original_pixels_for_non_square_images(tmp_path,
     expected = {name: (size, box) for name, size, box in cases}
     for r in results:
         size, box = expected[r["image"]]
-        tol = 1.5 / vis.Letterbox.of(*size, 224).ratio                # 1.5 input pixels
+        tol = 1.5 / Letterbox.of(*size, 224).ratio                # 1.5 input pixels
         assert np.allclose(r["box_xyxy"], box, atol=tol), (r, box, tol)
     for name, size, _ in cases:                                        # one picture per image, its size
         with Image.open(tmp_path / "pics" / f"{name.rsplit('.', 1)[0]}_hivg.png") as pic:
@@ -162,13 +168,13 @@ def test_single_image_cli_on_our_checkpoint(tiny, tmp_path, capsys):
     results = [json.loads(line) for line in lines]
     assert [r["text"] for r in results] == texts
     # reference: the checkpoint rebuilt independently, unmerged, on the eval transform
-    ref = build_model_from_checkpoint(load_checkpoint(path)).eval()
+    ref = load_model(path, merge=False)
     with Image.open(image) as im:
         rec = make_transforms(64, train=False)(Record(im.convert("RGB"), torch.zeros(4), "", np.zeros((90, 150), bool)))
     with torch.no_grad():
         pred = ref(rec.image[None].expand(2, -1, -1, -1), rec.pixel_mask[None].expand(2, -1, -1),
-                   ref.tokenize(texts), outputs=["box"])["pred_box"]
-    lb = vis.Letterbox.of(150, 90, 64)
+                   tokenize(texts, ref.context_length), outputs=["box"])["pred_box"]
+    lb = Letterbox.of(150, 90, 64)
     for r, p in zip(results, pred):
         assert np.allclose(r["box_xyxy"], lb.to_original(p).tolist(), atol=0.02)
         assert all(0 <= v <= lim for v, lim in zip(r["box_xyxy"], (150, 90, 150, 90)))
@@ -184,7 +190,8 @@ def test_default_picture_path_is_beside_the_working_directory(tiny, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     rc, lines, err = run_main(["--checkpoint", tiny[0], "--image", image, "--text", "x"], capsys)
     assert rc == 0, err
-    assert len(lines) == 1 and set(json.loads(lines[0])) == {"image", "text", "box_xyxy"}
+    assert len(lines) == 1 and set(json.loads(lines[0])) == {"image", "text", "box_xyxy", "score"}
+    assert 0 <= json.loads(lines[0])["score"] <= 1
     with Image.open(tmp_path / "street_hivg.png") as pic:
         assert pic.size == (80, 120)
 
@@ -197,7 +204,7 @@ def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
     x = torch.randn(2, 3, 64, 64)
     mask = torch.zeros(2, 64, 64, dtype=torch.int32)
     mask[1, :, 50:] = 1
-    ids = model.tokenize(["left dog", "the red ball on the table"])
+    ids = tokenize(["left dog", "the red ball on the table"], model.context_length)
     with torch.no_grad():
         a = model(x, mask, ids, outputs=["box", "reg_attention"])
         b = tiny_loaded(x, mask, ids, outputs=["box", "reg_attention"])
@@ -205,22 +212,33 @@ def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
     assert torch.allclose(a["reg_attention"], b["reg_attention"], atol=1e-5)
 
 
-def test_predictions_do_not_depend_on_the_batch(tiny_loaded):
-    p = [predict.prepare(Image.fromarray(np.full((40 + 10 * i, 64, 3), 30 * i, np.uint8)), 64) for i in range(3)]
+def test_predictions_do_not_depend_on_the_batch(grounder):
+    p = [prepare(Image.fromarray(np.full((40 + 10 * i, 64, 3), 30 * i, np.uint8)), 64) for i in range(3)]
     texts = ["one", "the second thing", "three"]
-    together = predict.predict_prepared(tiny_loaded, p, texts, heatmap=True)
+    together = grounder.ground_prepared(p, texts, heatmap=True)
     for i in range(3):
-        alone = predict.predict_prepared(tiny_loaded, [p[i]], [texts[i]], heatmap=True)[0]
+        alone = grounder.ground_prepared([p[i]], [texts[i]], heatmap=True)[0]
         assert np.allclose(alone.box_xyxy, together[i].box_xyxy, atol=1e-4)
         assert np.allclose(alone.attention, together[i].attention, atol=1e-5)
 
 
+def test_score_is_the_mean_alignment_probability_inside_the_box():
+    logits = torch.full((2, 16), -20.0)            # 4 x 4 grid, probability ~0 everywhere ...
+    logits[0, [5, 6, 9, 10]] = 20.0                 # ... but ~1 on the 2 x 2 centre patches of sample 0
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5],     # covers exactly the centre patches
+                          [0.1, 0.1, 0.01, 0.01]])  # no patch centre inside: the patch under the box centre
+    scores = box_score(logits, boxes, (4, 4))
+    assert torch.allclose(scores, torch.tensor([1.0, 0.0]), atol=1e-6)
+    logits[1, 0] = 0.0
+    assert abs(box_score(logits, boxes, (4, 4))[1].item() - 0.5) < 1e-6
+
+
 # ----------------------------------------------------------------------------------------- heat maps
 
-def test_heatmap_has_the_grid_shape_sums_to_one_and_ignores_padding(tiny_loaded):
+def test_heatmap_has_the_grid_shape_sums_to_one_and_ignores_padding(grounder, tiny_loaded):
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 64, 3), dtype=np.uint8))  # 64 x 20
-    preds = predict.predict(tiny_loaded, img, ["the left one", "a thing"], heatmap=True, token_map=True)
-    prep = predict.prepare(Image.fromarray(np.zeros((20, 64, 3), np.uint8)), 64)
+    preds = grounder.ground([img, img.copy()], ["the left one", "a thing"], heatmap=True, token_map=True)
+    prep = prepare(Image.fromarray(np.zeros((20, 64, 3), np.uint8)), 64)
     padding = patch_padding_mask(prep.pixel_mask[None], tiny_loaded.grid)[0].reshape(tiny_loaded.grid).numpy()
     assert padding.any() and not padding.all()
     for p in preds:
@@ -230,20 +248,20 @@ def test_heatmap_has_the_grid_shape_sums_to_one_and_ignores_padding(tiny_loaded)
         assert np.all(p.attention[padding] == 0)
 
 
-def test_attention_is_computed_only_when_asked(tiny_loaded, monkeypatch):
+def test_attention_is_computed_only_when_asked(grounder, tiny_loaded, monkeypatch):
     layer = tiny_loaded.fusion.layers[-1]
     calls = []
     original = layer.reg_attention
     monkeypatch.setattr(layer, "reg_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
     img = Image.new("RGB", (64, 40), (10, 20, 30))
-    plain = predict.predict(tiny_loaded, img.copy(), ["a"])[0]
+    plain = grounder.ground([img.copy()], ["a"])[0]
     assert calls == [] and plain.attention is None and plain.token_map is None
-    with_heat = predict.predict(tiny_loaded, img.copy(), ["a"], heatmap=True)[0]
+    with_heat = grounder.ground([img.copy()], ["a"], heatmap=True)[0]
     assert calls == [1] and with_heat.attention is not None and with_heat.token_map is None
 
 
 def test_overlay_puts_a_hot_patch_where_it_is_in_the_original_image():
-    lb = vis.Letterbox.of(300, 100, 64)                      # image rows 27..37 (approx.) of the frame
+    lb = Letterbox.of(300, 100, 64)                      # image rows 27..37 (approx.) of the frame
     heat = np.zeros((8, 8), np.float32)
     heat[3, 6] = 1.0                                          # frame pixels x 48..56, y 24..32
     up = vis.heatmap_to_image(heat, lb.crop_box, lb.size, (300, 100))
@@ -265,13 +283,14 @@ def test_official_checkpoint_is_converted_on_load_and_matches_the_official_model
     state = torch.load(OFFICIAL / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
     path = tmp_path / "official.pth"
     torch.save({"model": state, "args": argparse.Namespace(**config["hivg_args"])}, path)
-    model, args = predict.load_model(path, hf_clip_config=str(OFFICIAL / "config.json"))
-    assert not any("lora" in k for k in model.state_dict()) and args["bridge_attention"] == "per_sample"
+    official = predict.load_grounder(path, torch.device("cpu"), hf_clip_config=str(OFFICIAL / "config.json"))
+    model = official.model
+    assert not any("lora" in k for k in model.state_dict()) and model.config.bridge_attention == "per_sample"
     inputs = torch.load(OFFICIAL / "inputs.pth", weights_only=True)
     golden = torch.load(OFFICIAL / "outputs.pth", weights_only=True)["per_sample_int32_mask"]
-    prepared = [predict.Prepared(inputs["img"][i], inputs["img_mask_int32"][i], vis.Letterbox.of(w, h, 64))
+    prepared = [Prepared(inputs["img"][i], inputs["img_mask_int32"][i], Letterbox.of(w, h, 64))
                 for i, (h, w) in enumerate(inputs["raw_sizes_hw"])]
-    preds = predict.predict_prepared(model, prepared, inputs["texts"], token_map=True)
+    preds = official.ground_prepared(prepared, inputs["texts"], token_map=True)
     assert torch.allclose(torch.stack([p.box_padded for p in preds]), golden["pred_box"], atol=1e-4)
     assert torch.allclose(torch.from_numpy(np.stack([p.token_map.ravel() for p in preds])),
                           golden["visu_token_similarity"], atol=1e-3)
@@ -345,7 +364,7 @@ def test_checkpoint_errors_name_the_flag(tiny, tmp_path, capsys):
     assert rc == 2 and "--checkpoint" in err and "does not exist" in err
     rc, _, err = run_main(["--checkpoint", tiny[0], "--hf_clip_config", OFFICIAL / "config.json", "--image", image,
                            "--text", "x"], capsys)
-    assert rc == 2 and "drop the flag" in err
+    assert rc == 2 and "drop --hf_clip_config" in err
 
 
 @pytest.mark.parametrize("line,expect", [

@@ -15,7 +15,8 @@ import train_hivg
 from datasets.synthetic import main as make_synthetic
 from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
-from utils.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
+from models.weights import load_model, read_file
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import FIXTURES
 from utils.engine import ShardSampler
 
@@ -54,7 +55,8 @@ def test_loss_goes_down_and_logs(stage0):
     args = json.loads((stage0 / "args.json").read_text())
     assert args["hi_lora_stage"] == 0 and args["model"] == "tiny"
     ckpt = load_checkpoint(stage0 / "checkpoint.pth")
-    assert {"model", "optimizer", "scheduler", "epoch", "stage", "args", "rng", "clip_cfg"} <= set(ckpt)
+    assert {"model", "optimizer", "scheduler", "epoch", "stage", "args", "rng", "config"} <= set(ckpt)
+    assert ckpt["config"]["bridge_layers"] == [1, 3, 5] and ckpt["config"]["image_size"] == 64
     assert ckpt["epoch"] == 2 and ckpt["resume_at"] == (3, 0)
     assert any((stage0 / "tensorboard").iterdir())
 
@@ -71,7 +73,7 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
         before = merge_lora_state_dict(load_checkpoint(prev)["model"])
         ckpt = load_checkpoint(out / "checkpoint.pth")
         assert ckpt["stage"] == stage and ckpt["args"]["dataset"] == "synthref"
-        model = build_model_from_checkpoint(ckpt)
+        model = load_model(out / "checkpoint.pth", merge=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         changed = changed_keys(before, ckpt["model"])
         assert changed <= trainable
@@ -93,8 +95,8 @@ def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
                             "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--output_dir", str(out)]) == 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["stage"] == 2 and ckpt["args"]["hi_lora_mode"] == "official"
-    model = build_model_from_checkpoint(ckpt)     # no flag needed any more: the CLIP config travels along
-    assert model.clip_cfg == ckpt["clip_cfg"] and len(model.clip.visual.transformer.resblocks) == 12
+    model = load_model(out / "checkpoint.pth", merge=False)   # no flag needed any more: the config travels along
+    assert model.config.clip == ckpt["config"]["clip"] and len(model.clip.visual.transformer.resblocks) == 12
     official = convert_official_state_dict(torch.load(src, weights_only=False)["model"], model.state_dict())
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert "clip.visual.transformer.resblocks.11.attn.lora_in.lora_A" in frozen   # stage 2 trains layers 0-7
@@ -152,7 +154,7 @@ def test_sigterm_saves_a_loadable_checkpoint(data, tmp_path):
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, rest
     ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
-    build_model_from_checkpoint(ckpt)
+    load_model(tmp_path / "checkpoint.pth")
     assert ckpt["resume_at"][0] >= 1 and "continue with --resume" in rest
 
 
@@ -172,7 +174,7 @@ def test_killed_write_keeps_the_previous_checkpoint(tmp_path):
     save_checkpoint(path, {"model": {"w": torch.ones(3)}})
     proc = run_script(["-c", KILLER.format(repo=REPO, path=str(path))])
     assert proc.returncode == -signal.SIGKILL
-    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(read_file(path)["model"]["w"], torch.ones(3))
 
 
 def test_two_rank_gloo_run_equals_one_rank(data, tmp_path):
@@ -242,3 +244,10 @@ def test_errors_are_clear(data, stage0, tmp_path):
     save_checkpoint(tmp_path / "bad.pth", bad)
     with pytest.raises(ValueError, match="does not match the model"):
         train_hivg.main(["--hi_lora_retrain", str(tmp_path / "bad.pth"), "--output_dir", str(tmp_path / "b")])
+
+
+def test_plain_progress_lines_when_not_on_a_terminal(data, tmp_path, capsys):
+    assert train_hivg.main(flags(data, tmp_path, "--epochs", "1", "--print_freq", "2")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0 step")]
+    assert [line.split()[3] for line in lines] == ["2/6", "4/6", "6/6"]       # 48 samples / batch 8
+    assert all(" loss " in line and "loss_bbox" in line and "samples/s ETA" in line for line in lines)

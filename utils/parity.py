@@ -17,7 +17,10 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from models.convert import build_and_load_official, canonical_key, map_key, official_args_to_ours
+from datasets.tokens import tokenize
+from models.convert import canonical_key, convert_official_state_dict, map_key, official_config
+from models.hivg import HiVG
+from models.weights import load_strict, read_file
 from models.convert_clip import hf_config_to_open_clip_cfg
 from utils.losses import AUX_LOSSES, OFFICIAL_LOSS_NAMES, GroundingCriterion
 
@@ -32,20 +35,21 @@ CRITERION = GroundingCriterion(aux_losses=AUX_LOSSES)
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_file(path, "fixture file")
 
 
 def build_from_fixture(folder: Path, bridge_attention: str):
     config = json.loads((folder / "config.json").read_text())
-    args = official_args_to_ours(config["hivg_args"], bridge_attention=bridge_attention)
     clip_cfg = hf_config_to_open_clip_cfg(config["clip_config"])
-    model = build_and_load_official(args, _load(folder / "checkpoint.pth")["model"], clip_cfg=clip_cfg)
+    model = HiVG.from_config(official_config(config["hivg_args"], clip_cfg, bridge_attention=bridge_attention))
+    state = read_file(folder / "checkpoint.pth")["model"]  # the fixture holds the weights only
+    load_strict(model, convert_official_state_dict(state, expected=model.state_dict()))
     derived = config.get("derived", {})
     if "adapt_layer" in derived and derived["adapt_layer"] != model.bridge_layers:
         raise ValueError(f"{folder}: bridge layers {model.bridge_layers} differ from the fixture's {derived['adapt_layer']}")
     if "extract_vision_layer" in derived and [i - 1 for i in derived["extract_vision_layer"]] != model.extract_layers:
         raise ValueError(f"{folder}: extracted layers {model.extract_layers} differ from the fixture's")
-    return model.eval(), args
+    return model.eval()
 
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Tuple[str, bool]:
@@ -59,7 +63,7 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Tuple[st
 
 def run_outputs(model, inputs) -> Dict[str, torch.Tensor]:
     with torch.no_grad():
-        out = model(inputs["img"], inputs["img_mask_int32"], model.tokenize(inputs["texts"]))
+        out = model(inputs["img"], inputs["img_mask_int32"], tokenize(inputs["texts"], model.context_length))
     out["logits_per_image"] = out["logits_per_text"].t()
     losses = CRITERION(out, {"boxes": inputs["gt_box_cxcywh"], "obj_masks": inputs["obj_mask"]})
     out.update(losses)
@@ -95,8 +99,8 @@ def check_folder(folder: Path) -> bool:
         ok_all &= ok
 
     print(f"{folder}")
-    model, args = build_from_fixture(folder, "official")
-    ids = model.tokenize(inputs["texts"])
+    model = build_from_fixture(folder, "official")
+    ids = tokenize(inputs["texts"], model.context_length)
     report(("text_tokens identical " + ("ok" if torch.equal(ids, inputs["text_tokens"].long()) else "FAIL"),
             torch.equal(ids, inputs["text_tokens"].long())))
     ref = outputs["collate_int32_mask"]
@@ -108,7 +112,7 @@ def check_folder(folder: Path) -> bool:
         report(compare(off, ours[OFFICIAL_LOSS_NAMES[off]], value))
     report(compare("loss_total", ours["loss_total"], ref["loss_total"]))
 
-    per_sample_model, _ = build_from_fixture(folder, "per_sample")
+    per_sample_model = build_from_fixture(folder, "per_sample")
     ours = run_outputs(per_sample_model, inputs)
     print(" per-sample bridge vs per_sample_int32_mask:")
     for off, value in outputs["per_sample_int32_mask"].items():

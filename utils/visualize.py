@@ -1,23 +1,16 @@
 """Pictures of predictions: boxes with their expressions, [REG] attention / token-alignment heat maps,
-evaluation samples (prediction, ground truth, IoU), and the letterbox geometry that maps the model's
-padded S x S frame back to pixels of the original image.
-
-The eval transform (datasets.transforms.make_transforms(S, train=False)) resizes the long side to S
-with ratio = S / max(h, w), new size (round(w * ratio), round(h * ratio)), and pads centred with
-left = round(dw / 2 - 0.1), top = round(dh / 2 - 0.1) (dw = S - new_w, dh = S - new_h). A box goes
-through it as xyxy * ratio + (left, top), then normalised (cx, cy, w, h) / S; :class:`Letterbox`
-inverts exactly that.
-
-Only numpy and PIL: the colour map is implemented here.
+and evaluation samples (prediction, ground truth, IoU). Boxes reach pixels of the original image through
+datasets.transforms.Letterbox. Only numpy and PIL: the colour map is implemented here.
 """
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.ops import box_convert
+
+from datasets.collate import Collate
+from datasets.transforms import Letterbox
 
 CYAN = (0, 255, 255)
 GREEN = (0, 255, 0)
@@ -28,53 +21,6 @@ PALETTE = ((0, 255, 255), (255, 64, 255), (255, 220, 0), (255, 96, 64), (64, 160
 _JET_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
 _JET_RGB = np.array([[0.0, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0],
                      [0.5, 0.0, 0.0]])
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Where an image of width x height lands in the S x S input of the eval transform."""
-    width: int
-    height: int
-    size: int
-    ratio: float
-    new_w: int
-    new_h: int
-    left: int
-    top: int
-
-    @classmethod
-    def of(cls, width: int, height: int, size: int) -> "Letterbox":
-        """Same arithmetic as RandomResize([size]) followed by NormalizeAndPad(size) (centred)."""
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size {width}x{height} is empty")
-        ratio = size / float(max(height, width))
-        new_w, new_h = round(width * ratio), round(height * ratio)
-        left, top = round((size - new_w) / 2.0 - 0.1), round((size - new_h) / 2.0 - 0.1)
-        return cls(width, height, size, ratio, new_w, new_h, left, top)
-
-    @property
-    def crop_box(self) -> Tuple[int, int, int, int]:
-        """The image's region of the padded frame, (x0, y0, x1, y1) in padded-frame pixels."""
-        return self.left, self.top, self.left + self.new_w, self.top + self.new_h
-
-    def to_original(self, boxes_cxcywh: torch.Tensor, clip: bool = True) -> torch.Tensor:
-        """Normalised (cx, cy, w, h) in the padded frame [..., 4] -> xyxy pixels of the original image
-        (float64), clipped to the image unless `clip=False`."""
-        xyxy = box_convert(torch.as_tensor(boxes_cxcywh).double(), "cxcywh", "xyxy") * self.size
-        offset = torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
-        out = (xyxy - offset) / self.ratio
-        if clip:
-            limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=torch.float64)
-            out = torch.minimum(out.clamp(min=0), limit)
-        return out
-
-    def to_padded(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-        """Original-image xyxy pixels [..., 4] -> normalised (cx, cy, w, h) in the padded frame (the
-        transform's forward map of a box)."""
-        b = torch.as_tensor(boxes_xyxy).double() * self.ratio
-        b = b + torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
-        x0, y0, x1, y1 = b.unbind(-1)
-        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / self.size
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -244,10 +190,8 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, d
     for start in range(0, len(chosen), batch_size):
         idx = chosen[start:start + batch_size]
         records = [dataset[i] for i in idx]
-        images = torch.stack([r.image for r in records]).to(device)
-        masks = torch.stack([r.pixel_mask for r in records]).to(device)
-        ids = inner.tokenize([r.phrase for r in records]).to(device)
-        pred = model(images, masks, ids, outputs=["box"])["pred_box"].float().cpu()
+        batch = Collate(inner.context_length)(records).to(device)
+        pred = model(batch.images, batch.pixel_mask, batch.ids, outputs=["box"])["pred_box"].float().cpu()
         for k, (i, record) in enumerate(zip(idx, records)):
             ref = dataset.refs[i]
             with Image.open(dataset.image_path(ref)) as im:

@@ -37,3 +37,9 @@ def load_model_config(name: str) -> Dict:
     cfg["clip"]["quick_gelu"] = cfg.get("quick_gelu", True)
     cfg["name"] = path.stem
     return cfg
+
+
+def names_pretrained_clip(name: str) -> bool:
+    """True when the config names an open_clip architecture, whose runs are meant to start from its
+    pretrained weights (the small inline configs are for tests and the demo)."""
+    return "open_clip_model" in load_model_config(name)

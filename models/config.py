@@ -1,0 +1,112 @@
+"""`HiVGConfig`: everything that defines a HiVG network, as plain values.
+
+A checkpoint stores its config (`HiVGConfig.to_dict()`, plain values that load with weights_only=True), so
+it rebuilds exactly the network that wrote it, whatever the JSON files under models/configs say later.
+The JSON files and the command-line flags are only read once, by `build_config`, when a run starts.
+"""
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional
+
+from .configs import load_model_config
+
+OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
+TEXT_LAYER_RULES = {"unc": "last", "unc+": "middle_last", "referit": "middle_last",
+                    "gref": "all", "gref_umd": "all"}
+
+
+@dataclass
+class HiVGConfig:
+    """The network: CLIP towers, bridges (paper section 3.2), fusion encoder and heads (section 3.4),
+    Hi LoRA stage (section 3.3).
+
+    clip: open_clip `CLIP` kwargs (embed_dim, vision_cfg, text_cfg, quick_gelu).
+    bridge_layers / extract_layers: 0-based vision blocks with a bridge / feeding the fusion encoder.
+    text_layers: text blocks whose hidden states feed the bridges (empty with `mixup`).
+    image_size: input side S; context_length: text length T.
+    outputs: heads computed by default (a subset of OUTPUTS; "box" always).
+    pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table.
+    """
+    clip: dict
+    bridge_layers: List[int]
+    extract_layers: List[int]
+    text_layers: List[int]
+    image_size: int = 224
+    context_length: int = 77
+    adaptive_weights: bool = True
+    mixup: bool = False
+    bridge_attention: str = "per_sample"
+    fusion_heads: int = 8
+    fusion_layers: int = 6
+    fusion_ffn: int = 2048
+    fusion_dropout: float = 0.1
+    normalize_before: bool = True
+    token_mlp_width: int = 3072
+    outputs: List[str] = field(default_factory=lambda: ["box"])
+    hi_lora_stage: int = 0
+    hi_lora_mode: str = "paper"
+    lora_dropout: float = 0.1
+    pos_embed_init: str = "open_clip"
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        """Plain Python values only (dicts, lists, str, int, float, bool)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "HiVGConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown entries {unknown}: it was written by a newer version "
+                             "of this code")
+        return cls(**values)
+
+    def replace(self, **changes) -> "HiVGConfig":
+        """A copy with `changes` applied (None values ignored)."""
+        values = self.to_dict()
+        values.update({k: v for k, v in changes.items() if v is not None})
+        return HiVGConfig.from_dict(values)
+
+
+def select_text_layers(dataset: str, num_layers: int) -> List[int]:
+    """Text blocks feeding the bridge for a dataset (paper section 3.2): 12 layers -> [11], [5, 11] or all."""
+    rule = TEXT_LAYER_RULES.get(dataset, "last")
+    if rule == "all":
+        return list(range(num_layers))
+    if rule == "middle_last":
+        return [num_layers // 2 - 1, num_layers - 1]
+    return [num_layers - 1]
+
+
+def requested_outputs(use_contrastive: bool, use_token_map: bool, use_seg_map: bool) -> List[str]:
+    """The heads a run's losses need, in OUTPUTS order."""
+    wanted = {"box", "contrastive" if use_contrastive else "", "token_map" if use_token_map else "",
+              "seg_map" if use_seg_map else ""}
+    return [o for o in OUTPUTS if o in wanted]
+
+
+def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> HiVGConfig:
+    """The config of the run `args` describes (the model flags of `models.hivg.add_model_args`).
+
+    `clip_cfg` replaces the JSON config's open_clip kwargs (a CLIP described by an HF config).
+    """
+    cfg = load_model_config(args.model)
+    clip_cfg = clip_cfg or cfg["clip"]
+    D = clip_cfg["embed_dim"]
+    if args.vl_hidden_dim not in (None, D):
+        raise ValueError(f"--vl_hidden_dim {args.vl_hidden_dim} must equal the CLIP embedding width {D} of "
+                         f"--model {args.model} (the fusion encoder runs at that width); omit the flag")
+    adaptive = not args.mixup_pretrain if args.enable_adaptive_weights is None else args.enable_adaptive_weights
+    bridges = cfg["warmup_bridge_layers"] if args.warmup and "warmup_bridge_layers" in cfg else cfg["bridge_layers"]
+    return HiVGConfig(
+        clip=clip_cfg, bridge_layers=list(bridges), extract_layers=list(cfg["extract_layers"]),
+        text_layers=[] if args.mixup_pretrain else select_text_layers(args.dataset,
+                                                                      clip_cfg["text_cfg"].get("layers", 12)),
+        image_size=args.imsize, context_length=args.max_query_len, adaptive_weights=adaptive,
+        mixup=args.mixup_pretrain, bridge_attention=args.bridge_attention, fusion_heads=args.vl_nheads,
+        fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward, fusion_dropout=args.vl_dropout,
+        normalize_before=args.normalize_before, token_mlp_width=cfg.get("token_mlp_width", 3072),
+        outputs=requested_outputs(args.use_contrastive_loss, args.use_rtcc_constrain_loss, args.use_mask_loss),
+        hi_lora_stage=args.hi_lora_stage, hi_lora_mode=args.hi_lora_mode,
+        pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"), name=cfg["name"])

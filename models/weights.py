@@ -1,0 +1,214 @@
+"""Every weights file this project reads, through one entry: `read_weights(path)`.
+
+Formats, told apart by content (not by name):
+
+    hivg           a checkpoint of this project: {"config": HiVGConfig dict, "model": state, "args": run flags, ...}
+    hivg-flags     the same before checkpoints carried their config: {"args": flags, "clip_cfg": ..., "model": ...};
+                   bridge and extraction layers are re-derived from the JSON config its --model names
+    official-hivg  the authors' HiVG checkpoint: {"model": HF-CLIP + peft names, "args": argparse.Namespace}
+    official-clip  the authors' debiased CLIP: {"model": HF CLIP names with peft LoRA}
+    clip           CLIP weights: OpenAI TorchScript, open_clip or HF (.pt/.pth/.bin/.safetensors)
+
+The result always holds the weights in this project's names (`Weights.state`; HiVG keys for the hivg
+kinds, `CLIP` keys for the clip kinds). Nothing is loaded with pickle beyond plain types (and the
+authors' argparse.Namespace).
+"""
+import argparse
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import HiVGConfig
+from .convert import check_state_dict, convert_official_state_dict, official_config
+from .convert_clip import HF_TOWER_PREFIXES, hf_to_open_clip
+from .hivg import HiVG, config_from_flags
+from .lora import merge_lora, merge_lora_state_dict
+
+ADAPTER_KEYS = (".lora_in.lora_", ".lora_out.lora_")
+
+
+@dataclass
+class Weights:
+    """What `read_weights` found. `checkpoint` is the whole file for checkpoints of this project
+    (optimizer, epoch, RNG states ... for --resume); `run_args` the flags of the run that wrote it."""
+    path: Path
+    kind: str
+    state: Dict[str, Tensor]
+    config: Optional[HiVGConfig] = None
+    converted: int = 0
+    checkpoint: Optional[dict] = None
+    run_args: Optional[dict] = None
+
+    @property
+    def is_hivg(self) -> bool:
+        return self.config is not None
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+
+
+def read_file(path, what: str = "checkpoint"):
+    """The content of a weights file: safetensors, an OpenAI TorchScript archive (its state dict), or a
+    PyTorch file read with weights_only=True (the authors' argparse.Namespace allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path), device="cpu")
+    if _is_torchscript(path):
+        from open_clip import load_openai_model
+        try:
+            return load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
+        except (RuntimeError, KeyError) as err:
+            raise ValueError(f"{what} {path}: TorchScript archive that open_clip's OpenAI loader cannot read "
+                             f"({err})") from err
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{what} {path} cannot be read as a weights-only PyTorch file ({err}); save weights as "
+                         "a plain state dict of tensors (torch.save(model.state_dict())) or safetensors") from err
+
+
+def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint",
+                 official_overrides: Optional[dict] = None) -> Weights:
+    """Read any weights file we support (module docstring) into our names.
+
+    `clip_cfg`: the CLIP architecture of an authors' checkpoint whose CLIP is none of the registered
+    configs (open_clip kwargs, e.g. from an HF CLIPConfig); refused for files that carry their own.
+    `official_overrides`: model flags replacing those of an authors' checkpoint (e.g. {"model": ...}).
+    """
+    path = Path(path)
+    raw = read_file(path, what)
+    ours = isinstance(raw, dict) and ("config" in raw or (isinstance(raw.get("args"), dict) and "clip_cfg" in raw))
+    if ours and clip_cfg is not None:
+        raise ValueError(f"{what} {path} is a checkpoint of this project and carries its CLIP config; a CLIP "
+                         "config is only for the authors' checkpoints: drop --hf_clip_config")
+    if ours:
+        return _ours(path, raw, what)
+    inner = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(inner, dict) and "args" in raw:
+        return _official_hivg(path, inner, raw["args"], clip_cfg, official_overrides)
+    if isinstance(inner, dict) and any(".lora_A." in k for k in inner):
+        state = convert_official_state_dict(inner)
+        clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+        return Weights(path, "official-clip", clip_state, converted=len(clip_state))
+    return _clip(path, raw, what)
+
+
+def _ours(path: Path, raw: dict, what: str) -> Weights:
+    if not isinstance(raw.get("model"), dict):
+        raise ValueError(f"{what} {path} has no 'model' state dict")
+    if "config" in raw:
+        return Weights(path, "hivg", raw["model"], HiVGConfig.from_dict(raw["config"]), 0, raw, raw.get("args"))
+    config = config_from_flags(raw["args"], raw["clip_cfg"])
+    return Weights(path, "hivg-flags", raw["model"], config, 0, raw, raw["args"])
+
+
+def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], overrides: Optional[dict]) -> Weights:
+    flags = vars(args) if isinstance(args, argparse.Namespace) else args
+    if not isinstance(flags, dict):
+        raise ValueError(f"{path}: 'args' is neither an argparse.Namespace nor a dict: not a HiVG checkpoint")
+    config = official_config(flags, clip_cfg, **(overrides or {}))
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = HiVG.from_config(config).state_dict()
+    converted = convert_official_state_dict(state, expected=expected)
+    return Weights(path, "official-hivg", converted, config, len(converted), run_args=flags)
+
+
+def _clip(path: Path, raw, what: str) -> Weights:
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path} is neither a HiVG checkpoint nor CLIP weights (expected a non-empty "
+                         f"state dict of tensors, got {type(state).__name__})")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    if any(k.startswith(HF_TOWER_PREFIXES) for k in state):
+        try:
+            return Weights(path, "clip", hf_to_open_clip(state), converted=len(state))
+        except ValueError as err:
+            raise ValueError(f"{what} {path}: {err}") from err
+    if not any(k.startswith("visual.") or k == "token_embedding.weight" for k in state):
+        raise ValueError(f"{what} {path}: neither HF CLIPModel nor open_clip CLIP key names (first keys: "
+                         f"{', '.join(list(state)[:3])}); convert it to one of these layouts first")
+    return Weights(path, "clip", state)
+
+
+def load_strict(model: torch.nn.Module, state: Dict[str, Tensor]) -> None:
+    """Every key used, every parameter given, same shapes: else one error naming the keys."""
+    check_state_dict(state, model.state_dict())
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(source, device="cpu", merge: bool = True, clip_cfg: Optional[dict] = None,
+               **config_changes) -> HiVG:
+    """The HiVG model of any checkpoint we read (a path, or what read_weights returned), loaded strictly,
+    in eval mode on `device`.
+
+    `merge` folds every LoRA adapter into its weight (inference); `config_changes` replace entries of
+    the checkpoint's config that do not change the weights (e.g. bridge_attention="per_sample").
+    """
+    weights = source if isinstance(source, Weights) else read_weights(source, clip_cfg)
+    if not weights.is_hivg:
+        raise ValueError(f"checkpoint {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model")
+    model = HiVG.from_config(weights.config.replace(**config_changes))
+    load_strict(model, weights.state)
+    if merge:
+        merge_lora(model)
+    return model.to(device).eval()
+
+
+def load_allowing_fresh(module: torch.nn.Module, state: Dict[str, Tensor], what: str,
+                        fresh_prefixes: Sequence[str] = ()) -> List[str]:
+    """Load `state` into `module`; the only keys it may lack are LoRA adapters and keys starting with
+    `fresh_prefixes` (they keep their fresh initialisation). Returns the fresh keys; one error naming
+    the offending keys otherwise."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    bad_missing = [k for k in missing if not any(a in k for a in ADAPTER_KEYS) and not k.startswith(tuple(fresh_prefixes))]
+    if bad_missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} does not match the model (check --model / --dataset / --imsize / --hi_lora_mode):"
+            + (f"\n  missing: {bad_missing[:8]}" if bad_missing else "")
+            + (f"\n  unexpected: {unexpected[:8]}" if unexpected else "")
+            + ("\n  shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                                                  for k in wrong[:8]) if wrong else ""))
+    module.load_state_dict(state, strict=False)
+    return missing
+
+
+def load_previous_stage(model: HiVG, weights: Weights) -> List[str]:
+    """A previous run's weights (a Hi LoRA stage's best checkpoint, or --retrain) into `model`.
+
+    Paper mode folds the earlier adapters into the weights (they are frozen for good) and the new stage's
+    adapters start fresh; official mode carries every adapter over. Bridges the previous run did not have
+    (a ViT-L warmup run) start fresh too. Returns the fresh keys.
+    """
+    if not weights.is_hivg:
+        raise ValueError(f"checkpoint {weights.path} holds CLIP weights ({weights.kind}); give it to --clip_model")
+    state = merge_lora_state_dict(weights.state) if model.config.hi_lora_mode == "paper" else weights.state
+    new_bridges = [f"bridges.{i}." for i in model.bridge_layers if i not in weights.config.bridge_layers]
+    return load_allowing_fresh(model, state, f"checkpoint {weights.path}", new_bridges)
+
+
+def load_clip(model: HiVG, weights: Weights) -> None:
+    """CLIP weights into `model.clip`; the LoRA of the authors' debiased CLIP is merged in paper mode and
+    kept in official mode. The multi-level visual projection is then re-initialised from the loaded CLIP."""
+    if weights.is_hivg:
+        raise ValueError(f"--clip_model {weights.path} is a HiVG checkpoint; start from it with --retrain")
+    state = weights.state
+    if weights.kind == "official-clip" and model.config.hi_lora_mode == "paper":
+        state = merge_lora_state_dict(state)
+    load_allowing_fresh(model.clip, state, f"CLIP weights {weights.path}")
+    model.reset_visual_projection()
