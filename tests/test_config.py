@@ -106,6 +106,7 @@ def test_the_readme_api_lines_run_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / ckpt).parent.mkdir(parents=True, exist_ok=True)
     save_ours(tmp_path / ckpt, build_model(tiny_args()))
+    (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / image)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
