@@ -248,22 +248,22 @@ def warn(msg: str) -> None:
     print(f"{PROG}: warning: {msg}", file=sys.stderr)
 
 
-def run(opts) -> int:
-    from tqdm import tqdm
-
-    from datasets.tokens import is_truncated
-    from utils.visualize import PALETTE
-
+def gather_requests(opts) -> List[Request]:
+    """The (image, text) requests of --image/--text or --jsonl, every image checked readable."""
     if opts.image is not None:
         texts = [check_text(t, f"--text #{i + 1}") for i, t in enumerate(opts.text)]
         open_image(opts.image, "--image").close()           # fail before loading the model
-        requests = [Request(opts.image, Path(opts.image), t, f"--text #{i + 1}") for i, t in enumerate(texts)]
-    else:
-        requests = read_requests(opts.jsonl, opts.image_root)
-        for path in dict.fromkeys(r.path for r in requests):
-            what = next(r.where for r in requests if r.path == path) + ": image"
-            open_image(path, what).close()
-    # picture paths: --image -> --out; --jsonl -> one per distinct image under --out_dir
+        return [Request(opts.image, Path(opts.image), t, f"--text #{i + 1}") for i, t in enumerate(texts)]
+    requests = read_requests(opts.jsonl, opts.image_root)
+    for path in dict.fromkeys(r.path for r in requests):
+        what = next(r.where for r in requests if r.path == path) + ": image"
+        open_image(path, what).close()
+    return requests
+
+
+def picture_paths(opts, requests: List[Request], out_flag: str) -> Dict[Path, Path]:
+    """Image -> picture path (--image: --out; --jsonl: one per distinct image under --out_dir), folders
+    created, never an input image."""
     if opts.image is not None:
         pictures = {requests[0].path: Path(opts.out) if opts.out else Path(f"{Path(opts.image).stem}_hivg.png")}
     elif opts.out_dir:
@@ -276,7 +276,6 @@ def run(opts) -> int:
             pictures[path] = Path(opts.out_dir) / f"{name}_hivg.png"
     else:
         pictures = {}
-    out_flag = "--out" if opts.image is not None else "--out_dir"
     inputs = {r.path.resolve() for r in requests}
     for picture in pictures.values():
         if picture.resolve() in inputs:
@@ -286,7 +285,18 @@ def run(opts) -> int:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{out_flag}: cannot create the folder {p.parent} ({e})") from None
+    return pictures
 
+
+def run(opts) -> int:
+    from tqdm import tqdm
+
+    from datasets.tokens import is_truncated
+    from utils.visualize import PALETTE
+
+    requests = gather_requests(opts)
+    out_flag = "--out" if opts.image is not None else "--out_dir"
+    pictures = picture_paths(opts, requests, out_flag)
     grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), opts.hf_clip_config,
                              opts.bridge_attention)
     model = grounder.model

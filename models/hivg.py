@@ -11,7 +11,7 @@ Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
 import argparse
 import math
 from functools import partial
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

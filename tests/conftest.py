@@ -1,4 +1,5 @@
 """Shared test settings: CPU only, deterministic, two threads (the CI machine's size)."""
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -9,9 +10,45 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 sys.path.insert(0, str(REPO))
+
+from models.api import Grounder  # noqa: E402
+from models.hivg import add_model_args, build_model  # noqa: E402
+from utils.checkpoint import rng_state, save_checkpoint  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny stage-1 model with fixed random weights (LoRA non-zero) saved as train_hivg.py saves."""
+    torch.manual_seed(0)
+    args = add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_stage", "1",
+         "--use_rtcc_constrain_loss"])
+    model = build_model(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
+    save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
+                           "epoch": 0, "resume_at": (1, 0), "stage": 1, "hi_lora_mode": "paper",
+                           "args": vars(args), "config": model.config.to_dict(), "rng": [rng_state()],
+                           "best_acc": 0.1, "val_acc": 0.1})
+    return path, model.eval()
+
+
+@pytest.fixture(scope="session")
+def grounder(tiny):
+    return Grounder.from_checkpoint(tiny[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(grounder):
+    return grounder.model
+
+

@@ -13,12 +13,10 @@ from PIL import Image
 import predict
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
-from models.api import Grounder, Prepared, box_score, prepare
-from models.hivg import add_model_args, build_model, patch_padding_mask
+from models.api import Grounder, Prepared
 from models.weights import load_model
 from tests.conftest import FIXTURES, REPO
 from utils import visualize as vis
-from utils.checkpoint import rng_state, save_checkpoint
 
 OFFICIAL = FIXTURES / "hivg_tiny_unc+_stage0"
 RED = (230, 20, 20)
@@ -49,61 +47,6 @@ def red_box_image(path, size_wh, box, **save_kw):
     img[y0:y1, x0:x1] = RED
     Image.fromarray(img).save(path, **save_kw)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny stage-1 model with fixed random weights (LoRA non-zero) saved as train_hivg.py saves."""
-    torch.manual_seed(0)
-    args = add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_stage", "1",
-         "--use_rtcc_constrain_loss"])
-    model = build_model(args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
-                           "epoch": 0, "resume_at": (1, 0), "stage": 1, "hi_lora_mode": "paper",
-                           "args": vars(args), "config": model.config.to_dict(), "rng": [rng_state()],
-                           "best_acc": 0.1, "val_acc": 0.1})
-    return path, model.eval()
-
-
-@pytest.fixture(scope="module")
-def grounder(tiny):
-    return Grounder.from_checkpoint(tiny[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_loaded(grounder):
-    return grounder.model
-
-
-# ----------------------------------------------------------------------------------------- geometry
-
-@pytest.mark.parametrize("size_wh", SIZES)
-def test_letterbox_is_the_eval_transform_and_inverts_it(size_wh):
-    w, h = size_wh
-    S = 64
-    box = torch.tensor([0.13 * w, 0.27 * h, 0.81 * w, 0.94 * h])
-    record = make_transforms(S, train=False)(Record(Image.new("RGB", (w, h)), box.clone(), "x",
-                                                    np.zeros((h, w), bool)))
-    lb = Letterbox.of(w, h, S)
-    x0, y0, x1, y1 = lb.crop_box
-    expected_mask = np.ones((S, S), np.int32)
-    expected_mask[y0:y1, x0:x1] = 0
-    assert np.array_equal(record.pixel_mask.numpy(), expected_mask), (size_wh, lb)
-    assert torch.allclose(lb.to_padded(box).float(), record.box, atol=1e-6)
-    back = lb.to_original(record.box, clip=False)
-    assert torch.allclose(back, box.double(), atol=2e-3), (back, box)
-
-
-def test_boxes_outside_the_image_are_clipped_to_it():
-    lb = Letterbox.of(200, 100, 64)                       # padding above and below
-    full = torch.tensor([0.5, 0.5, 1.0, 1.0])                 # the whole padded frame
-    assert lb.to_original(full).tolist() == [0.0, 0.0, 200.0, 100.0]
 
 
 # ----------------------------------------------------------------------------------------- CLI, boxes
@@ -196,69 +139,7 @@ def test_default_picture_path_is_beside_the_working_directory(tiny, tmp_path, mo
         assert pic.size == (80, 120)
 
 
-def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
-    _, model = tiny
-    assert not any("lora" in k for k in tiny_loaded.state_dict())
-    assert any("lora" in k for k in model.state_dict())
-    assert not tiny_loaded.training
-    x = torch.randn(2, 3, 64, 64)
-    mask = torch.zeros(2, 64, 64, dtype=torch.int32)
-    mask[1, :, 50:] = 1
-    ids = tokenize(["left dog", "the red ball on the table"], model.context_length)
-    with torch.no_grad():
-        a = model(x, mask, ids, outputs=["box", "reg_attention"])
-        b = tiny_loaded(x, mask, ids, outputs=["box", "reg_attention"])
-    assert torch.allclose(a["pred_box"], b["pred_box"], atol=1e-5)
-    assert torch.allclose(a["reg_attention"], b["reg_attention"], atol=1e-5)
-
-
-def test_predictions_do_not_depend_on_the_batch(grounder):
-    p = [prepare(Image.fromarray(np.full((40 + 10 * i, 64, 3), 30 * i, np.uint8)), 64) for i in range(3)]
-    texts = ["one", "the second thing", "three"]
-    together = grounder.ground_prepared(p, texts, heatmap=True)
-    for i in range(3):
-        alone = grounder.ground_prepared([p[i]], [texts[i]], heatmap=True)[0]
-        assert np.allclose(alone.box_xyxy, together[i].box_xyxy, atol=1e-4)
-        assert np.allclose(alone.attention, together[i].attention, atol=1e-5)
-
-
-def test_score_is_the_mean_alignment_probability_inside_the_box():
-    logits = torch.full((2, 16), -20.0)            # 4 x 4 grid, probability ~0 everywhere ...
-    logits[0, [5, 6, 9, 10]] = 20.0                 # ... but ~1 on the 2 x 2 centre patches of sample 0
-    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5],     # covers exactly the centre patches
-                          [0.1, 0.1, 0.01, 0.01]])  # no patch centre inside: the patch under the box centre
-    scores = box_score(logits, boxes, (4, 4))
-    assert torch.allclose(scores, torch.tensor([1.0, 0.0]), atol=1e-6)
-    logits[1, 0] = 0.0
-    assert abs(box_score(logits, boxes, (4, 4))[1].item() - 0.5) < 1e-6
-
-
 # ----------------------------------------------------------------------------------------- heat maps
-
-def test_heatmap_has_the_grid_shape_sums_to_one_and_ignores_padding(grounder, tiny_loaded):
-    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 64, 3), dtype=np.uint8))  # 64 x 20
-    preds = grounder.ground([img, img.copy()], ["the left one", "a thing"], heatmap=True, token_map=True)
-    prep = prepare(Image.fromarray(np.zeros((20, 64, 3), np.uint8)), 64)
-    padding = patch_padding_mask(prep.pixel_mask[None], tiny_loaded.grid)[0].reshape(tiny_loaded.grid).numpy()
-    assert padding.any() and not padding.all()
-    for p in preds:
-        assert p.attention.shape == tiny_loaded.grid == (8, 8)
-        assert p.token_map.shape == tiny_loaded.grid
-        assert abs(float(p.attention.sum()) - 1.0) < 1e-5 and (p.attention >= 0).all()
-        assert np.all(p.attention[padding] == 0)
-
-
-def test_attention_is_computed_only_when_asked(grounder, tiny_loaded, monkeypatch):
-    layer = tiny_loaded.fusion.layers[-1]
-    calls = []
-    original = layer.reg_attention
-    monkeypatch.setattr(layer, "reg_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
-    img = Image.new("RGB", (64, 40), (10, 20, 30))
-    plain = grounder.ground([img.copy()], ["a"])[0]
-    assert calls == [] and plain.attention is None and plain.token_map is None
-    with_heat = grounder.ground([img.copy()], ["a"], heatmap=True)[0]
-    assert calls == [1] and with_heat.attention is not None and with_heat.token_map is None
-
 
 def test_overlay_puts_a_hot_patch_where_it_is_in_the_original_image():
     lb = Letterbox.of(300, 100, 64)                      # image rows 27..37 (approx.) of the frame
