@@ -1,4 +1,4 @@
-"""Multi-layer adaptive cross-modal bridge (SPEC section 2).
+"""Multi-layer adaptive cross-modal bridge (docs/method.md, section 2).
 
 Inside a bridge layer of the vision tower, after the block's self-attention residual:
 

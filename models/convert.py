@@ -1,4 +1,4 @@
-"""Convert the authors' HiVG checkpoints (HF-CLIP + peft names) to this project's names (SPEC section 11).
+"""Convert the authors' HiVG checkpoints (HF-CLIP + peft names) to this project's names (docs/method.md, section 8).
 
 Official keys look like `clip.base_model.model.base_model.model.vision_model.encoder.layers.0.self_attn.
 q_proj.lora_A.default.weight` (one `base_model.model.` per nested peft wrap, `.base_layer` with newer

@@ -1,4 +1,4 @@
-"""Convert CLIP checkpoints to the state-dict names of ``open_clip.model.CLIP`` (SPEC section 11).
+"""Convert CLIP checkpoints to the state-dict names of ``open_clip.model.CLIP`` (docs/method.md, section 8).
 
 HF transformers ``CLIPModel`` names map to open_clip names through one table of rename
 rules. A rule is a pair of templates, HF side and open_clip side, in which ``{i}`` stands

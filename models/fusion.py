@@ -1,4 +1,4 @@
-"""The vision-language fusion encoder (SPEC section 4): DETR-style transformer encoder.
+"""The vision-language fusion encoder (docs/method.md, section 4): DETR-style transformer encoder.
 
 Positions are added to queries and keys (not values) in every layer; pre-norm layers end with a
 final LayerNorm (`--normalize_before`), post-norm layers have none. Attention runs through SDPA.

@@ -1,4 +1,4 @@
-"""Output heads on the fused tokens (SPEC section 4)."""
+"""Output heads on the fused tokens (docs/method.md, section 4)."""
 import torch
 import torch.nn.functional as F
 from torch import nn

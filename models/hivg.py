@@ -64,7 +64,7 @@ class HiVG(nn.Module):
         text_layers: text blocks whose outputs feed the bridges (ignored with `mixup`).
         image_size: input side S; the fusion position table has 2 + (S / patch)^2 + T rows.
         context_length: text length T (<= the CLIP context length).
-        adaptive_weights, mixup, bridge_attention: bridge variants (SPEC section 2).
+        adaptive_weights, mixup, bridge_attention: bridge variants (docs/method.md, section 2).
         fusion_*: fusion encoder size; normalize_before selects pre-norm (+ final LN).
         outputs: heads computed by default, a subset of OUTPUTS ("box" always included).
     """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole staged HiVG recipe of SPEC section 7 for one dataset and setting, then evaluation on
+# The whole staged HiVG recipe of the paper (README, "Training and evaluation") for one dataset and setting, then evaluation on
 # every split. Usage: recipe.sh SETTING DATASET, SETTING one of base, large, mixup_base, mixup_large.
 # Environment (defaults in brackets): DATA_ROOT [./data/image_data], SPLIT_ROOT [./data/pseudo_samples],
 # OUTPUT_ROOT [./outputs], CLIP_B [./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth],
