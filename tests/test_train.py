@@ -251,3 +251,12 @@ def test_plain_progress_lines_when_not_on_a_terminal(data, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0 step")]
     assert [line.split()[3] for line in lines] == ["2/6", "4/6", "6/6"]       # 48 samples / batch 8
     assert all(" loss " in line and "loss_bbox" in line and "samples/s ETA" in line for line in lines)
+
+
+def test_checkpoints_get_the_umask_mode_not_a_private_one(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "a.pth", {"model": {"w": torch.ones(1)}})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640

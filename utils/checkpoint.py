@@ -22,12 +22,14 @@ from models.weights import load_model, read_weights
 def save_checkpoint(path, obj) -> None:
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems.
+    A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems. The file
+    gets the mode of any new file under the user's umask (mkstemp's private 0600 would keep a cluster group out).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -37,6 +39,12 @@ def save_checkpoint(path, obj) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path) -> dict:
