@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATASETS, UNSAFE_FLAG
+from datasets.refer import DATASETS, TRAIN_SPLITS, UNSAFE_FLAG
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
@@ -23,15 +23,19 @@ from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, evaluate
 from utils.visualize import save_eval_pictures
 
-DATA_DEFAULTS = {"dataset": "referit", "data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
+DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
+DEFAULT_DATASET = "referit"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("HiVG evaluation", allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--eval_model", required=True, help="checkpoint to evaluate")
-    parser.add_argument("--eval_set", nargs="+", default=["test"], help="one or more splits")
-    parser.add_argument("--dataset", choices=list(DATASETS), help="default: the checkpoint's")
+    parser.add_argument("--eval_set", nargs="+", default=["test"],
+                        help="one or more splits, or 'all': every evaluation split of each dataset")
+    parser.add_argument("--dataset", nargs="+", choices=list(DATASETS),
+                        help="one or more datasets (e.g. the five of the paper's table for a mixup model); "
+                             "default: the checkpoint's")
     parser.add_argument("--data_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["data_root"])
     parser.add_argument("--split_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["split_root"])
     parser.add_argument(UNSAFE_FLAG, action="store_true",
@@ -61,11 +65,33 @@ def format_table(dataset: str, results: dict) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def data_args(opts, run_args: dict, image_size: int) -> argparse.Namespace:
+def data_args(opts, run_args: dict, image_size: int, dataset: str) -> argparse.Namespace:
     """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
     values = {k: getattr(opts, k) or run_args.get(k) or default for k, default in DATA_DEFAULTS.items()}
-    return argparse.Namespace(**values, imsize=image_size, use_seg_mask=False, allow_unsafe_pickle=opts.allow_unsafe_pickle,
+    return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False, allow_unsafe_pickle=opts.allow_unsafe_pickle,
                               aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)
+
+
+def eval_splits(dataset: str, requested) -> list:
+    """The splits to evaluate: as given, or with 'all' every split of the dataset that is not for training."""
+    if list(requested) != ["all"]:
+        return list(requested)
+    return [s for s in DATASETS[dataset][2] if s not in TRAIN_SPLITS]
+
+
+def authors_eval_batch(config) -> int:
+    """Per-GPU batch of the authors' evaluation scripts for this kind of model (mixup, large, base)."""
+    return 64 if config.mixup else 32 if config.name.startswith("ViT-L") else 60
+
+
+def warn_about_batching(config, batch_size: int) -> None:
+    """With the official bridge a prediction depends on the other samples of its batch on its rank."""
+    expected = authors_eval_batch(config)
+    if config.bridge_attention == "official" and batch_size != expected:
+        print(f"warning: the official bridge mixes the samples of a batch, so Acc@0.5 depends on the batch per "
+              f"process; the authors evaluated this kind of model at --batch_size {expected} per GPU (base 60 x 7 "
+              "GPUs, large 32 x 7, mixup base 64 x 1, mixup large 64 x 7); use that, or --bridge_attention "
+              "per_sample", file=sys.stderr, flush=True)
 
 
 def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> None:
@@ -77,6 +103,27 @@ def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> No
     out.write_text(json.dumps(previous, indent=2) + "\n")
 
 
+def evaluate_dataset(model, args, splits, opts, info, out_dir: Path) -> dict:
+    """Every requested split of one dataset: results by split (and pictures with --visualize)."""
+    collate = Collate(model.context_length)
+    results = {}
+    for split in splits:
+        dataset = build_dataset(split, args)
+        loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
+                                             num_workers=opts.num_workers)
+        results[split] = evaluate(model, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
+                                  info.is_main and sys.stderr.isatty(), f"eval {args.dataset} {split}",
+                                  return_ious=opts.visualize > 0)
+        if info.is_main:
+            print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
+        if info.is_main and opts.visualize > 0:
+            vis_dir = out_dir / f"vis_{Path(opts.eval_model).stem}"
+            paths = save_eval_pictures(model, dataset, results[split].pop("ious"), opts.visualize, vis_dir,
+                                       info.device, prefix=split)
+            print(f"{split}: {len(paths)} pictures in {vis_dir}")
+    return results
+
+
 def main(argv=None) -> int:
     opts = get_args_parser().parse_args(argv)
     info = du.init_distributed(opts.device)
@@ -84,32 +131,20 @@ def main(argv=None) -> int:
         clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
         weights = read_weights(opts.eval_model, clip_cfg)
         model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
-        args = data_args(opts, weights.run_args or {}, model.image_size)
+        run_args = weights.run_args or {}
         if info.is_main:
             print(f"{opts.eval_model}: {weights.kind} checkpoint, {model.config.name} at Hi LoRA stage "
                   f"{model.config.hi_lora_stage}, bridge attention: {model.config.bridge_attention}", flush=True)
-        collate = Collate(model.context_length)
+            warn_about_batching(model.config, opts.batch_size)
         out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
-        results = {}
-        for split in opts.eval_set:
-            dataset = build_dataset(split, args)
-            loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
-                                                 num_workers=opts.num_workers)
-            results[split] = evaluate(model, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
-                                      info.is_main and sys.stderr.isatty(), f"eval {split}",
-                                      return_ious=opts.visualize > 0)
+        out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
+        for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
+            args = data_args(opts, run_args, model.image_size, name)
+            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir)
             if info.is_main:
-                print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
-            if info.is_main and opts.visualize > 0:
-                vis_dir = out_dir / f"vis_{Path(opts.eval_model).stem}"
-                paths = save_eval_pictures(model, dataset, results[split].pop("ious"), opts.visualize, vis_dir,
-                                           info.device, prefix=split)
-                print(f"{split}: {len(paths)} pictures in {vis_dir}")
-        if info.is_main:
-            print(format_table(args.dataset, results))
-            out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
-            write_results(out, args.dataset, str(opts.eval_model), results)
-            print(f"wrote {out}")
+                print(format_table(name, results))
+                write_results(out, name, str(opts.eval_model), results)
+                print(f"wrote {out}", flush=True)
         return 0
     finally:
         du.cleanup()

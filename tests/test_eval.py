@@ -123,3 +123,52 @@ def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tm
                     "--output_dir", str(tmp_path), *choice])
         assert proc.returncode == 0, proc.stderr
         assert f"bridge attention: {expected}" in proc.stdout
+
+
+def test_paper_table_puts_our_numbers_beside_the_paper(tmp_path, capsys):
+    from eval import write_results
+    from utils import paper_table
+
+    def result(acc):
+        return {"count": 10, "acc": acc, "miou": acc, "acc_by_length": {}}
+
+    first, second = tmp_path / "unc" / "eval_best.json", tmp_path / "referit" / "eval_best.json"
+    write_results(first, "unc", "ck.pth", {"val": result(0.8732), "testA": result(0.9)})
+    write_results(first, "unc", "ck.pth", {"testB": result(0.8)})                  # added, not overwritten
+    write_results(second, "referit", "ck.pth", {"test": result(0.7522)})
+    assert paper_table.main([str(first), str(second), "--row", "HiVG-B"]) == 0
+    header, _, ours, paper, diff = capsys.readouterr().out.strip().splitlines()
+    cells = [c.strip() for c in ours.split("|")[2:-1]]
+    assert header.split("|")[2].strip() == "RefCOCO val" and len(cells) == 10
+    assert cells[:3] == ["87.32", "90.00", "80.00"] and cells[8] == "75.22" and cells[9] == "-"
+    assert [c.strip() for c in diff.split("|")[2:-1]][:3] == ["+0.00", "+0.14", "-3.27"]
+    assert "paper (HiVG-B)" in paper
+    legacy = tmp_path / "old.json"
+    legacy.write_text(json.dumps({"val": {"acc": 0.5, "count": 3}}))
+    with pytest.raises(ValueError, match="keyed by split only"):
+        paper_table.read_results([legacy])
+
+
+def test_several_datasets_and_all_splits_in_one_command(setup, tmp_path):
+    from eval import authors_eval_batch, eval_splits
+    assert eval_splits("unc", ["all"]) == ["val", "testA", "testB"] and eval_splits("gref", ["all"]) == ["val"]
+    assert eval_splits("unc", ["val"]) == ["val"]
+    _, ckpt = setup
+    proc = run(["--eval_model", str(ckpt), "--dataset", "synthref", "synthref", "--eval_set", "all",
+                "--num_workers", "0", "--output_dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "eval_best_checkpoint.json").read_text())
+    assert set(results["synthref"]) == {"val", "test"}
+    assert "warning" not in proc.stderr                     # per-sample bridge: any batch is fine
+    assert authors_eval_batch(load_model(ckpt).config) == 60
+
+
+def test_official_bridge_at_another_batch_names_the_authors_batching(setup, tmp_path):
+    _, ckpt = setup
+    official = tmp_path / "official_bridge.pth"
+    content = load_checkpoint(ckpt)
+    content["config"]["bridge_attention"] = "official"
+    save_checkpoint(official, content)
+    proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0", "--batch_size", "5",
+                "--output_dir", str(tmp_path)])
+    assert proc.returncode == 0 and "the authors evaluated this kind of model at --batch_size 60" in proc.stderr
