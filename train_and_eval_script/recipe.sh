@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The whole staged HiVG recipe of the paper (README, "Training and evaluation") for one dataset and setting, then evaluation on
-# every split. Usage: recipe.sh SETTING DATASET, SETTING one of base, large, mixup_base, mixup_large.
+# The whole staged HiVG recipe (README, "Training and evaluation") for one dataset and setting, then evaluation
+# on every split (a mixup model on the five datasets of the paper's table). Usage: recipe.sh SETTING DATASET,
+# SETTING one of base, large, mixup_base, mixup_large.
+#
+# A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth.
 # Environment (defaults in brackets): DATA_ROOT [./data/image_data], SPLIT_ROOT [./data/pseudo_samples],
 # OUTPUT_ROOT [./outputs], CLIP_B [./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth],
-# CLIP_L [./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth], NGPU [visible GPUs, else 1],
-# WORKERS [4], PYTHON [python], EXTRA [extra flags for every training run, e.g. "--amp bf16"].
+# CLIP_L [./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth], MODE [paper; official: the authors' Hi LoRA
+# layout and batch-mixing bridge, which their numbers come from], NGPU [the GPUs CUDA_VISIBLE_DEVICES lists,
+# else all of nvidia-smi's, else 1], NNODES [1], NODE_RANK [0], RDZV_ENDPOINT [host:port of node 0, for
+# NNODES > 1], RDZV_ID [hivg], WORKERS [4], PYTHON [.venv/bin/python if present, else python],
+# EXTRA [extra flags for every training run, e.g. "--amp bf16"], DRY_RUN [1: print the commands only].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETTING=$1 DATASET=$2
@@ -13,53 +19,86 @@ SPLIT_ROOT=${SPLIT_ROOT:-./data/pseudo_samples}
 OUTPUT_ROOT=${OUTPUT_ROOT:-./outputs}
 CLIP_B=${CLIP_B:-./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth}
 CLIP_L=${CLIP_L:-./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth}
-NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | wc -l)}
-NGPU=$(( NGPU > 0 ? NGPU : 1 ))
+MODE=${MODE:-paper}
 WORKERS=${WORKERS:-4}
-PYTHON=${PYTHON:-python}
+NNODES=${NNODES:-1}
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 read -r -a EXTRA <<< "${EXTRA:-}"
 OUT=$OUTPUT_ROOT/$SETTING/$DATASET
 
-case $DATASET in
-    unc|unc+) SPLITS="val testA testB" ;;
-    gref) SPLITS="val" ;;
-    *) SPLITS="val test" ;;
+if [ -z "${NGPU:-}" ]; then   # torchrun starts one process per GPU: count the ones this job may use
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+        IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+        NGPU=${#visible[@]}
+    else
+        NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+    fi
+fi
+NGPU=$(( NGPU > 0 ? NGPU : 1 ))
+case $MODE in
+    paper) MODE_FLAGS=(--hi_lora_mode paper --bridge_attention per_sample) ;;
+    official) MODE_FLAGS=(--hi_lora_mode official --bridge_attention official) ;;
+    *) echo "MODE must be paper or official, got $MODE" >&2; exit 2 ;;
 esac
+
 short=0; [ "$DATASET" = flickr ] && short=1
 case $SETTING in
     base)        MODEL=ViT-B/16; CLIP=$CLIP_B; WARM=""; E0=$(( short ? 30 : 60 )); EL=$(( short ? 5 : 20 ))
-                 B0=80; BL=(60 60 40); LRS=(1e-4 5e-5 2.5e-5); MODE=(--enable_adaptive_weights) ;;
+                 B0=80; BL=(60 60 40); LRS=(1e-4 5e-5 2.5e-5); BRIDGE=(--enable_adaptive_weights); EVAL_B=60 ;;
     large)       MODEL=ViT-L/14; CLIP=$CLIP_L; WARM=$([ "$DATASET" = referit ] && echo 5 || echo 10)
                  E0=$(( short ? 30 : 60 )); EL=$(( short ? 5 : 10 )); B0=32; BL=(32 32 32); LRS=(1e-4 5e-5 2.5e-5)
-                 MODE=(--enable_adaptive_weights) ;;
+                 BRIDGE=(--enable_adaptive_weights); EVAL_B=32 ;;
     mixup_base)  MODEL=ViT-B/16; CLIP=$CLIP_B; WARM=""; E0=60; EL=20; B0=64; BL=(64 64 64); LRS=(1e-4 5e-5 2e-5)
-                 MODE=(--mixup_pretrain --no-enable_adaptive_weights) ;;
+                 BRIDGE=(--mixup_pretrain --no-enable_adaptive_weights); EVAL_B=64 ;;
     mixup_large) MODEL=ViT-L/14; CLIP=$CLIP_L; WARM=10; E0=30; EL=10; B0=32; BL=(32 32 32); LRS=(1e-4 5e-5 2e-5)
-                 MODE=(--mixup_pretrain --no-enable_adaptive_weights) ;;
+                 BRIDGE=(--mixup_pretrain --no-enable_adaptive_weights); EVAL_B=64 ;;
     *) echo "unknown setting $SETTING (base, large, mixup_base, mixup_large)" >&2; exit 2 ;;
 esac
+EVAL_DATA=(--dataset "$DATASET")
+[ "$DATASET" = mixup ] && EVAL_DATA=(--dataset unc unc+ gref_umd referit flickr)
 
-run() { "$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" --standalone "$@"; }
+LAUNCH=(--nproc_per_node "$NGPU")
+if [ "$NNODES" -gt 1 ]; then
+    LAUNCH+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
+             --rdzv_endpoint "${RDZV_ENDPOINT:?RDZV_ENDPOINT=host:port of node 0 is needed when NNODES > 1}"
+             --rdzv_id "${RDZV_ID:-hivg}")
+else
+    LAUNCH+=(--standalone)
+fi
+run() {
+    if [ "${DRY_RUN:-0}" = 1 ]; then echo "torchrun ${LAUNCH[*]} $*"; else "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" "$@"; fi
+}
+
+# stage NAME FLAGS...: skipped when done, resumed when interrupted, else run from the start.
+stage() {
+    local dir=$OUT/$1; shift
+    echo "==================== $SETTING $DATASET $(basename "$dir") ===================="
+    if [ -f "$dir/DONE" ]; then
+        echo "finished earlier ($dir/DONE): skipped"
+    elif [ -f "$dir/checkpoint.pth" ]; then
+        run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS"
+    else
+        run train_hivg.py "$@" --output_dir "$dir"
+    fi
+    [ "${DRY_RUN:-0}" = 1 ] || touch "$dir/DONE"
+}
+
 COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${EXTRA[@]}")
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
-             --max_query_len 77 --normalize_before "${MODE[@]}" --use_contrastive_loss --use_rtcc_constrain_loss
-             --use_mask_loss)
+             --max_query_len 77 --normalize_before "${BRIDGE[@]}" "${MODE_FLAGS[@]}" --use_contrastive_loss
+             --use_rtcc_constrain_loss --use_mask_loss)
 START=(--clip_model "$CLIP")
 if [ -n "$WARM" ]; then
-    echo "==================== $SETTING $DATASET warmup (no bridges) ===================="
-    run train_hivg.py "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM" \
-        --lr 2.5e-4 --batch_size 32 --output_dir "$OUT/warmup"
+    stage warmup "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM" --lr 2.5e-4 \
+        --batch_size 32
     START=(--retrain "$OUT/warmup/best_checkpoint.pth")
 fi
-echo "==================== $SETTING $DATASET stage 0 ===================="
-run train_hivg.py "${COMMON[@]}" "${MODEL_FLAGS[@]}" "${START[@]}" --epochs "$E0" --lr 2.5e-4 --batch_size "$B0" \
-    --output_dir "$OUT/stage0"
-for stage in 1 2 3; do
-    echo "==================== $SETTING $DATASET Hi LoRA stage $stage ===================="
-    run train_hivg.py "${COMMON[@]}" --hi_lora_retrain "$OUT/stage$(( stage - 1 ))/best_checkpoint.pth" \
-        --epochs "$EL" --lr "${LRS[stage-1]}" --batch_size "${BL[stage-1]}" --output_dir "$OUT/stage$stage"
+stage stage0 "${COMMON[@]}" "${MODEL_FLAGS[@]}" "${START[@]}" --epochs "$E0" --lr 2.5e-4 --batch_size "$B0"
+for k in 1 2 3; do
+    stage "stage$k" "${COMMON[@]}" --hi_lora_retrain "$OUT/stage$(( k - 1 ))/best_checkpoint.pth" --epochs "$EL" \
+        --lr "${LRS[k-1]}" --batch_size "${BL[k-1]}"
 done
 for dir in stage0 stage1 stage2 stage3; do
-    # shellcheck disable=SC2086
-    run eval.py --num_workers "$WORKERS" --batch_size 64 --eval_model "$OUT/$dir/best_checkpoint.pth" --eval_set $SPLITS
+    run eval.py --num_workers "$WORKERS" --batch_size "$EVAL_B" --eval_model "$OUT/$dir/best_checkpoint.pth" \
+        "${EVAL_DATA[@]}" --eval_set all
 done

@@ -1,0 +1,63 @@
+"""train_and_eval_script/recipe.sh: GPU count, skip / resume of stages, mode, multi-node and mixup evaluation,
+checked on the commands it prints with DRY_RUN=1 (no training)."""
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO
+
+RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
+
+
+def recipe(tmp_path, setting, dataset, gpus=None, **env):
+    """Lines the recipe prints; `gpus` puts a fake nvidia-smi listing that many GPUs first on the PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    if gpus is not None:
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text("#!/bin/sh\n" + "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus)))
+        fake.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NGPU")}
+    full_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", DRY_RUN="1", OUTPUT_ROOT=str(tmp_path / "out"), **env)
+    proc = subprocess.run(["bash", str(RECIPE), setting, dataset], env=full_env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def commands(lines, script):
+    return [line for line in lines if line.startswith("torchrun") and f" {script} " in line]
+
+
+@pytest.mark.parametrize("gpus,visible,expected", [(8, None, 8), (8, "1,2,3,4,5,6,7", 7), (8, "0", 1), (None, None, 1)])
+def test_one_process_per_gpu_the_job_may_use(tmp_path, gpus, visible, expected):
+    env = {"CUDA_VISIBLE_DEVICES": visible} if visible else {}
+    lines = recipe(tmp_path, "base", "unc", gpus=gpus, **env)
+    assert all(f"--nproc_per_node {expected} --standalone" in c for c in commands(lines, "train_hivg.py"))
+
+
+def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path):
+    out = tmp_path / "out" / "base" / "unc"
+    for name in ("stage0", "stage1"):
+        (out / name).mkdir(parents=True)
+    (out / "stage0" / "DONE").touch()
+    (out / "stage1" / "checkpoint.pth").touch()
+    lines = recipe(tmp_path, "base", "unc")
+    train = commands(lines, "train_hivg.py")
+    assert "finished earlier" in lines[lines.index("==================== base unc stage0 ====================") + 1]
+    assert train[0].endswith(f"train_hivg.py --resume {out}/stage1/checkpoint.pth --num_workers 4")
+    assert f"--hi_lora_retrain {out}/stage1/best_checkpoint.pth" in train[1] and len(train) == 3
+
+
+def test_mode_multi_node_and_mixup_evaluation_on_five_datasets(tmp_path):
+    lines = recipe(tmp_path, "mixup_base", "mixup", MODE="official", NNODES="2", NODE_RANK="1", NGPU="8",
+                   RDZV_ENDPOINT="node0:29500")
+    train, evals = commands(lines, "train_hivg.py"), commands(lines, "eval.py")
+    assert "--hi_lora_mode official --bridge_attention official" in train[0]
+    assert all("--nnodes 2 --node_rank 1 --rdzv_backend c10d --rdzv_endpoint node0:29500" in c for c in train + evals)
+    assert len(evals) == 4 and all("--dataset unc unc+ gref_umd referit flickr --eval_set all" in c for c in evals)
+    assert all("--batch_size 64" in c for c in evals)
+    env = {k: v for k, v in os.environ.items()}
+    env.update(DRY_RUN="1", NNODES="2", OUTPUT_ROOT=str(tmp_path))
+    proc = subprocess.run(["bash", str(RECIPE), "base", "unc"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "RDZV_ENDPOINT=host:port of node 0 is needed" in proc.stderr
