@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, add_data_args, build_dataset
-from models.configs import names_pretrained_clip
+from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
 from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
@@ -40,21 +40,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_data_args(parser)
     add_model_args(parser, shared=False)
     g = parser.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     g.add_argument("--batch_size", type=int, default=8, help="per rank and micro-batch")
     g.add_argument("--accum_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--weight_decay", type=float, default=1e-4)
-    g.add_argument("--epochs", type=int, default=90)
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--epochs", type=int, default=90, help="epochs of this stage")
     g.add_argument("--run_epochs", type=int, default=0, help="stop this run after N epochs (resume later); 0: all")
     g.add_argument("--epoch_samples", type=int, default=0,
                    help="train each epoch on N samples drawn afresh from the split (0: the whole split)")
-    g.add_argument("--optimizer", choices=("adamw",), default="adamw")
     g.add_argument("--lr_scheduler", choices=SCHEDULERS, default="step", help="stepped once per epoch")
-    g.add_argument("--lr_drop", type=int, default=60)
-    g.add_argument("--lr_power", type=float, default=0.9)
-    g.add_argument("--lr_exponential", type=float, default=0.9)
-    g.add_argument("--clip_max_norm", type=float, default=0.0)
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    g.add_argument("--lr_drop", type=int, default=60, help="step schedule: x0.1 every N epochs")
+    g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule exponent")
+    g.add_argument("--lr_exponential", type=float, default=0.9, help="exponential schedule factor per epoch")
+    g.add_argument("--clip_max_norm", type=float, default=0.0, help="gradient norm clipping (0: none)")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
     g.add_argument("--sup_type", choices=("full", "unsup"), default="full", help="unsup trains on train_pseudo")
     g.add_argument("--clip_model", default="", help="CLIP weights: open_clip/OpenAI/HF file or the official "
                    "debiased CLIP; without it the CLIP is random")
@@ -65,10 +64,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "--retrain whose CLIP is none of the --model configs: its architecture as an HF CLIPConfig JSON")
     g.add_argument("--hi_lora_clip", default="", help="accepted for the official scripts; not needed")
     g.add_argument("--save_hilora_clip", action="store_true", help="accepted for the official scripts; no effect")
-    g.add_argument("--output_dir", default="./outputs")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
-    g.add_argument("--num_workers", type=int, default=2)
+    g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
     g.add_argument("--eval_batch_size", type=int, default=0, help="default: --batch_size")
     g.add_argument("--print_freq", type=int, default=20,
                    help="a plain progress line every N optimizer steps when the output is not a terminal (0: none)")
@@ -84,6 +83,13 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.hf_clip_config and not (args.hi_lora_retrain or args.retrain):
         parser.error("--hf_clip_config describes the CLIP of an official checkpoint given to --hi_lora_retrain "
                      "or --retrain; give one of them")
+    for flag, why in (("hi_lora_clip", "the next stage's CLIP comes with the --hi_lora_retrain checkpoint"),
+                      ("save_hilora_clip", "every checkpoint holds the whole model, CLIP included")):
+        if getattr(args, flag):
+            print(f"{parser.prog}: warning: --{flag} has no effect here: {why}", file=sys.stderr)
+    if args.warmup and not has_warmup_layout(args.model):
+        print(f"{parser.prog}: warning: --warmup changes nothing for --model {args.model}: its config has no "
+              "warm-up bridge layout (ViT-L/14 runs its warm-up without bridges)", file=sys.stderr)
     if sum(bool(p) for p in (args.resume, args.hi_lora_retrain, args.retrain)) > 1:
         parser.error("--resume, --hi_lora_retrain and --retrain exclude each other (resume continues a run, "
                      "--hi_lora_retrain starts the next stage, --retrain starts from given weights)")

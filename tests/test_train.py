@@ -260,3 +260,14 @@ def test_checkpoints_get_the_umask_mode_not_a_private_one(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o640
+
+
+def test_flags_without_effect_say_so(data, tmp_path):
+    proc = run_script(["train_hivg.py", *flags(data, tmp_path, "--epochs", "1", "--epoch_samples", "8", "--model",
+                                               "demo", "--warmup", "--save_hilora_clip", "--hi_lora_clip", "x.pth")])
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 3 and "--warmup changes nothing for --model demo" in warnings[2]
+    assert "--save_hilora_clip has no effect" in proc.stderr and "--hi_lora_clip has no effect" in proc.stderr
+    help_text = run_script(["train_hivg.py", "--help"]).stdout
+    assert "(default: 0.0001)" in help_text and "--optimizer" not in help_text

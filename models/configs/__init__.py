@@ -43,3 +43,8 @@ def names_pretrained_clip(name: str) -> bool:
     """True when the config names an open_clip architecture, whose runs are meant to start from its
     pretrained weights (the small inline configs are for tests and the demo)."""
     return "open_clip_model" in load_model_config(name)
+
+
+def has_warmup_layout(name: str) -> bool:
+    """True when --warmup changes the network: the config lists the bridges of its warm-up run."""
+    return "warmup_bridge_layers" in load_model_config(name)
