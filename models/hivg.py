@@ -54,6 +54,14 @@ def init_sincos_position_embedding(visual: nn.Module) -> None:
     pos[1:].copy_(table / table.std() * std)
 
 
+@torch.compiler.disable
+def text_length(eot_pos: torch.Tensor) -> int:
+    """Tokens up to the batch's last EOT. A data-dependent size read on the host (one sync), so under
+    torch.compile the graph breaks here on purpose: towers and bridges form one graph, the fusion
+    encoder and heads another (recompiled once with a symbolic length when the length first changes)."""
+    return int(eot_pos.max()) + 1
+
+
 class HiVG(nn.Module):
     """Visual grounding on CLIP with multi-layer adaptive cross-modal bridges and Hi LoRA.
 
@@ -181,7 +189,7 @@ class HiVG(nn.Module):
         # Text positions after the batch's last EOT are padding for every sample: masked as keys and
         # never read as outputs, so the fusion encoder can leave them out without changing anything.
         eot_pos = ids.argmax(dim=-1)
-        T = int(eot_pos.max()) + 1
+        T = text_length(eot_pos)
         visual = self.visual_proj(self.visual_proj_multi(torch.cat(vis.layers, dim=-1)))
         text_src = self.text_proj(text_tokens[:, :T])
         tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
