@@ -29,8 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from datasets.refer import IMAGE_DIRS, split_path
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
-from predict import UserError, heat_pictures, load_grounder, resolve_device
-from utils.visualize import PALETTE, draw_boxes
+from utils.cli import UserError, load_grounder, resolve_device
+from utils.visualize import PALETTE, draw_boxes, heat_pictures
 
 PROG = "app.py"
 DEMO_DATA = Path(__file__).resolve().parent / "outputs" / "demo" / "data"   # demo.sh's default

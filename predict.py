@@ -30,18 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from models.api import Grounder, Grounding, Prepared
-from utils.visualize import draw_boxes, overlay_heatmap
+from utils.cli import UserError, load_grounder, resolve_device
+from utils.visualize import draw_boxes, heat_pictures
 
 PROG = "predict.py"
-
-
-class UserError(Exception):
-    """A problem with the inputs: reported as one line, exit status 2, no traceback."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -72,40 +67,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------- model
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def load_grounder(path, device: torch.device, hf_clip_config: Optional[str] = None,
-                  bridge_attention: str = "per_sample") -> Grounder:
-    """The checkpoint's model (ours or official) behind the Python API, or a UserError saying why not."""
-    import pickle
-
-    from models.convert_clip import clip_cfg_from_hf_json
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--checkpoint {path} does not exist; pass a checkpoint written by train_hivg.py "
-                        f"(e.g. OUTPUT_DIR/best_checkpoint.pth) or an official HiVG checkpoint")
-    try:
-        clip_cfg = clip_cfg_from_hf_json(hf_clip_config) if hf_clip_config else None
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:
-        return Grounder.from_checkpoint(path, device, bridge_attention, clip_cfg)
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, EOFError, OSError,
-            pickle.UnpicklingError) as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        raise UserError(f"--checkpoint {path} is not a HiVG model this project can load: {msg}\n"
-                        "  pass a checkpoint written by train_hivg.py or utils.checkpoint, or an official HiVG "
-                        "checkpoint (one whose CLIP is none of the registered --model configs also needs "
-                        "--hf_clip_config)") from None
-
 
 # ----------------------------------------------------------------------------------------- images
 
@@ -142,18 +103,6 @@ def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
 
 
 # ----------------------------------------------------------------------------------------- prediction
-
-def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour) -> Dict[str, Image.Image]:
-    """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap'."""
-    lb = pred.letterbox
-    pics = {}
-    if pred.attention is not None:
-        pics["attn"] = overlay_heatmap(image, pred.attention, lb.crop_box, lb.size)
-    if pred.token_map is not None:
-        prob = 1.0 / (1.0 + np.exp(-pred.token_map.astype(np.float64)))
-        pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, lb.size, normalize=False)
-    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour]) for k, v in pics.items()}
-
 
 # ----------------------------------------------------------------------------------------- CLI
 

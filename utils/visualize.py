@@ -3,7 +3,7 @@ and evaluation samples (prediction, ground truth, IoU). Boxes reach pixels of th
 datasets.transforms.Letterbox. Only numpy and PIL: the colour map is implemented here.
 """
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from datasets.collate import Collate
 from datasets.transforms import Letterbox
+from models.api import Grounding
 
 CYAN = (0, 255, 255)
 GREEN = (0, 255, 0)
@@ -203,3 +204,15 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, d
             picture.save(path)
             paths.append(path)
     return paths
+
+
+def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour) -> Dict[str, Image.Image]:
+    """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap'."""
+    lb = pred.letterbox
+    pics = {}
+    if pred.attention is not None:
+        pics["attn"] = overlay_heatmap(image, pred.attention, lb.crop_box, lb.size)
+    if pred.token_map is not None:
+        prob = 1.0 / (1.0 + np.exp(-pred.token_map.astype(np.float64)))
+        pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, lb.size, normalize=False)
+    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour]) for k, v in pics.items()}
