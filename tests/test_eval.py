@@ -110,12 +110,18 @@ def test_results_are_keyed_by_dataset_and_split_and_kept(setup, tmp_path):
     assert results["synthref"]["test"]["checkpoint"] == str(ckpt)
 
 
-def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tmp_path):
-    _, ckpt = setup
-    official = tmp_path / "official_bridge.pth"
+def with_official_bridge(ckpt, folder):
+    """A copy of `ckpt` whose config says the authors' batch-mixing bridge."""
+    official = folder / "official_bridge.pth"
     content = load_checkpoint(ckpt)
     content["config"]["bridge_attention"] = "official"
     save_checkpoint(official, content)
+    return official
+
+
+def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tmp_path):
+    _, ckpt = setup
+    official = with_official_bridge(ckpt, tmp_path)
     assert load_model(official).bridges["1"].mode == "official"
     assert load_model(official, bridge_attention="per_sample").bridges["1"].mode == "per_sample"
     for choice, expected in (([], "official"), (["--bridge_attention", "per_sample"], "per_sample")):
@@ -165,10 +171,7 @@ def test_several_datasets_and_all_splits_in_one_command(setup, tmp_path):
 
 def test_official_bridge_at_another_batch_names_the_authors_batching(setup, tmp_path):
     _, ckpt = setup
-    official = tmp_path / "official_bridge.pth"
-    content = load_checkpoint(ckpt)
-    content["config"]["bridge_attention"] = "official"
-    save_checkpoint(official, content)
+    official = with_official_bridge(ckpt, tmp_path)
     proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0", "--batch_size", "5",
                 "--output_dir", str(tmp_path)])
     assert proc.returncode == 0 and "the authors evaluated this kind of model at --batch_size 60" in proc.stderr
