@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
@@ -20,7 +21,7 @@ from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils import distributed as du
-from utils.engine import LENGTH_BUCKETS, evaluate
+from utils.engine import LENGTH_BUCKETS, evaluate, set_tf32
 from utils.visualize import save_eval_pictures
 
 DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
@@ -49,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (as timm and open_clip); "
+                             "--no-tf32 for exact fp32; no effect on CPU")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the model (after LoRA merging); the first batches compile")
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     return parser
@@ -103,15 +109,18 @@ def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> No
     out.write_text(json.dumps(previous, indent=2) + "\n")
 
 
-def evaluate_dataset(model, args, splits, opts, info, out_dir: Path) -> dict:
-    """Every requested split of one dataset: results by split (and pictures with --visualize)."""
-    collate = Collate(model.context_length)
+def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -> dict:
+    """Every requested split of one dataset: results by split (and pictures with --visualize).
+
+    `net` runs the evaluation (the compiled model with --compile; default `model`); the pictures use `model`.
+    """
+    collate, net = Collate(model.context_length), model if net is None else net
     results = {}
     for split in splits:
         dataset = build_dataset(split, args)
         loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
                                              num_workers=opts.num_workers)
-        results[split] = evaluate(model, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
+        results[split] = evaluate(net, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
                                   info.is_main and sys.stderr.isatty(), f"eval {args.dataset} {split}",
                                   return_ious=opts.visualize > 0)
         if info.is_main:
@@ -127,10 +136,12 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path) -> dict:
 def main(argv=None) -> int:
     opts = get_args_parser().parse_args(argv)
     info = du.init_distributed(opts.device)
+    set_tf32(info.device, opts.tf32)
     try:
         clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
         weights = read_weights(opts.eval_model, clip_cfg)
         model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
+        net = torch.compile(model) if opts.compile else model
         run_args = weights.run_args or {}
         if info.is_main:
             print(f"{opts.eval_model}: {weights.kind} checkpoint, {model.config.name} at Hi LoRA stage "
@@ -140,7 +151,7 @@ def main(argv=None) -> int:
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
             args = data_args(opts, run_args, model.image_size, name)
-            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir)
+            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir, net)
             if info.is_main:
                 print(format_table(name, results))
                 write_results(out, name, str(opts.eval_model), results)

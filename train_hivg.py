@@ -26,7 +26,8 @@ from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
-from utils.engine import EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, train_one_epoch
+from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
+                          train_one_epoch)
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.run_flags import given_flags, inherit_flags
@@ -54,6 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_exponential", type=float, default=0.9, help="exponential schedule factor per epoch")
     g.add_argument("--clip_max_norm", type=float, default=0.0, help="gradient norm clipping (0: none)")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (as timm and open_clip); "
+                        "no effect on CPU")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the model for training (validation stays eager); the first steps compile")
     g.add_argument("--sup_type", choices=("full", "unsup"), default="full", help="unsup trains on train_pseudo")
     g.add_argument("--clip_model", default="", help="CLIP weights: open_clip/OpenAI/HF file or the official "
                    "debiased CLIP; without it the CLIP is random")
@@ -70,7 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
     g.add_argument("--eval_batch_size", type=int, default=0, help="default: --batch_size")
     g.add_argument("--print_freq", type=int, default=20,
-                   help="a plain progress line every N optimizer steps when the output is not a terminal (0: none)")
+                   help="a plain progress line every N optimizer steps when the output is not a terminal (0: none); "
+                        "also how often the ranks check for a non-finite loss or a stop signal (0: every step)")
     return parser
 
 
@@ -205,6 +212,7 @@ class Trainer:
 
     def __init__(self, args, start, info):
         self.args, self.info, self.device = args, info, info.device
+        set_tf32(self.device, args.tf32)
         seed = args.seed + info.rank
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -222,6 +230,8 @@ class Trainer:
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if args.compile:  # shares the parameters; the checkpoints keep saving self.model
+            self.net = torch.compile(self.net)
         self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
                                            fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args))

@@ -1,13 +1,14 @@
 """Time a HiVG training step or evaluation forward on random weights and inputs.
 
     python benchmarks/bench_model.py --model ViT-B/16 --batch_size 8 --mode eval [--reference] [--json OUT]
-    python benchmarks/bench_model.py --mode train --stage 3 --amp bf16 --device cuda
+    python benchmarks/bench_model.py --mode train --stage 3 --amp bf16 --device cuda [--compile] [--no-tf32]
 
 Reports samples/s (median step time over --steps after --warmup steps), peak memory (process peak RSS
 on CPU, peak allocated on CUDA), FLOPs per sample (torch.utils.flop_counter on the work actually done)
 and the achieved share of a matmul peak measured in the same run. Each path runs in its own process so
 that peak memory is its own. `--reference` also runs the plain path (eager attention, unmerged LoRA,
-fp32, every head) and prints both side by side.
+fp32, every head) and prints both side by side. `--compile` times the torch.compile'd model (FLOPs are
+counted on the eager step, which does the same work; `warmup_s` then includes the compilation).
 
 Configuration as the reference figures: dataset unc, adaptive weights, the three auxiliary losses.
 """
@@ -30,13 +31,16 @@ from datasets.tokens import tokenize  # noqa: E402
 from models.attention import eager_attention  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
+from utils.engine import set_tf32  # noqa: E402
 from utils.losses import AUX_LOSSES, GroundingCriterion  # noqa: E402
 
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
 
 
-def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
-    """Best GFLOP/s of an n x n x n matmul in `dtype` (the run's compute dtype) on this device and thread count."""
+def matmul_gflops(device: torch.device, dtype: torch.dtype = torch.float32, reps: int = 5) -> float:
+    """Best GFLOP/s of an n x n x n matmul in `dtype` (the run's compute dtype) on this device and thread count;
+    n = 8192 on CUDA, where a 2048 product is too short to reach a large card's peak."""
+    n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(reps + 1):
@@ -81,61 +85,70 @@ def make_batch(opts, model, device):
     return images, mask.to(device), tokenize(texts, model.context_length).to(device), boxes, obj.to(device)
 
 
-def single_run(opts) -> dict:
-    device = torch.device(opts.device)
-    torch.set_num_threads(opts.threads) if opts.threads else None
-    model = make_model(opts, device)
+def make_step(opts, model, device, reference: bool):
+    """The timed work as a function of the module that runs it (the model, or its compiled wrapper)."""
     images, mask, ids, boxes, obj = make_batch(opts, model, device)
-    reference = opts.path == "reference"
     amp_dtype = None if reference else {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.amp]
 
     def amp():
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     attention = eager_attention if reference else nullcontext
-
     if opts.mode == "eval":
         model.eval()
         if not reference:
             merge_lora(model)
         outputs = None if reference else ["box"]
 
-        def step():
+        def step(net):
             with torch.no_grad(), amp(), attention():
-                model(images, mask, ids, outputs=outputs)
-    else:
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
-        criterion = GroundingCriterion(aux_losses=AUX_LOSSES)  # the three auxiliary losses of make_model's flags
+                net(images, mask, ids, outputs=outputs)
+        return step, amp_dtype
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
+    criterion = GroundingCriterion(aux_losses=AUX_LOSSES)  # the three auxiliary losses of make_model's flags
 
-        def step():
-            with amp(), attention():
-                out = model(images, mask, ids)
-                loss = sum(criterion(out, {"boxes": boxes, "obj_masks": obj}).values())
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def step(net):
+        with amp(), attention():
+            out = net(images, mask, ids)
+            loss = sum(criterion(out, {"boxes": boxes, "obj_masks": obj}).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, amp_dtype
 
+
+def single_run(opts) -> dict:
+    device = torch.device(opts.device)
+    torch.set_num_threads(opts.threads) if opts.threads else None
+    set_tf32(device, opts.tf32)
+    model = make_model(opts, device)
+    reference = opts.path == "reference"
+    step, amp_dtype = make_step(opts, model, device, reference)
     with FlopCounterMode(display=False) as counter:
-        step()
+        step(model)
     flops = counter.get_total_flops()
+    net = torch.compile(model, backend=opts.compile_backend) if opts.compile and not reference else model
+    t = time.perf_counter()
     for _ in range(opts.warmup):
-        step()
+        step(net)
+    _sync(device)
+    warmup = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(opts.steps):
         _sync(device)
         t = time.perf_counter()
-        step()
+        step(net)
         _sync(device)
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_rate = matmul_gflops(device, amp_dtype or torch.float32)
-    return {"samples_per_s": opts.batch_size / median, "step_s": median, "peak_mem_mb": peak,
+    return {"samples_per_s": opts.batch_size / median, "step_s": median, "warmup_s": warmup, "peak_mem_mb": peak,
             "flops_per_sample": flops / opts.batch_size, "matmul_gflops": peak_rate,
             "share_of_peak": flops / median / 1e9 / peak_rate}
 
@@ -155,15 +168,22 @@ def main(argv=None):
     parser.add_argument("--mode", choices=("train", "eval"), default="eval")
     parser.add_argument("--stage", type=int, default=0, choices=[0, 1, 2, 3])
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 for fp32 matmuls and convolutions on CUDA (the training default); no effect on CPU")
+    parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model (not the reference)")
+    parser.add_argument("--compile_backend", default="inductor",
+                        help="torch.compile backend; eager: dynamo's tracing only, no code generation (the GPU "
+                             "check's dry run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reference", action="store_true", help="also run the plain path, side by side")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--path", choices=("fast", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=("fast", "reference"),
+                        help="run only this path, in this process, and print its results as one JSON line")
     opts = parser.parse_args(argv)
-    if opts.path:  # child process: one path, one JSON line
+    if opts.path:  # one path, one JSON line (each path of the side-by-side mode runs so, in a child process)
         print(json.dumps(single_run(opts)))
         return
     argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--reference"]
@@ -173,7 +193,8 @@ def main(argv=None):
     results = {"fast": run_in_child(argv, "fast")}
     if opts.reference:
         results["reference"] = run_in_child(argv, "reference")
-    print(f"{opts.model} {opts.mode} stage {opts.stage} batch {opts.batch_size} amp {opts.amp} on {opts.device}")
+    print(f"{opts.model} {opts.mode} stage {opts.stage} batch {opts.batch_size} amp {opts.amp} on {opts.device}"
+          f"{' compiled' if opts.compile else ''}{' tf32' if opts.tf32 and opts.device.startswith('cuda') else ''}")
     print(f"{'path':<10}" + "".join(f"{k:>18}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<10}" + "".join(f"{r[k]:>18.3f}" for k in KEYS))

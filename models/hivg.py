@@ -54,7 +54,7 @@ def init_sincos_position_embedding(visual: nn.Module) -> None:
     pos[1:].copy_(table / table.std() * std)
 
 
-@torch.compiler.disable
+@partial(torch.compiler.disable, reason="the batch's text length is data-dependent (read on the host)")
 def text_length(eot_pos: torch.Tensor) -> int:
     """Tokens up to the batch's last EOT. A data-dependent size read on the host (one sync), so under
     torch.compile the graph breaks here on purpose: towers and bridges form one graph, the fusion

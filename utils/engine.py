@@ -4,6 +4,7 @@ Data order and augmentation are functions of (seed, epoch, sample index) only, s
 same batches whatever the number of ranks or loader workers, and a resumed run picks up exactly
 where the interrupted one stopped.
 """
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -78,9 +79,18 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA, on by default as in timm and open_clip
+    (docs/benchmarks.md, "GPU check"); the CPU's settings are left alone. The legacy switches are used
+    because they keep torch.get_float32_matmul_precision() readable, which inductor's autotuning reads."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
 class LossMeter:
-    """Sums of the loss terms over micro-batches, kept on the device: read (one host sync) only when a
-    progress line or the epoch's summary asks for them."""
+    """Sums of the loss terms over micro-batches, kept on the device: read (one host sync) only at the
+    training loop's checks and for the epoch's summary."""
 
     def __init__(self):
         self.keys, self.sums, self.count = None, None, 0
@@ -93,12 +103,20 @@ class LossMeter:
             self.sums += values
         self.count += 1
 
-    def means(self, device: torch.device, n_samples: int) -> Dict[str, float]:
-        """Means over every rank's micro-batches, and the number of samples of all ranks ('samples')."""
+    def means(self, device: torch.device, n_samples: int, stop: bool = False) -> Dict[str, float]:
+        """Means over every rank's micro-batches, the number of samples of all ranks ('samples') and whether
+        any rank asked to stop ('stop', 1.0 or 0.0): one all-reduce, one host sync.
+
+        Raises NonFiniteLossError when a loss of any rank was not finite since the meter started (a NaN or
+        inf stays in the sums).
+        """
         sums = self.sums if self.sums is not None else torch.zeros(0, dtype=torch.float64, device=device)
-        t = torch.cat([sums, torch.tensor([self.count, n_samples], dtype=torch.float64, device=device)])
+        t = torch.cat([sums, torch.tensor([self.count, n_samples, float(stop)], dtype=torch.float64, device=device)])
         values = du.all_reduce_sum(t).tolist()
-        return dict(zip(self.keys or [], (v / max(values[-2], 1) for v in values[:-2])), samples=values[-1])
+        means = dict(zip(self.keys or [], (v / max(values[-3], 1) for v in values[:-3])))
+        if not all(math.isfinite(v) for v in means.values()):
+            raise NonFiniteLossError(f"non-finite loss (means of this epoch over all ranks: {means})")
+        return dict(means, samples=values[-2], stop=float(values[-1] > 0))
 
 
 def optimizer_step(optimizer, params, scaler, max_norm: float) -> None:
@@ -122,10 +140,14 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
     """One pass over `loader` (micro-batches), an optimizer step every `accum_steps` micro-batches.
 
     Returns the mean of each loss term (over ranks), `samples_per_s`, `steps` (optimizer steps done in this
-    epoch, counting `start_step`) and `interrupted` (1.0 when `stop_requested` turned true on any rank; the
-    loop then ends right after an optimizer step). Raises NonFiniteLossError before the step when any rank's
-    loss is not finite. Without a progress bar, `print_freq` > 0 logs one plain line every that many steps.
-    The only host sync per optimizer step is the all-ranks check (non-finite loss, stop request).
+    epoch, counting `start_step`) and `interrupted` (1.0 when `stop_requested` was true on any rank at a check).
+
+    No host sync per step: the loss sums stay on the device and every rank reads them, with the stop
+    requests of all ranks, at a check every `print_freq` optimizer steps (every step with 0) and at the end.
+    A check raises NonFiniteLossError when any loss since the epoch began was not finite (the weights in
+    memory may then be non-finite too; nothing is saved), or ends the loop right after that optimizer step
+    when a stop was requested: every rank stops at the same step. Without a progress bar, a check also logs
+    one plain line when `print_freq` > 0.
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -139,24 +161,23 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
                 out = model(batch.images, batch.pixel_mask, batch.ids)
             losses = criterion(out, {"boxes": batch.boxes, "obj_masks": batch.obj_masks})
             total = sum(losses.values())
-            if last_micro:
-                flags = torch.stack([(~torch.isfinite(total.detach())).float(), total.new_tensor(float(stop_requested()))])
-                nonfinite, interrupted = (v > 0 for v in du.all_reduce_sum(flags).tolist())
-                if nonfinite:
-                    raise NonFiniteLossError(f"non-finite loss {total.item()} ({ {k: v.item() for k, v in losses.items()} })")
             (scaler.scale(total / accum_steps) if scaler else total / accum_steps).backward()
-        if last_micro:
-            optimizer_step(optimizer, params, scaler, max_norm)
-            steps += 1
         meter.add(losses, total)
         n_samples += batch.images.shape[0]
-        if last_micro and not show_progress and print_freq > 0 and (steps - start_step) % print_freq == 0:
-            log(progress_line(f"{desc} step {steps}/{total_steps}", meter.means(device, n_samples),
-                              optimizer.param_groups[0]["lr"], time.time() - start,
-                              (total_steps - steps) / (steps - start_step), device))
-        if interrupted:
-            break
-    means = meter.means(device, n_samples)
+        if not last_micro:
+            continue
+        optimizer_step(optimizer, params, scaler, max_norm)
+        steps += 1
+        if (steps - start_step) % max(print_freq, 1) == 0:
+            means = meter.means(device, n_samples, stop=stop_requested())
+            interrupted = means.pop("stop") > 0
+            if not show_progress and print_freq > 0:
+                log(progress_line(f"{desc} step {steps}/{total_steps}", means, optimizer.param_groups[0]["lr"],
+                                  time.time() - start, (total_steps - steps) / (steps - start_step), device))
+            if interrupted:
+                break
+    means = meter.means(device, n_samples)  # the end-of-epoch check; a stop request here is left to the caller
+    means.pop("stop")
     samples = means.pop("samples")
     means.update(samples_per_s=samples / max(time.time() - start, 1e-9), steps=float(steps),
                  interrupted=float(interrupted), lr=optimizer.param_groups[0]["lr"])
