@@ -249,6 +249,14 @@ class Trainer:
                              "lower --batch_size")
         self.start = start
         self.best_acc = -1.0
+        # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
+        self.steps_per_epoch = len(self.sampler) // args.batch_size // args.accum_steps
+        previous = start.checkpoint if start is not None and start.checkpoint is not None else {}
+        self.step_base = previous.get("step_base" if args.resume else "stage_end_step", 0)
+
+    def global_step(self, epoch: int, step: int) -> int:
+        """Optimizer steps since the first stage of the recipe, at `step` of `epoch` of this run."""
+        return self.step_base + epoch * self.steps_per_epoch + step
 
     def validate(self, desc: str) -> dict:
         args = self.args
@@ -263,7 +271,8 @@ class Trainer:
                 "epoch": epoch, "resume_at": resume_at, "stage": self.args.hi_lora_stage,
                 "hi_lora_mode": self.args.hi_lora_mode, "args": vars(self.args),
                 "config": self.model.config.to_dict(), "rng": du.all_gather_object(rng_state()),
-                "best_acc": self.best_acc, "val_acc": val_acc}
+                "best_acc": self.best_acc, "val_acc": val_acc, "step_base": self.step_base,
+                "stage_end_step": self.global_step(self.args.epochs, 0)}
 
     def save(self, name: str, obj: dict) -> None:
         if self.info.is_main:
@@ -288,7 +297,7 @@ class Trainer:
             stats = self.validate("val (inherited)")
             self.best_acc = stats["acc"]
             self.log.print(f"inherited model: val Acc@0.5 {self.best_acc:.4f}, mIoU {stats['miou']:.4f}")
-            self.log.scalars({"val/acc": self.best_acc, "val/miou": stats["miou"]}, -1)
+            self.log.scalars({"val/acc": self.best_acc, "val/miou": stats["miou"]}, self.step_base)
             self.save("best_checkpoint.pth", self.state(-1, (0, 0), self.best_acc))
         return 0, 0
 
@@ -306,7 +315,10 @@ class Trainer:
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
                                         start_step=self.sampler.skip // self.micro, stop_requested=stop,
                                         desc=f"epoch {epoch}", show_progress=self.log.progress,
-                                        print_freq=args.print_freq, log=self.log.print)
+                                        print_freq=args.print_freq, log=self.log.print,
+                                        on_check=lambda step, means: self.log.scalars(
+                                            {f"train_step/{k}": v for k, v in means.items() if k.startswith("loss")},
+                                            self.global_step(epoch, step)))
             except NonFiniteLossError as e:
                 self.log.print(f"error: {e}; stopping, the last good checkpoint in {args.output_dir} is kept")
                 return 1
@@ -314,7 +326,7 @@ class Trainer:
                 return self.stop_early(epoch, stats, stop.signum)
             self.scheduler.step()
             val = self.validate(f"val {epoch}")
-            self.log.epoch(epoch, stats, val)
+            self.log.epoch(epoch, stats, val, self.global_step(epoch + 1, 0))
             is_best = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])
             obj = self.state(epoch, (epoch + 1, 0), val["acc"])

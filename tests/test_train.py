@@ -271,3 +271,20 @@ def test_flags_without_effect_say_so(data, tmp_path):
     assert "--save_hilora_clip has no effect" in proc.stderr and "--hi_lora_clip has no effect" in proc.stderr
     help_text = run_script(["train_hivg.py", "--help"]).stdout
     assert "(default: 0.0001)" in help_text and "--optimizer" not in help_text
+
+
+def scalar_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_tensorboard_steps_run_on_across_hi_lora_stages(data, tmp_path):
+    s0, s1 = tmp_path / "s0", tmp_path / "s1"
+    assert train_hivg.main(flags(data, s0, "--epochs", "1", "--print_freq", "2")) == 0
+    assert train_hivg.main(["--hi_lora_retrain", str(s0 / "best_checkpoint.pth"), "--output_dir", str(s1)]) == 0
+    assert scalar_steps(s0, "train_step/loss") == [2, 4, 6] and scalar_steps(s0, "val/acc") == [6]
+    assert scalar_steps(s1, "train_step/loss_bbox") == [8, 10, 12]      # 6 steps per epoch, stage 1 from 6
+    assert scalar_steps(s1, "val/acc") == [6, 12]                       # the inherited model, then epoch 0
+    assert load_checkpoint(s1 / "checkpoint.pth")["stage_end_step"] == 12

@@ -135,8 +135,8 @@ def optimizer_step(optimizer, params, scaler, max_norm: float) -> None:
 def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *, amp: str = "none", scaler=None,
                     accum_steps: int = 1, max_norm: float = 0.0, start_step: int = 0,
                     stop_requested: Callable[[], bool] = lambda: False, desc: str = "",
-                    show_progress: bool = True, print_freq: int = 0, log: Callable[[str], None] = print
-                    ) -> Dict[str, float]:
+                    show_progress: bool = True, print_freq: int = 0, log: Callable[[str], None] = print,
+                    on_check: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
     """One pass over `loader` (micro-batches), an optimizer step every `accum_steps` micro-batches.
 
     Returns the mean of each loss term (over ranks), `samples_per_s`, `steps` (optimizer steps done in this
@@ -147,7 +147,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
     A check raises NonFiniteLossError when any loss since the epoch began was not finite (the weights in
     memory may then be non-finite too; nothing is saved), or ends the loop right after that optimizer step
     when a stop was requested: every rank stops at the same step. Without a progress bar, a check also logs
-    one plain line when `print_freq` > 0.
+    one plain line when `print_freq` > 0; `on_check(steps, means)` receives the loss means of every check.
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -171,6 +171,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
         if (steps - start_step) % max(print_freq, 1) == 0:
             means = meter.means(device, n_samples, stop=stop_requested())
             interrupted = means.pop("stop") > 0
+            if on_check is not None:
+                on_check(steps, means)
             if not show_progress and print_freq > 0:
                 log(progress_line(f"{desc} step {steps}/{total_steps}", means, optimizer.param_groups[0]["lr"],
                                   time.time() - start, (total_steps - steps) / (steps - start_step), device))

@@ -31,7 +31,8 @@ class RunLogger:
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
 
-    def epoch(self, epoch: int, train: dict, val: dict) -> None:
+    def epoch(self, epoch: int, train: dict, val: dict, global_step: int) -> None:
+        """log.txt record and console line of an epoch; TensorBoard scalars at `global_step`."""
         if not self.enabled:
             return
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items() if k not in ("steps", "interrupted")},
@@ -41,7 +42,7 @@ class RunLogger:
         scal = {f"train/{k}": v for k, v in train.items() if k.startswith("loss")}
         scal.update({"train/lr": train["lr"], "train/samples_per_s": train["samples_per_s"],
                      "val/acc": val["acc"], "val/miou": val["miou"]})
-        self.scalars(scal, epoch)
+        self.scalars(scal, global_step)
         self.print(f"epoch {epoch}: loss {train['loss']:.4f}  lr {train['lr']:.2e}  "
                    f"{train['samples_per_s']:.1f} samples/s  val Acc@0.5 {val['acc']:.4f}  mIoU {val['miou']:.4f}  "
                    f"[{record['time_s']:.0f}s]")
