@@ -16,11 +16,11 @@ from datasets.tokens import tokenize
 from models.config import HiVGConfig
 from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_model, read_weights
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import REPO
 from utils.checkpoint import save_checkpoint
 from utils.run_flags import given_flags, inherit_flags
 
-LEGACY = FIXTURES / "legacy_v1_stage1"
+LEGACY = REPO / "tests" / "checkpoints" / "legacy_v1_stage1"
 
 
 def tiny_args(*extra):
