@@ -23,10 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from datasets.refer import IMAGE_DIRS, split_path
+from datasets.splitfile import load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
 from utils.cli import UserError, load_grounder, resolve_device
@@ -78,8 +78,8 @@ def example_rows(folder: Optional[Path], scratch: str) -> List[List[str]]:
         raise UserError(f"the examples folder {folder} has no {split.relative_to(folder)}; make one with "
                         f"python -m datasets.synthetic --out {folder}")
     try:
-        samples = torch.load(split, weights_only=True)
-    except Exception as e:   # a damaged or foreign file: unpickling raises many kinds
+        samples = load_pickled_list(str(split))
+    except ValueError as e:
         raise UserError(f"the examples file {split} cannot be read ({e})") from None
     images = folder / IMAGE_DIRS["synthref"]
     return [[str(images / s[0]), s[3]] for s in samples[:NUM_EXAMPLES] if (images / s[0]).is_file()]
