@@ -330,9 +330,9 @@ class Trainer:
             is_best = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])
             obj = self.state(epoch, (epoch + 1, 0), val["acc"])
-            self.save("checkpoint.pth", obj)
-            if is_best:
+            if is_best:  # first: a run killed between the two writes replays this epoch and writes it again
                 self.save("best_checkpoint.pth", obj)
+            self.save("checkpoint.pth", obj)
         self.log.print(f"done: best val Acc@0.5 {self.best_acc:.4f} -> {args.output_dir}/best_checkpoint.pth")
         self.log.close()
         return 0

@@ -288,3 +288,26 @@ def test_tensorboard_steps_run_on_across_hi_lora_stages(data, tmp_path):
     assert scalar_steps(s1, "train_step/loss_bbox") == [8, 10, 12]      # 6 steps per epoch, stage 1 from 6
     assert scalar_steps(s1, "val/acc") == [6, 12]                       # the inherited model, then epoch 0
     assert load_checkpoint(s1 / "checkpoint.pth")["stage_end_step"] == 12
+
+
+def test_a_run_killed_between_its_two_writes_keeps_its_best_checkpoint(data, tmp_path, monkeypatch):
+    """The first epoch is always the best so far: it writes both files, and a kill between the two writes
+    must not lose best_checkpoint.pth (the next Hi LoRA stage starts from it)."""
+    real, calls = train_hivg.save_checkpoint, []
+
+    def killed_at_the_second_write(path, obj):
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt(f"killed before writing {path.name}")
+        real(path, obj)
+
+    monkeypatch.setattr(train_hivg, "save_checkpoint", killed_at_the_second_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_hivg.main(flags(data, tmp_path, "--epochs", "1"))
+    assert load_checkpoint(tmp_path / "best_checkpoint.pth")["epoch"] == 0
+
+
+def test_resume_refuses_flags_it_cannot_honour(data, tmp_path):
+    assert train_hivg.main(flags(data, tmp_path, "--epochs", "2", "--run_epochs", "1")) == 0
+    with pytest.raises(ValueError, match="cannot change --epochs, --lr"):
+        train_hivg.main(["--resume", str(tmp_path / "checkpoint.pth"), "--lr", "1e30", "--epochs", "3"])

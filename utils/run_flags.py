@@ -6,6 +6,9 @@ from typing import Callable
 RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
             "hi_lora_stage", "run_epochs", "device", "num_workers")
 LAST_STAGE = 3
+# What a resumed run may change: where and how it runs, not what it trains.
+RESUMABLE = ("resume", "output_dir", "run_epochs", "device", "num_workers", "print_freq", "data_root", "split_root",
+             "eval_batch_size")
 
 _NOT_GIVEN = object()
 
@@ -32,7 +35,11 @@ def inherit_flags(defaults: dict, given: dict, previous: dict, kind: str, checkp
     stage = previous.get("hi_lora_stage", 0)
     if kind == "resume":
         merged["hi_lora_stage"] = stage
-        given = {k: v for k, v in given.items() if k != "hi_lora_stage"}
+        fixed = sorted(k for k, v in given.items() if k not in RESUMABLE and v != merged.get(k))
+        if fixed:
+            raise ValueError(f"--resume continues {checkpoint} as it was started; it cannot change "
+                             f"{', '.join('--' + k for k in fixed)} (a resume may change "
+                             f"{', '.join('--' + k for k in RESUMABLE[1:])}); start a new run with --retrain instead")
     elif stage >= LAST_STAGE and "hi_lora_stage" not in given:
         raise ValueError(f"{checkpoint} is from the last Hi LoRA stage ({LAST_STAGE}); nothing follows it")
     else:
