@@ -8,7 +8,7 @@ RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip"
 LAST_STAGE = 3
 # What a resumed run may change: where and how it runs, not what it trains.
 RESUMABLE = ("resume", "output_dir", "run_epochs", "device", "num_workers", "print_freq", "data_root", "split_root",
-             "eval_batch_size")
+             "eval_batch_size", "compile", "tf32")
 
 _NOT_GIVEN = object()
 
