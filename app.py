@@ -14,7 +14,6 @@ demo's data folder, outputs/demo/data, when it exists), else a handful generated
 """
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -30,7 +29,7 @@ from datasets.splitfile import load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
 from utils.cli import UserError, load_grounder, resolve_device
-from utils.visualize import PALETTE, draw_boxes, heat_pictures
+from utils.visualize import PALETTE, draw_boxes, enlarge, heat_pictures
 
 PROG = "app.py"
 DEMO_DATA = Path(__file__).resolve().parent / "outputs" / "demo" / "data"   # demo.sh's default
@@ -138,14 +137,6 @@ def read_expressions(text: Optional[str], context_length: int) -> List[str]:
 
 # ----------------------------------------------------------------------------------------- grounding
 
-def enlarge(image: Image.Image) -> Tuple[Image.Image, int]:
-    """The picture to draw on: a small image enlarged by an integer factor k (nearest neighbour), and k."""
-    k = math.ceil(MIN_DRAW_SIDE / max(image.size))
-    if k <= 1:
-        return image, 1
-    return image.resize((image.width * k, image.height * k), Image.NEAREST), k
-
-
 def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], heatmap: bool):
     """(boxes picture, [(heat picture, caption)], boxes JSON, message) for the page. Input problems come
     back as the message, so the server keeps serving."""
@@ -155,7 +146,7 @@ def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], h
     except UserError as e:
         return None, [], "", f"**{e}**"
     hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap)
-    big, k = enlarge(image)
+    big, k = enlarge(image, MIN_DRAW_SIDE)
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(hits))]
     drawn = [replace(hit, box_xyxy=[c * k for c in hit.box_xyxy]) for hit in hits]
     picture = draw_boxes(big, [d.box_xyxy for d in drawn], texts, colours)

@@ -124,15 +124,22 @@ def _wrap(draw, text: str, font, width: int) -> List[str]:
     return lines + [line] if line else lines or [""]
 
 
+def enlarge(image: Image.Image, min_side: int) -> Tuple[Image.Image, int]:
+    """A small image enlarged by the integer factor k (nearest neighbour) that brings its long side to at least
+    `min_side`, so boxes and captions drawn on it stay readable; returns (picture, k), k = 1 if big enough."""
+    k = max(1, -(-min_side // max(image.size)))
+    if k == 1:
+        return image, 1
+    return image.resize((image.width * k, image.height * k), Image.NEAREST), k
+
+
 def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], text: str,
                     iou: float, min_side: int = 256) -> Image.Image:
     """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
     a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`. An image whose
     long side is under `min_side` is first enlarged by an integer factor (nearest neighbour)."""
-    img = image.convert("RGB")
-    k = max(1, -(-min_side // max(img.size)))
+    img, k = enlarge(image.convert("RGB"), min_side)
     if k > 1:
-        img = img.resize((img.width * k, img.height * k), Image.NEAREST)
         pred_xyxy, gt_xyxy = [float(c) * k for c in pred_xyxy], [float(c) * k for c in gt_xyxy]
     W, H = img.size
     font = _font((max(W, 320), max(H, 320)))
