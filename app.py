@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -29,7 +28,7 @@ from datasets.splitfile import load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
 from utils.cli import UserError, load_grounder, resolve_device
-from utils.visualize import PALETTE, draw_boxes, enlarge, heat_pictures
+from utils.visualize import PALETTE, draw_boxes, heat_pictures
 
 PROG = "app.py"
 DEMO_DATA = Path(__file__).resolve().parent / "outputs" / "demo" / "data"   # demo.sh's default
@@ -146,11 +145,10 @@ def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], h
     except UserError as e:
         return None, [], "", f"**{e}**"
     hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap)
-    big, k = enlarge(image, MIN_DRAW_SIDE)
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(hits))]
-    drawn = [replace(hit, box_xyxy=[c * k for c in hit.box_xyxy]) for hit in hits]
-    picture = draw_boxes(big, [d.box_xyxy for d in drawn], texts, colours)
-    heat = [(heat_pictures(big, d, t, c)["attn"], t) for d, t, c in zip(drawn, texts, colours)] if heatmap else []
+    picture = draw_boxes(image, [hit.box_xyxy for hit in hits], texts, colours, MIN_DRAW_SIDE)
+    heat = [(heat_pictures(image, hit, t, c, MIN_DRAW_SIDE)["attn"], t) for hit, t, c in zip(hits, texts, colours)] \
+        if heatmap else []
     boxes = []
     for t, hit in zip(texts, hits):
         entry = {"text": t, "box_xyxy": [round(c / scale[i % 2], 2) for i, c in enumerate(hit.box_xyxy)]}

@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
 from datasets.refer import DATASETS, TRAIN_SPLITS, UNSAFE_FLAG
+from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils import distributed as du
-from utils.engine import LENGTH_BUCKETS, evaluate, set_tf32
+from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
 from utils.visualize import save_eval_pictures
 
 DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
@@ -120,15 +121,20 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
         dataset = build_dataset(split, args)
         loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
                                              num_workers=opts.num_workers)
+        grouped = args.dataset == "synthref"
         results[split] = evaluate(net, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
                                   info.is_main and sys.stderr.isatty(), f"eval {args.dataset} {split}",
-                                  return_ious=opts.visualize > 0)
+                                  return_ious=opts.visualize > 0 or grouped)
+        ious = results[split].pop("ious", None)
+        if grouped:
+            results[split]["acc_by_group"] = accuracy_by_group(ious, expression_groups(args.split_root, split))
         if info.is_main:
             print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
+            for group, r in results[split].get("acc_by_group", {}).items():
+                print(f"{split} Acc@0.5 {group}: {r['acc']:.4f} ({r['count']} expressions)", flush=True)
         if info.is_main and opts.visualize > 0:
             vis_dir = out_dir / f"vis_{Path(opts.eval_model).stem}"
-            paths = save_eval_pictures(model, dataset, results[split].pop("ious"), opts.visualize, vis_dir,
-                                       info.device, prefix=split)
+            paths = save_eval_pictures(model, dataset, ious, opts.visualize, vis_dir, info.device, prefix=split)
             print(f"{split}: {len(paths)} pictures in {vis_dir}")
     return results
 

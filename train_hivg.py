@@ -314,7 +314,8 @@ class Trainer:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
                                         start_step=self.sampler.skip // self.micro, stop_requested=stop,
-                                        desc=f"epoch {epoch}", show_progress=self.log.progress,
+                                        desc=f"stage {args.hi_lora_stage} epoch {epoch}",
+                                        show_progress=self.log.progress,
                                         print_freq=args.print_freq, log=self.log.print,
                                         on_check=lambda step, means: self.log.scalars(
                                             {f"train_step/{k}": v for k, v in means.items() if k.startswith("loss")},

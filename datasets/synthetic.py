@@ -18,11 +18,14 @@ Everything is a function of (seed, split, image index), so outputs are reproduci
 byte for byte. ``--baseline`` reports the Acc@0.5 of trivial predictors on a split.
 """
 import argparse
+import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -38,7 +41,12 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 175, 60), "blue": (45, 90, 235),
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": (0.16, 0.22), "large": (0.30, 0.38)}     # extent / short image side
 CATEGORY_WEIGHTS = {"attribute": 0.25, "size": 0.15, "location": 0.25, "relation": 0.25, "mixed": 0.10}
+# What an expression of each category needs: its colour/shape/size words alone pick the object, or they
+# leave several candidates and the location or relation words decide (datasets.synthref_lang).
+GROUPS = {"attribute": "attributes only", "size": "attributes only", "location": "location or relation",
+          "relation": "location or relation", "mixed": "location or relation"}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+RENDER_BLOCK = 256      # most images rendered per round
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
@@ -120,52 +128,89 @@ def pick_expression(rng: random.Random, found: dict):
     return cat, rng.choice(found[cat])
 
 
-def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int):
-    """Render images until ``num`` expressions exist; returns (samples, scenes metadata)."""
+def render_image(seed: int, split: str, index: int, imsize: int, refs_per_image: int):
+    """Image `index` of a split: (JPEG bytes, (h, w), objects, polygons, [(target, category, phrase)]).
+
+    A function of its arguments only, so images can be rendered in any order and in any process; an image
+    none of whose objects has a valid expression comes back with no expressions.
+    """
+    rng = random.Random(f"{seed}-{split}-{index}")
+    nrng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    img, objs, polys = make_scene(rng, nrng, imsize)
+    chosen = []
+    for target in rng.sample(range(len(objs)), len(objs)):
+        picked = pick_expression(rng, expressions_for(objs, target, side=min(img.shape[:2])))
+        if picked is not None:
+            chosen.append((target, *picked))
+        if len(chosen) == refs_per_image:
+            break
+    jpeg = io.BytesIO()
+    if chosen:
+        Image.fromarray(img).save(jpeg, format="JPEG", quality=92)
+    return jpeg.getvalue(), img.shape[:2], objs, polys, chosen
+
+
+def _render(job):
+    return render_image(*job)
+
+
+def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int, pool=None):
+    """Render images until ``num`` expressions exist; returns (samples, scenes metadata).
+
+    Images are rendered in blocks (in `pool` when given) and taken in index order, so the output does not
+    depend on the number of processes.
+    """
     image_dir = os.path.join(out, IMAGE_DIRS["synthref"])
     samples, scenes, categories = [], {}, []
     index = 0
     while len(samples) < num:
-        rng = random.Random(f"{seed}-{split}-{index}")
-        nrng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-        img, objs, polys = make_scene(rng, nrng, imsize)
-        name = f"synthref_{split}_{index:06d}.jpg"
-        index += 1
-        chosen = []
-        for target in rng.sample(range(len(objs)), len(objs)):
-            picked = pick_expression(rng, expressions_for(objs, target, side=min(img.shape[:2])))
-            if picked is not None:
-                chosen.append((target, *picked))
-            if len(chosen) == min(refs_per_image, num - len(samples)):
-                break
-        if not chosen:
-            continue
-        Image.fromarray(img).save(os.path.join(image_dir, name), quality=92)
-        h, w = img.shape[:2]
-        for target, category, phrase in chosen:
-            x0, y0, x1, y1 = objs[target].box
-            polygon = [round(float(v), 2) for v in polys[target].ravel()]
-            samples.append((name, {"height": h, "width": w}, [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                            phrase, [polygon]))
-            categories.append(category)
-        scenes[name] = [{"shape": o.shape, "colour": o.colour, "size": o.size, "box_xyxy": list(o.box)}
-                        for o in objs]
+        size = min(RENDER_BLOCK, (num - len(samples)) // refs_per_image + 16)    # about what is still needed
+        block = [(seed, split, i, imsize, refs_per_image) for i in range(index, index + size)]
+        index += size
+        rendered = pool.map(_render, block, chunksize=8) if pool else map(_render, block)
+        for (_, _, i, _, _), (jpeg, (h, w), objs, polys, chosen) in zip(block, rendered):
+            chosen = chosen[:num - len(samples)]
+            if not chosen:
+                continue
+            name = f"synthref_{split}_{i:06d}.jpg"
+            with open(os.path.join(image_dir, name), "wb") as f:
+                f.write(jpeg)
+            for target, category, phrase in chosen:
+                x0, y0, x1, y1 = objs[target].box
+                polygon = [round(float(v), 2) for v in polys[target].ravel()]
+                samples.append((name, {"height": h, "width": w}, [float(x0), float(y0), float(x1 - x0),
+                                                                  float(y1 - y0)], phrase, [polygon]))
+                categories.append(category)
+            scenes[name] = [{"shape": o.shape, "colour": o.colour, "size": o.size, "box_xyxy": list(o.box)}
+                            for o in objs]
     return samples, {"images": scenes, "categories": categories}
 
 
-def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2):
-    """Write the three splits under ``out``; returns {split: number of samples}."""
-    os.makedirs(os.path.join(out, IMAGE_DIRS["synthref"]), exist_ok=True)
-    counts = {}
+def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2,
+             workers: int = 1):
+    """Write the three splits under ``out`` with `workers` processes; returns {split: number of samples}."""
     for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
         if num <= 0:
             raise ValueError(f"--num_{split} must be positive, got {num}")
-        samples, meta = generate_split(out, split, num, seed, imsize, refs_per_image)
-        torch.save(samples, split_path(out, "synthref", split))
-        with open(os.path.join(out, "synthref", f"synthref_{split}_scenes.json"), "w") as f:
-            json.dump(meta, f)
-        counts[split] = len(samples)
-    return counts
+    os.makedirs(os.path.join(out, IMAGE_DIRS["synthref"]), exist_ok=True)
+    with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
+        return {split: write_split(out, split, num, seed, imsize, refs_per_image, pool)
+                for split, num in (("train", num_train), ("val", num_val), ("test", num_test))}
+
+
+def write_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int, pool) -> int:
+    samples, meta = generate_split(out, split, num, seed, imsize, refs_per_image, pool)
+    torch.save(samples, split_path(out, "synthref", split))
+    with open(os.path.join(out, "synthref", f"synthref_{split}_scenes.json"), "w") as f:
+        json.dump(meta, f)
+    return len(samples)
+
+
+def expression_groups(root: str, split: str) -> list:
+    """The group (GROUPS) of every expression of a split, in split-file order."""
+    path = os.path.join(root, "synthref", f"synthref_{split}_scenes.json")
+    with open(path) as f:
+        return [GROUPS[c] for c in json.load(f)["categories"]]
 
 
 def _head_words(phrase: str) -> dict:
@@ -181,7 +226,8 @@ def _head_words(phrase: str) -> dict:
 
 
 def baselines(out: str, split: str = "test") -> dict:
-    """Acc@0.5 of trivial predictors on a split (fractions in [0, 1]).
+    """Acc@0.5 of trivial predictors on a split, over all expressions and per group (GROUPS):
+    {"all" | group: {predictor: fraction in [0, 1]}}.
 
     centre: a box of the mean train box size (relative to the image) centred in the image.
     largest: the largest object of the scene.
@@ -195,7 +241,7 @@ def baselines(out: str, split: str = "test") -> dict:
         scenes = json.load(f)["images"]
     rel_w = float(np.mean([s[2][2] / s[1]["width"] for s in train]))
     rel_h = float(np.mean([s[2][3] / s[1]["height"] for s in train]))
-    hits = {"centre": 0.0, "largest": 0.0, "random_object": 0.0, "attribute_only": 0.0}
+    rows = []                                                  # per expression: {predictor: expected hit}
     for name, size, (x, y, w, h), phrase, _ in samples:
         W, H = size["width"], size["height"]
         objs = scenes[name]
@@ -207,11 +253,15 @@ def baselines(out: str, split: str = "test") -> dict:
         head = _head_words(phrase)
         matching = torch.tensor([all(o[k] == v for k, v in head.items()) for o in objs])
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        hits["centre"] += float(hit[0])
-        hits["largest"] += float(hit[1:][areas.argmax()])
-        hits["random_object"] += float(hit[1:].double().mean())
-        hits["attribute_only"] += float(hit[1:][matching].double().mean()) if matching.any() else 0.0
-    return {k: float(v) / len(samples) for k, v in hits.items()}
+        rows.append({"centre": float(hit[0]), "largest": float(hit[1:][areas.argmax()]),
+                     "random_object": float(hit[1:].double().mean()),
+                     "attribute_only": float(hit[1:][matching].double().mean()) if matching.any() else 0.0})
+    groups = expression_groups(out, split)
+    result = {}
+    for group in ["all"] + list(dict.fromkeys(GROUPS.values())):
+        sel = [r for r, g in zip(rows, groups) if group in ("all", g)]
+        result[group] = {k: sum(r[k] for r in sel) / max(len(sel), 1) for k in rows[0]}
+    return result
 
 
 def main(argv=None):
@@ -225,20 +275,26 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--imsize", type=int, default=128, help="long side of the images in pixels")
     parser.add_argument("--refs_per_image", type=int, default=2, help="expressions per image (different objects)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="rendering processes (the output is the same for any number)")
     args = parser.parse_args(argv)
     if bool(args.out) == bool(args.baseline):
         parser.error("give exactly one of --out DIR (generate) or --baseline DIR (score)")
     if args.baseline:
         if not os.path.isfile(split_path(args.baseline, "synthref", args.split)):
             parser.error(f"no synthref split file under {args.baseline}; generate it with --out {args.baseline}")
-        for name, acc in baselines(args.baseline, args.split).items():
-            print(f"{args.split} Acc@0.5 {name:15s} {100 * acc:6.2f}%")
+        table = baselines(args.baseline, args.split)
+        print(f"{args.split} Acc@0.5 of trivial predictors: " + " | ".join(f"{g}" for g in table))
+        for name in table["all"]:
+            print(f"  {name:15s} " + " | ".join(f"{100 * table[g][name]:6.2f}%" for g in table))
         return
     if args.imsize < 32:
         parser.error(f"--imsize {args.imsize} is too small to draw separated objects (use 32 or more)")
     start = time.time()
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     counts = generate(args.out, args.num_train, args.num_val, args.num_test, args.seed, args.imsize,
-                      args.refs_per_image)
+                      args.refs_per_image, args.workers)
     print(f"wrote synthref to {args.out} in {time.time() - start:.1f}s: "
           + ", ".join(f"{k} {v}" for k, v in counts.items())
           + f"; use --dataset synthref --data_root {args.out} --split_root {args.out}")

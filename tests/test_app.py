@@ -124,9 +124,10 @@ def test_api_boxes_are_predict_py_boxes(client, tiny, examples, tmp_path, capsys
     assert_same_boxes(boxes, predict_boxes(tiny[0], image, [first, second], tmp_path, capsys))
     w, h = Image.open(image).size
     k = -(-640 // max(w, h))                         # small images are drawn enlarged, at least 640 px
-    assert Image.open(picture).size == (k * w, k * h)
+    drawn = Image.open(picture)
+    assert drawn.width == k * w and drawn.height > k * h      # the expressions in a strip below the image
     assert [item["caption"] for item in heat] == [first, second]
-    assert all(Image.open(item["image"]).size == (k * w, k * h) for item in heat)
+    assert all(Image.open(item["image"]).width == k * w for item in heat)
 
 
 def test_bad_input_is_answered_on_the_page(client, tiny, examples, tmp_path, capsys):
@@ -148,7 +149,7 @@ def test_bad_input_is_answered_on_the_page(client, tiny, examples, tmp_path, cap
     Image.open(image).convert("RGB").resize((8192, 512)).save(wide)
     picture, _, boxes, message = ground(client, wide, text)
     assert "downscaled to 4096x256" in message
-    assert Image.open(picture).size == (4096, 256)
+    assert Image.open(picture).width == 4096 and Image.open(picture).height > 256     # the caption below
     expected = predict_boxes(tiny[0], wide, [text], tmp_path, capsys)
     assert boxes[0]["box_xyxy"] == pytest.approx(expected[0]["box_xyxy"], abs=0.5)
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from datasets import Collate, build_dataset
 from datasets.masks import polygons_to_mask
-from datasets.synthetic import COLOURS, SHAPES, baselines, generate, main
+from datasets.synthetic import COLOURS, GROUPS, SHAPES, baselines, expression_groups, generate, main
+from utils.engine import accuracy_by_group
 from tests.data_helpers import args_for, synth_dir  # noqa: F401 - fixture
 
 RELATION_WORDS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
@@ -100,7 +101,7 @@ def test_deterministic_by_seed(tmp_path):
                 h.update(f.encode() + open(os.path.join(dirpath, f), "rb").read())
         return h.hexdigest()
     generate(str(tmp_path / "a"), 12, 4, 4, seed=5, imsize=64)
-    generate(str(tmp_path / "b"), 12, 4, 4, seed=5, imsize=64)
+    generate(str(tmp_path / "b"), 12, 4, 4, seed=5, imsize=64, workers=2)
     generate(str(tmp_path / "c"), 12, 4, 4, seed=6, imsize=64)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
 
@@ -118,9 +119,43 @@ def test_loader_reads_the_set(synth_dir):
 
 
 def test_baselines_and_cli(synth_dir, capsys):
-    scores = baselines(str(synth_dir), "test")
+    table = baselines(str(synth_dir), "test")
+    assert list(table) == ["all", "attributes only", "location or relation"]
+    scores = table["all"]
     assert set(scores) == {"centre", "largest", "random_object", "attribute_only"}
-    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert all(0.0 <= v <= 1.0 for group in table.values() for v in group.values())
     assert scores["centre"] < 0.2 and scores["random_object"] < 0.45 < scores["attribute_only"]
+    # attribute words alone pick the object of every expression of the first group, of none of the second
+    assert table["attributes only"]["attribute_only"] == 1.0 > table["location or relation"]["attribute_only"]
+    groups = expression_groups(str(synth_dir), "test")
+    share = groups.count("attributes only") / len(groups)
+    expected = share + (1 - share) * table["location or relation"]["attribute_only"]
+    assert abs(scores["attribute_only"] - expected) < 1e-9
     main(["--baseline", str(synth_dir)])
-    assert "test Acc@0.5 largest" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all | attributes only | location or relation" in out and "largest" in out
+
+
+def test_each_expression_is_labelled_by_what_it_needs(synth_dir):
+    """Read independently of the generator: an 'attributes only' expression's colour/shape/size words pick
+    exactly its object; a 'location or relation' one's leave several candidates, the object among them."""
+    for split in ("train", "val", "test"):
+        samples, meta = load(synth_dir, split)
+        groups = expression_groups(str(synth_dir), split)
+        assert len(groups) == len(samples) and set(groups) == {"attributes only", "location or relation"}
+        for (name, _, (x, y, w, h), phrase, _), group, category in zip(samples, groups, meta["categories"]):
+            assert group == GROUPS[category]
+            head = phrase
+            for words in list(RELATION_WORDS) + list(LOCATION_WORDS):
+                head = head.split(f" {words}")[0]
+            candidates = [o["box_xyxy"] for o in described(meta["images"][name], head)]
+            assert [x, y, x + w, y + h] in candidates
+            assert (len(candidates) == 1) == (group == "attributes only"), (phrase, group)
+
+
+def test_accuracy_by_group_counts_each_group_from_its_labels():
+    ious = [0.9, 0.2, 0.6, 0.5, 0.49]
+    groups = ["attributes only", "location or relation", "attributes only", "location or relation",
+              "attributes only"]
+    assert accuracy_by_group(ious, groups) == {"attributes only": {"count": 3, "acc": 2 / 3},
+                                               "location or relation": {"count": 2, "acc": 0.5}}

@@ -48,11 +48,16 @@ def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
                     "--num_workers", "0", "--output_dir", str(out)], nproc)
         assert proc.returncode == 0, proc.stderr
         assert "test Acc@0.5:" in proc.stdout and "len 1-5" in proc.stdout
+        assert "test Acc@0.5 attributes only:" in proc.stdout and "test Acc@0.5 location or relation:" in proc.stdout
         results.append(json.loads((out / "eval_best_checkpoint.json").read_text()))
     assert results[0]["synthref"]["val"]["count"] == 13 and results[0]["synthref"]["test"]["count"] == 7
     for split in ("val", "test"):
-        for key in ("count", "acc", "miou", "acc_by_length"):
+        for key in ("count", "acc", "miou", "acc_by_length", "acc_by_group"):
             assert results[0]["synthref"][split][key] == results[1]["synthref"][split][key]
+        r = results[0]["synthref"][split]
+        groups = r["acc_by_group"].values()
+        assert sum(g["count"] for g in groups) == r["count"]
+        assert abs(sum(g["acc"] * g["count"] for g in groups) - r["acc"] * r["count"]) < 1e-9
 
 
 def test_summary_buckets():

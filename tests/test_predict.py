@@ -95,9 +95,9 @@ def test_jsonl_boxes_map_back_to_original_pixels_for_non_square_images(tmp_path,
         size, box = expected[r["image"]]
         tol = 1.5 / Letterbox.of(*size, 224).ratio                # 1.5 input pixels
         assert np.allclose(r["box_xyxy"], box, atol=tol), (r, box, tol)
-    for name, size, _ in cases:                                        # one picture per image, its size
+    for name, size, _ in cases:                # one picture per image, its width, the captions below it
         with Image.open(tmp_path / "pics" / f"{name.rsplit('.', 1)[0]}_hivg.png") as pic:
-            assert pic.size == size
+            assert pic.width == max(size[0], 320) and pic.height > size[1]
 
 
 def test_single_image_cli_on_our_checkpoint(tiny, tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_single_image_cli_on_our_checkpoint(tiny, tmp_path, capsys):
         assert all(0 <= v <= lim for v, lim in zip(r["box_xyxy"], (150, 90, 150, 90)))
     for f in [out] + [tmp_path / "out" / f"pred_{k}_{i}.png" for k in ("attn", "tokmap") for i in (0, 1)]:
         with Image.open(f) as pic:
-            assert pic.size == (150, 90), f
+            assert pic.width == 320 and pic.height > 2 * 90, f   # enlarged x2 to 256 px, captions below
     assert results[1]["attn_picture"] == str(tmp_path / "out" / "pred_attn_1.png")
     assert "wrote" in err and "Traceback" not in err
 
@@ -136,7 +136,7 @@ def test_default_picture_path_is_beside_the_working_directory(tiny, tmp_path, mo
     assert len(lines) == 1 and set(json.loads(lines[0])) == {"image", "text", "box_xyxy", "score"}
     assert 0 <= json.loads(lines[0])["score"] <= 1
     with Image.open(tmp_path / "street_hivg.png") as pic:
-        assert pic.size == (80, 120)
+        assert pic.width == 320 and pic.height > 3 * 120
 
 
 # ----------------------------------------------------------------------------------------- heat maps
@@ -307,11 +307,35 @@ def test_draw_prediction_and_draw_boxes_colours():
     assert tuple(px[60, 20]) == vis.CYAN and tuple(px[50, 180]) == vis.GREEN
     assert px[120:].any()                                          # caption strip has text
     boxed = vis.draw_boxes(img, [[10, 50, 60, 110]], ["a"])
-    assert boxed.size == img.size and tuple(np.asarray(boxed)[80, 10]) == vis.PALETTE[0]
+    assert boxed.width == 2 * img.width and boxed.height > 2 * img.height         # enlarged to 256 px at least
+    assert tuple(np.asarray(boxed)[160, 20]) == vis.PALETTE[0]
     assert not np.asarray(img).any()                               # input untouched
     small = vis.draw_prediction(Image.new("RGB", (64, 40)), [2, 4, 30, 20], [10, 10, 50, 30], "x", 0.7)
     assert small.width >= 64 * 4 and small.height > 40 * 4                 # enlarged x4, boxes with it
     assert tuple(np.asarray(small)[50, 8]) == vis.CYAN and tuple(np.asarray(small)[60, 200]) == vis.GREEN
+
+
+def test_small_image_pictures_are_enlarged_with_whole_captions_that_cover_no_box():
+    img = Image.new("RGB", (64, 48), (90, 90, 90))
+    text = "the small blue triangle to the left of the large red square below the green star on the left"
+    boxes = [[1, 0, 30, 20], [34, 20, 63, 47]]                # touching the top and the bottom edges
+    pic = vis.draw_boxes(img, boxes, [text, "x"], [vis.PALETTE[0], vis.PALETTE[1]])
+    k = 4                                                     # 64 px -> at least 256 px; strip 320 px wide
+    assert pic.width == 320 and pic.height > 48 * k
+    px = np.asarray(pic)
+    for (x0, y0, x1, y1), colour in zip(boxes, vis.PALETTE):  # every outline pixel is still the box's colour
+        xs, ys = slice(x0 * k, x1 * k + 1), slice(y0 * k, y1 * k + 1)      # PIL's corners are inclusive
+        outline = np.concatenate([px[y0 * k, xs], px[y1 * k, xs], px[ys, x0 * k], px[ys, x1 * k]])
+        assert (outline == colour).all()
+    seen = {tuple(c) for c in px[:48 * k, :64 * k].reshape(-1, 3)}
+    assert seen == {(90, 90, 90), vis.PALETTE[0], vis.PALETTE[1]}   # nothing but the image and the outlines
+    probe = vis.ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = probe.textbbox((0, 0), "Ag", font=vis._font((320, 320)))[3] + 3
+    strip = px[48 * k:, line_h + 2:]                           # right of the colour swatches
+    assert strip.shape[0] >= 3 * line_h                        # two lines for the long caption, one for "x"
+    for i in range(3):                                         # each holds text
+        assert (strip[3 + i * line_h:3 + (i + 1) * line_h] > 128).any()
+    assert " ".join(vis._wrap(probe, text, vis._font((320, 320)), 280)) == text     # wrapped, nothing cut
 
 
 def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):

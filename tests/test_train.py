@@ -248,8 +248,8 @@ def test_errors_are_clear(data, stage0, tmp_path):
 
 def test_plain_progress_lines_when_not_on_a_terminal(data, tmp_path, capsys):
     assert train_hivg.main(flags(data, tmp_path, "--epochs", "1", "--print_freq", "2")) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0 step")]
-    assert [line.split()[3] for line in lines] == ["2/6", "4/6", "6/6"]       # 48 samples / batch 8
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage 0 epoch 0 step")]
+    assert [line.split()[5] for line in lines] == ["2/6", "4/6", "6/6"]       # 48 samples / batch 8
     assert all(" loss " in line and "loss_bbox" in line and "samples/s ETA" in line for line in lines)
 
 

@@ -251,6 +251,17 @@ def summarize(ious: List[float], phrases: List[str]) -> Dict[str, object]:
     return {"count": n, "acc": sum(hits) / max(n, 1), "miou": sum(ious) / max(n, 1), "acc_by_length": by_len}
 
 
+def accuracy_by_group(ious: List[float], groups: List[str]) -> Dict[str, Dict[str, float]]:
+    """Acc@0.5 and count of each group, sample i being in group groups[i] (first-seen order)."""
+    if len(ious) != len(groups):
+        raise ValueError(f"{len(ious)} IoUs for {len(groups)} group labels")
+    out = {}
+    for g in dict.fromkeys(groups):
+        sel = [iou >= 0.5 for iou, label in zip(ious, groups) if label == g]
+        out[g] = {"count": len(sel), "acc": sum(sel) / len(sel)}
+    return out
+
+
 def loss_scaler(amp: str, device: torch.device) -> Optional[torch.amp.GradScaler]:
     if amp != "fp16":
         return None

@@ -69,50 +69,12 @@ def _font(image_size: Tuple[int, int]):
         return ImageFont.load_default()
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: Tuple[float, float], text: str, colour, font, image_size,
-           placed: Optional[List[Tuple[float, float, float, float]]] = None) -> None:
-    """Text on a box-coloured tab above (x, y), or just inside the image when there is no room; moved
-    down past the tabs in `placed` it would overlap (and appended to it)."""
-    W, H = image_size
-    if draw.textlength(text, font=font) + 4 > W:   # shorten to the image width
-        while len(text) > 1 and draw.textlength(text + "...", font=font) + 4 > W:
-            text = text[:-1]
-        text = text + "..."
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-    tw, th = x1 - x0 + 4, y1 - y0 + 4
-    x = min(max(0, xy[0]), max(0, W - tw))
-    y = xy[1] - th if xy[1] - th >= 0 else min(max(0, xy[1]), max(0, H - th))
-    if placed is not None:
-        for _ in range(len(placed)):
-            hit = [r for r in placed if x < r[2] and r[0] < x + tw and y < r[3] and r[1] < y + th]
-            if not hit:
-                break
-            y = min(max(r[3] for r in hit), max(0, H - th))
-        placed.append((x, y, x + tw, y + th))
-    draw.rectangle([x, y, x + tw, y + th], fill=colour)
-    draw.text((x + 2 - x0, y + 2 - y0), text, fill=(0, 0, 0), font=font)
-
-
 def _width(image_size) -> int:
     return max(1, round(min(image_size) / 200))
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
-               colours: Optional[Sequence[Tuple[int, int, int]]] = None) -> Image.Image:
-    """A copy of `image` (RGB, same size) with every xyxy pixel box outlined and labelled."""
-    img = image.convert("RGB")  # always a new image
-    draw = ImageDraw.Draw(img)
-    font = _font(img.size)
-    colours = colours or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
-    for box, colour in zip(boxes, colours):
-        draw.rectangle([float(c) for c in box], outline=colour, width=_width(img.size))
-    placed: List[Tuple[float, float, float, float]] = []
-    for box, label, colour in zip(boxes, labels, colours):  # labels last: never covered by another box
-        _label(draw, (float(box[0]), float(box[1])), label, colour, font, img.size, placed)
-    return img
-
-
 def _wrap(draw, text: str, font, width: int) -> List[str]:
+    """`text` in lines no wider than `width` pixels (a word longer than that gets a line of its own)."""
     lines, line = [], ""
     for word in text.split():
         trial = f"{line} {word}".strip()
@@ -133,30 +95,57 @@ def enlarge(image: Image.Image, min_side: int) -> Tuple[Image.Image, int]:
     return image.resize((image.width * k, image.height * k), Image.NEAREST), k
 
 
+def _captioned(img: Image.Image, captions: Sequence[Tuple[Optional[Tuple[int, int, int]], str]]) -> Image.Image:
+    """`img` above a black strip holding each caption wrapped to the strip's width, behind a swatch of its
+    colour when it has one. The strip is at least 320 px wide, so a caption never covers the picture."""
+    W, H = img.size
+    strip_w = max(W, 320)
+    font = _font((strip_w, max(H, 320)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
+    swatch = line_h - 3
+    blocks = [(colour, _wrap(probe, text, font, strip_w - 8 - (swatch + 4 if colour else 0)))
+              for colour, text in captions]
+    out = Image.new("RGB", (strip_w, H + 6 + line_h * sum(len(lines) for _, lines in blocks)), (0, 0, 0))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    y = H + 3
+    for colour, lines in blocks:
+        x = 4
+        if colour:
+            draw.rectangle([x, y + 1, x + swatch - 1, y + swatch], fill=colour)
+            x += swatch + 4
+        for line in lines:
+            draw.text((x, y), line, fill=(255, 255, 255), font=font)
+            y += line_h
+    return out
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
+               colours: Optional[Sequence[Tuple[int, int, int]]] = None, min_side: int = 256) -> Image.Image:
+    """The image (enlarged when its long side is under `min_side`) with every xyxy box (pixels of `image`)
+    outlined in its colour, and below it each label behind a swatch of its box's colour."""
+    img, k = enlarge(image.convert("RGB"), min_side)
+    img = img.copy() if k == 1 else img        # never draw on the caller's image
+    draw = ImageDraw.Draw(img)
+    colours = colours or [PALETTE[i % len(PALETTE)] for i in range(len(boxes))]
+    for box, colour in zip(boxes, colours):
+        draw.rectangle([float(c) * k for c in box], outline=colour, width=_width(img.size))
+    return _captioned(img, list(zip(colours, labels)))
+
+
 def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], text: str,
                     iou: float, min_side: int = 256) -> Image.Image:
     """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
     a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`. An image whose
     long side is under `min_side` is first enlarged by an integer factor (nearest neighbour)."""
     img, k = enlarge(image.convert("RGB"), min_side)
-    if k > 1:
-        pred_xyxy, gt_xyxy = [float(c) * k for c in pred_xyxy], [float(c) * k for c in gt_xyxy]
-    W, H = img.size
-    font = _font((max(W, 320), max(H, 320)))
+    img = img.copy() if k == 1 else img
     draw = ImageDraw.Draw(img)
-    draw.rectangle([float(c) for c in gt_xyxy], outline=GREEN, width=_width(img.size))
-    draw.rectangle([float(c) for c in pred_xyxy], outline=CYAN, width=_width(img.size))
+    draw.rectangle([float(c) * k for c in gt_xyxy], outline=GREEN, width=_width(img.size))
+    draw.rectangle([float(c) * k for c in pred_xyxy], outline=CYAN, width=_width(img.size))
     caption = f"{text}  |  IoU {iou:.2f} ({'hit' if iou >= 0.5 else 'miss'})  |  pred cyan, gt green"
-    strip_w = max(W, 320)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lines = _wrap(probe, caption, font, strip_w - 8)
-    line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
-    out = Image.new("RGB", (strip_w, H + line_h * len(lines) + 6), (0, 0, 0))
-    out.paste(img, (0, 0))
-    draw = ImageDraw.Draw(out)
-    for i, line in enumerate(lines):
-        draw.text((4, H + 3 + i * line_h), line, fill=(255, 255, 255), font=font)
-    return out
+    return _captioned(img, [(None, caption)])
 
 
 def _evenly(group: Sequence[int], m: int) -> List[int]:
@@ -213,8 +202,8 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, d
     return paths
 
 
-def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour) -> Dict[str, Image.Image]:
-    """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap'."""
+def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour, min_side: int = 256) -> Dict[str, Image.Image]:
+    """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap', drawn as draw_boxes."""
     lb = pred.letterbox
     pics = {}
     if pred.attention is not None:
@@ -222,4 +211,4 @@ def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour) -> Dic
     if pred.token_map is not None:
         prob = 1.0 / (1.0 + np.exp(-pred.token_map.astype(np.float64)))
         pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, lb.size, normalize=False)
-    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour]) for k, v in pics.items()}
+    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour], min_side) for k, v in pics.items()}
