@@ -187,15 +187,19 @@ def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_
 
 
 def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2,
-             workers: int = 1):
-    """Write the three splits under ``out`` with `workers` processes; returns {split: number of samples}."""
+             workers: int = 1, log=lambda message: None):
+    """Write the three splits under ``out`` with `workers` processes, calling `log` after each; returns
+    {split: number of samples}."""
     for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
         if num <= 0:
             raise ValueError(f"--num_{split} must be positive, got {num}")
     os.makedirs(os.path.join(out, IMAGE_DIRS["synthref"]), exist_ok=True)
+    counts, start = {}, time.time()
     with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
-        return {split: write_split(out, split, num, seed, imsize, refs_per_image, pool)
-                for split, num in (("train", num_train), ("val", num_val), ("test", num_test))}
+        for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
+            counts[split] = write_split(out, split, num, seed, imsize, refs_per_image, pool)
+            log(f"synthref {split}: {counts[split]} expressions ({time.time() - start:.1f}s)")
+    return counts
 
 
 def write_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int, pool) -> int:
@@ -294,7 +298,7 @@ def main(argv=None):
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     counts = generate(args.out, args.num_train, args.num_val, args.num_test, args.seed, args.imsize,
-                      args.refs_per_image, args.workers)
+                      args.refs_per_image, args.workers, log=lambda message: print(message, flush=True))
     print(f"wrote synthref to {args.out} in {time.time() - start:.1f}s: "
           + ", ".join(f"{k} {v}" for k, v in counts.items())
           + f"; use --dataset synthref --data_root {args.out} --split_root {args.out}")
