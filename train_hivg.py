@@ -172,10 +172,12 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def make_loader(dataset, sampler, batch_size, args, device):
+def make_loader(dataset, sampler, batch_size, args, device, seed: int):
+    """A loader whose iterator draws its workers' base seed from its own generator, seeded by `seed`: the
+    global generator is left to the model (dropout), so a run resumed inside an epoch draws the same masks."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
 class StopFlag:
@@ -261,8 +263,8 @@ class Trainer:
     def validate(self, desc: str) -> dict:
         args = self.args
         return evaluate(self.model, self.val_set,
-                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device), self.device,
-                        self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
+                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device, args.seed),
+                        self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
 
     def state(self, epoch: int, resume_at, val_acc) -> dict:
         """Everything a resume needs, and the config that rebuilds the network (plain types only)."""
@@ -309,7 +311,7 @@ class Trainer:
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
-            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device)
+            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device, args.seed + epoch)
             try:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,

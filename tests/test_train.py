@@ -143,6 +143,42 @@ def test_resume_is_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+SIGTERM_IN_MICRO_BATCH = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import train_hivg
+from utils.losses import GroundingCriterion
+real, calls = GroundingCriterion.forward, []
+def forward(self, outputs, targets):  # rank 0 alone is signalled, in its micro-batch {at}
+    calls.append(1)
+    if len(calls) == {at} and os.environ.get("RANK", "0") == "0":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(self, outputs, targets)
+GroundingCriterion.forward = forward
+sys.exit(train_hivg.main())
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_resume_inside_an_epoch_is_exact(data, tmp_path, ranks):
+    """With dropout on, a run stopped by SIGTERM inside an epoch and resumed ends with the very weights of a
+    run never stopped: the loaders draw nothing from the generator the dropout masks come from."""
+    script = tmp_path / "sigterm_in_micro_batch.py"
+    script.write_text(SIGTERM_IN_MICRO_BATCH.format(repo=REPO, at=2))
+    launch = [] if ranks == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    common = ["--epochs", "2", "--epoch_samples", "24", "--batch_size", str(8 // ranks), "--print_freq", "1",
+              "--vl_dim_feedforward", "64"]                                 # 3 steps per epoch, a check after each
+    whole = run_script([*launch, "train_hivg.py", *flags(data, tmp_path / "whole", *common)])
+    assert whole.returncode == 0, whole.stderr
+    stopped = run_script([*launch, str(script), *flags(data, tmp_path / "stopped", *common)])
+    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["resume_at"] == (0, 2), stopped.stderr
+    resumed = run_script([*launch, "train_hivg.py", "--resume", str(tmp_path / "stopped" / "checkpoint.pth")])
+    assert resumed.returncode == 0, resumed.stderr
+    wa = load_checkpoint(tmp_path / "whole" / "checkpoint.pth")["model"]
+    wb = load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["model"]
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
 def test_sigterm_saves_a_loadable_checkpoint(data, tmp_path):
     proc = subprocess.Popen([sys.executable, "train_hivg.py", *flags(data, tmp_path, "--epochs", "500")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
