@@ -26,10 +26,12 @@ from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from utils.cli import UserError
 from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
                           train_one_epoch)
 from utils.logger import RunLogger
 from utils.losses import build_criterion
+from utils.output_dir import claimed
 from utils.run_flags import given_flags, inherit_flags
 
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
@@ -70,7 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "--retrain whose CLIP is none of the --model configs: its architecture as an HF CLIPConfig JSON")
     g.add_argument("--hi_lora_clip", default="", help="accepted for the official scripts; not needed")
     g.add_argument("--save_hilora_clip", action="store_true", help="accepted for the official scripts; no effect")
-    g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
+    g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/; one run "
+                   "at a time, and a folder holding an earlier run is refused unless --resume continues it")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output_dir that holds an earlier "
+                   "run: delete its checkpoints, log.txt, args.json and tensorboard/ first")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
     g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
@@ -203,7 +208,8 @@ def main(argv=None) -> int:
     info = du.init_distributed(args.device)
     stop = StopFlag()
     try:
-        return Trainer(args, start, info).fit(stop)
+        with claimed(Path(args.output_dir), args.resume, args.overwrite, info.is_main):
+            return Trainer(args, start, info).fit(stop)
     finally:
         stop.close()
         du.cleanup()
@@ -293,6 +299,7 @@ class Trainer:
             rngs = ckpt["rng"]
             set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
             self.best_acc = ckpt["best_acc"]
+            self.log.keep_epochs_through(ckpt["epoch"])
             self.log.print(f"resumed {self.args.resume} at epoch {ckpt['resume_at'][0]}, step {ckpt['resume_at'][1]}")
             return tuple(ckpt["resume_at"])
         if self.start is not None:
@@ -353,6 +360,6 @@ class Trainer:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -16,7 +16,7 @@ from datasets.synthetic import main as make_synthetic
 from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
 from models.weights import load_model, read_file
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import leftover_temporaries, load_checkpoint, save_checkpoint
 from tests.conftest import FIXTURES
 from utils.engine import ShardSampler
 
@@ -194,14 +194,24 @@ def test_sigterm_saves_a_loadable_checkpoint(data, tmp_path):
     assert ckpt["resume_at"][0] >= 1 and "continue with --resume" in rest
 
 
-KILLER = """
+DIE = """
 import os, signal, sys, torch
 sys.path.insert(0, {repo!r})
-from utils.checkpoint import save_checkpoint
-class Die:
+class Die:  # pickling it is a SIGKILL in the middle of a checkpoint write
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGKILL)
+"""
+KILLER = DIE + """
+from utils.checkpoint import save_checkpoint
 save_checkpoint({path!r}, {{"model": {{"w": torch.zeros(1000000)}}, "die": Die()}})
+"""
+KILLED_SAVING_EPOCH = DIE + """
+import train_hivg
+real = train_hivg.save_checkpoint
+def save(path, obj):  # killed while writing checkpoint.pth of epoch {epoch}, after its log.txt record
+    real(path, dict(obj, die=Die()) if path.name == "checkpoint.pth" and obj["epoch"] == {epoch} else obj)
+train_hivg.save_checkpoint = save
+sys.exit(train_hivg.main())
 """
 
 
@@ -347,3 +357,20 @@ def test_resume_refuses_flags_it_cannot_honour(data, tmp_path):
     assert train_hivg.main(flags(data, tmp_path, "--epochs", "2", "--run_epochs", "1")) == 0
     with pytest.raises(ValueError, match="cannot change --epochs, --lr"):
         train_hivg.main(["--resume", str(tmp_path / "checkpoint.pth"), "--lr", "1e30", "--epochs", "3"])
+
+
+def log_epochs(run_dir):
+    return [json.loads(line)["epoch"] for line in (run_dir / "log.txt").read_text().splitlines()]
+
+
+def test_a_run_killed_while_saving_resumes_with_each_epoch_logged_once_and_no_temporaries(data, tmp_path):
+    script, run = tmp_path / "killed_saving.py", tmp_path / "run"
+    script.write_text(KILLED_SAVING_EPOCH.format(repo=REPO, epoch=1))
+    small = ["--epochs", "3", "--epoch_samples", "8", "--vl_dim_feedforward", "64"]
+    killed = run_script([str(script), *flags(data, run, *small)])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert log_epochs(run) == [0, 1] and load_checkpoint(run / "checkpoint.pth")["epoch"] == 0
+    assert leftover_temporaries(run / "checkpoint.pth")                 # what the kill left behind
+    assert train_hivg.main(["--resume", str(run / "checkpoint.pth")]) == 0  # replays epoch 1
+    assert log_epochs(run) == [0, 1, 2]
+    assert leftover_temporaries(run / "checkpoint.pth") == []
