@@ -235,16 +235,28 @@ def test_two_rank_gloo_run_equals_one_rank(data, tmp_path):
 
 
 def assert_same_weights(path_a, path_b):
-    w1, w2 = load_checkpoint(path_a)["model"], load_checkpoint(path_b)["model"]
+    """Two runs that are one computation in exact arithmetic (the gradient summed over ranks or micro-batches in
+    another order, or on another device) end with the same weights up to rounding, as amplified by AdamW: it
+    moves every weight by about lr per step, whatever the scale of its gradient.
+
+    Key biases (the k third of every in_proj_bias: CLIP towers, bridges, fusion) are left out: their exact
+    gradient is zero (softmax ignores a shift shared by all keys), so AdamW turns rounding noise into steps of
+    up to about lr there (its first step is lr * g / (|g| + eps)). Elsewhere rounding changes a gradient by a
+    tiny fraction of itself, except where it moves a ReLU input across 0; measured: at most 1.8e-3 * lr * steps
+    (1 vs 2 gloo ranks, one batch vs two micro-batches, 1 and 2 threads; lr 1e-3, 6 steps). The tolerance,
+    2e-2 * lr * steps, is ten times that, while leaving out one batch of 8 moves 84% of the weights by more.
+    """
+    ca, cb = load_checkpoint(path_a), load_checkpoint(path_b)
+    steps = int(next(iter(ca["optimizer"]["state"].values()))["step"])
+    atol = 2e-2 * ca["args"]["lr"] * steps
+    w1, w2 = ca["model"], cb["model"]
     assert w1.keys() == w2.keys()
     for k in w1:
         a, b = w1[k], w2[k]
-        if k.endswith("self_attn.in_proj_bias"):
-            # The key bias gets an exactly-zero gradient (softmax is shift-invariant), so Adam turns
-            # rounding noise into full-size updates there; compare the query and value biases.
+        if k.endswith("in_proj_bias"):
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=k)
 
 
 def test_accumulated_micro_batches_equal_one_batch(data, tmp_path):
