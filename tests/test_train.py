@@ -135,8 +135,9 @@ def test_epoch_samples_draws_a_fresh_subset_each_epoch():
 
 def test_resume_is_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert train_hivg.main(flags(data, a, "--epochs", "2")) == 0
-    assert train_hivg.main(flags(data, b, "--epochs", "2", "--run_epochs", "1")) == 0
+    short = ["--epochs", "2", "--epoch_samples", "16", "--vl_dim_feedforward", "64"]
+    assert train_hivg.main(flags(data, a, *short)) == 0
+    assert train_hivg.main(flags(data, b, *short, "--run_epochs", "1")) == 0
     assert load_checkpoint(b / "checkpoint.pth")["resume_at"] == (1, 0)
     assert train_hivg.main(["--resume", str(b / "checkpoint.pth")]) == 0  # keeps writing into b
     wa, wb = load_checkpoint(a / "checkpoint.pth")["model"], load_checkpoint(b / "checkpoint.pth")["model"]
