@@ -26,10 +26,12 @@ from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from utils.cli import UserError
 from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
                           train_one_epoch)
 from utils.logger import RunLogger
 from utils.losses import build_criterion
+from utils.output_dir import claimed
 from utils.run_flags import given_flags, inherit_flags
 
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
@@ -70,7 +72,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "--retrain whose CLIP is none of the --model configs: its architecture as an HF CLIPConfig JSON")
     g.add_argument("--hi_lora_clip", default="", help="accepted for the official scripts; not needed")
     g.add_argument("--save_hilora_clip", action="store_true", help="accepted for the official scripts; no effect")
-    g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/")
+    g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/; one run "
+                   "at a time, and a folder holding an earlier run is refused unless --resume continues it")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --output_dir that holds an earlier "
+                   "run: delete its checkpoints, log.txt, args.json and tensorboard/ first")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
     g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
@@ -172,10 +177,12 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-def make_loader(dataset, sampler, batch_size, args, device):
+def make_loader(dataset, sampler, batch_size, args, device, seed: int):
+    """A loader whose iterator draws its workers' base seed from its own generator, seeded by `seed`: the
+    global generator is left to the model (dropout), so a run resumed inside an epoch draws the same masks."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals)
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
 class StopFlag:
@@ -201,7 +208,8 @@ def main(argv=None) -> int:
     info = du.init_distributed(args.device)
     stop = StopFlag()
     try:
-        return Trainer(args, start, info).fit(stop)
+        with claimed(Path(args.output_dir), args.resume, args.overwrite, info.is_main):
+            return Trainer(args, start, info).fit(stop)
     finally:
         stop.close()
         du.cleanup()
@@ -261,8 +269,8 @@ class Trainer:
     def validate(self, desc: str) -> dict:
         args = self.args
         return evaluate(self.model, self.val_set,
-                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device), self.device,
-                        self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
+                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device, args.seed),
+                        self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
 
     def state(self, epoch: int, resume_at, val_acc) -> dict:
         """Everything a resume needs, and the config that rebuilds the network (plain types only)."""
@@ -291,6 +299,7 @@ class Trainer:
             rngs = ckpt["rng"]
             set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
             self.best_acc = ckpt["best_acc"]
+            self.log.keep_epochs_through(ckpt["epoch"])
             self.log.print(f"resumed {self.args.resume} at epoch {ckpt['resume_at'][0]}, step {ckpt['resume_at'][1]}")
             return tuple(ckpt["resume_at"])
         if self.start is not None:
@@ -309,7 +318,7 @@ class Trainer:
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
-            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device)
+            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device, args.seed + epoch)
             try:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
@@ -352,6 +361,6 @@ class Trainer:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -206,7 +206,7 @@ def test_tf32_switches_only_on_cuda():
 def test_the_train_loader_pins_memory_on_cuda_only():
     args = argparse.Namespace(max_query_len=16, num_workers=0)
     for device, pinned in (("cpu", False), ("cuda", True)):
-        assert train_hivg.make_loader([], None, 2, args, torch.device(device)).pin_memory is pinned
+        assert train_hivg.make_loader([], None, 2, args, torch.device(device), 0).pin_memory is pinned
 
 
 # ---- On a CUDA device (pytest -m cuda; benchmarks/gpu_check.sh) ----
@@ -301,5 +301,5 @@ def test_two_step_run_on_cuda_matches_the_cpu_run(data, tmp_path):
 def test_the_train_loader_pins_batches_on_cuda(data, tmp_path):
     args, _ = train_hivg.resolve_args(flags(data, tmp_path, "--num_workers", "2"))
     dataset = build_dataset("train", args)
-    batch = next(iter(train_hivg.make_loader(dataset, ShardSampler(len(dataset)), 4, args, torch.device("cuda"))))
+    batch = next(iter(train_hivg.make_loader(dataset, ShardSampler(len(dataset)), 4, args, torch.device("cuda"), 0)))
     assert all(t.is_pinned() for t in batch[:5])

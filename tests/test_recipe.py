@@ -47,6 +47,7 @@ def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path):
     assert "finished earlier" in lines[lines.index("==================== base unc stage0 ====================") + 1]
     assert train[0].endswith(f"train_hivg.py --resume {out}/stage1/checkpoint.pth --num_workers 4")
     assert f"--hi_lora_retrain {out}/stage1/best_checkpoint.pth" in train[1] and len(train) == 3
+    assert train[1].endswith(f"--output_dir {out}/stage2 --overwrite")   # a start that left no checkpoint.pth
 
 
 def test_mode_multi_node_and_mixup_evaluation_on_five_datasets(tmp_path):

@@ -33,7 +33,7 @@ if [ ! -f "$DATA_DIR/synthref/synthref_test.pth" ]; then
 fi
 "$PYTHON" -m datasets.synthetic --baseline "$DATA_DIR" --split test
 
-COMMON=(--device cpu --num_workers "$WORKERS" --batch_size "$BATCH" --lr_scheduler cosine)
+COMMON=(--device cpu --num_workers "$WORKERS" --batch_size "$BATCH" --lr_scheduler cosine --overwrite)  # a rerun replaces the demo
 "$PYTHON" train_hivg.py "${COMMON[@]}" --model demo --dataset synthref --data_root "$DATA_DIR" --split_root "$DATA_DIR" \
     --imsize 64 --max_query_len 16 --vl_enc_layers 4 --vl_nheads 4 --vl_dim_feedforward 256 --vl_dropout 0 \
     --normalize_before --enable_adaptive_weights --use_rtcc_constrain_loss --use_mask_loss \

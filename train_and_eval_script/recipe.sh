@@ -77,8 +77,8 @@ stage() {
         echo "finished earlier ($dir/DONE): skipped"
     elif [ -f "$dir/checkpoint.pth" ]; then
         run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS"
-    else
-        run train_hivg.py "$@" --output_dir "$dir"
+    else  # no checkpoint.pth: whatever an interrupted start left there is replaced
+        run train_hivg.py "$@" --output_dir "$dir" --overwrite
     fi
     [ "${DRY_RUN:-0}" = 1 ] || touch "$dir/DONE"
 }

@@ -27,7 +27,8 @@ def save_checkpoint(path, obj) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = temporary_affixes(path)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
@@ -39,6 +40,19 @@ def save_checkpoint(path, obj) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def temporary_affixes(path: Path):
+    """(prefix, suffix) of the temporary files save_checkpoint writes next to `path`."""
+    return f".{path.name}.", ".tmp"
+
+
+def leftover_temporaries(path) -> list:
+    """Temporary files of save_checkpoint(`path`) left behind by a killed process; delete them only while
+    no other process may be writing `path`."""
+    path = Path(path)
+    prefix, suffix = temporary_affixes(path)
+    return sorted(path.parent.glob(f"{prefix}*{suffix}"))
 
 
 def current_umask() -> int:

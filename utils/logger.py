@@ -1,5 +1,6 @@
 """Rank-0 run logging: console, JSON-lines log.txt, TensorBoard scalars and the resolved args."""
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,25 @@ class RunLogger:
                    f"{train['samples_per_s']:.1f} samples/s  val Acc@0.5 {val['acc']:.4f}  mIoU {val['miou']:.4f}  "
                    f"[{record['time_s']:.0f}s]")
 
+    def keep_epochs_through(self, epoch: int) -> None:
+        """Drop the log.txt records after `epoch`: a run resumed from a checkpoint of `epoch` replays them.
+        A line that does not parse is the end of a write a kill cut short, and goes too."""
+        path = self.dir / "log.txt"
+        if not self.enabled or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _epoch(line) <= epoch]
+        tmp = path.with_name(".log.txt.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _epoch(line: str) -> float:
+    """The epoch of a log.txt record; infinity for a line that is no record."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -4,11 +4,11 @@ from typing import Callable
 
 # Flags that describe one run, never inherited from the checkpoint a run starts from.
 RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
-            "hi_lora_stage", "run_epochs", "device", "num_workers")
+            "hi_lora_stage", "run_epochs", "device", "num_workers", "overwrite")
 LAST_STAGE = 3
 # What a resumed run may change: where and how it runs, not what it trains.
-RESUMABLE = ("resume", "output_dir", "run_epochs", "device", "num_workers", "print_freq", "data_root", "split_root",
-             "eval_batch_size", "compile", "tf32")
+RESUMABLE = ("resume", "output_dir", "overwrite", "run_epochs", "device", "num_workers", "print_freq", "data_root",
+             "split_root", "eval_batch_size", "compile", "tf32")
 
 _NOT_GIVEN = object()
 
