@@ -252,11 +252,11 @@ def summarize(ious: List[float], phrases: List[str]) -> Dict[str, object]:
 
 
 def accuracy_by_group(ious: List[float], groups: List[str]) -> Dict[str, Dict[str, float]]:
-    """Acc@0.5 and count of each group, sample i being in group groups[i] (first-seen order)."""
+    """Acc@0.5 and count of each group (in sorted order), sample i being in group groups[i]."""
     if len(ious) != len(groups):
         raise ValueError(f"{len(ious)} IoUs for {len(groups)} group labels")
     out = {}
-    for g in dict.fromkeys(groups):
+    for g in sorted(set(groups)):
         sel = [iou >= 0.5 for iou, label in zip(ious, groups) if label == g]
         out[g] = {"count": len(sel), "acc": sum(sel) / len(sel)}
     return out
