@@ -8,9 +8,11 @@ import sys
 import pytest
 
 from datasets.synthetic import main as make_synthetic
+from eval import main as eval_main
 from models.hivg import add_model_args, build_model
 from models.weights import load_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
 from utils.engine import length_bucket, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,3 +177,13 @@ def test_official_bridge_at_another_batch_names_the_authors_batching(setup, tmp_
     proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0", "--batch_size", "5",
                 "--output_dir", str(tmp_path)])
     assert proc.returncode == 0 and "the authors evaluated this kind of model at --batch_size 60" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_files_one_line_naming_the_flag(setup, tmp_path, capsys, kind):
+    _, ckpt = setup
+    path = write_bad_checkpoint(kind, tmp_path, ckpt)
+    assert eval_main(["--eval_model", str(path), "--eval_set", "val", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval.py: error: --eval_model {path} {BAD_CHECKPOINTS[kind]}") and err.count("\n") == 1, err
+    assert "weights_only" not in err and not (tmp_path / "ran").exists()
