@@ -3,6 +3,7 @@ signals, atomic writes, torchrun equivalence and error handling."""
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,6 +350,21 @@ def test_resume_of_another_models_checkpoint_is_refused(data, stage0, tmp_path, 
     assert train_hivg.main(["--resume", str(tmp_path / "c.pth"), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert one_error_line(err, f"--resume {tmp_path / 'c.pth'}") and expect in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-byte"])
+def test_damaged_image_in_the_dataset_names_the_image_and_the_split_file(data, tmp_path, damage):
+    """Through DataLoader workers (they hand the error back with their traceback as its text): still one line."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    first = torch.load(copy / "synthref" / "synthref_train.pth", weights_only=True)[0][0]
+    image = copy / "synthref" / "images" / first
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 3] if damage == "truncated" else b"")
+    proc = run_script(["train_hivg.py", *flags(data, tmp_path / "o", "--data_root", str(copy), "--split_root", str(copy),
+                                               "--epochs", "1", "--num_workers", "2")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert one_error_line(proc.stderr, f"image {image} (synthref train sample "), proc.stderr
+    assert f"split file {copy / 'synthref' / 'synthref_train.pth'}" in proc.stderr and "datasets.verify" in proc.stderr
 
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(stage0, data, tmp_path, capsys):
