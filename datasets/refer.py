@@ -167,9 +167,10 @@ def outside(ref: Ref, size_hw=None) -> str:
     size_hw = size_hw or ref.size_hw
     if size_hw is None or is_degenerate(ref):
         return ""
-    if clip_box(ref.box_xyxy, size_hw) == tuple(ref.box_xyxy):
+    clipped = clip_box(ref.box_xyxy, size_hw)
+    if clipped == tuple(ref.box_xyxy):
         return ""
-    x0, y0, x1, y1 = clip_box(ref.box_xyxy, size_hw)
+    x0, y0, x1, y1 = clipped
     return "wholly" if x1 <= x0 or y1 <= y0 else "partly"
 
 

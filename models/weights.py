@@ -89,8 +89,11 @@ def read_file(path, what: str = "checkpoint"):
         raise ValueError(f"{what} {path} is truncated (its zip archive has no end): the write or copy that made "
                          f"it did not finish; {again}")
     if kind == "other":
-        raise ValueError(f"{what} {path} is not a PyTorch or safetensors file (it starts with "
-                         f"{_head(path)!r}); pass a file written by torch.save or safetensors")
+        head = _head(path)
+        found = ("it is a plain pickle, never loaded since unpickling it can run arbitrary code"
+                 if head.startswith(b"\x80") else f"it starts with {head!r}")
+        raise ValueError(f"{what} {path} is not a PyTorch or safetensors file ({found}); pass a file written by "
+                         "torch.save or safetensors")
     if kind == "zip" and _is_torchscript(path):
         from open_clip import load_openai_model
         try:

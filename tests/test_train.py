@@ -361,7 +361,7 @@ def test_damaged_image_in_the_dataset_names_the_image_and_the_split_file(data, t
     image = copy / "synthref" / "images" / first
     image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 3] if damage == "truncated" else b"")
     proc = run_script(["train_hivg.py", *flags(data, tmp_path / "o", "--data_root", str(copy), "--split_root", str(copy),
-                                               "--epochs", "1", "--num_workers", "2")])
+                                               "--epochs", "1", "--num_workers", "2")], timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert one_error_line(proc.stderr, f"image {image} (synthref train sample "), proc.stderr
     assert f"split file {copy / 'synthref' / 'synthref_train.pth'}" in proc.stderr and "datasets.verify" in proc.stderr
