@@ -76,9 +76,9 @@ def load_pickled_list(path: str, allow_unsafe: bool = False) -> list:
                 f"{f' ({found.group(1) or found.group(2)})' if found else ''}; it was not loaded. If you trust its "
                 f"source, pass {UNSAFE_FLAG} to unpickle it without restrictions (this can execute arbitrary "
                 f"code).") from None
+        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "no details"
         raise ValueError(
-            f"split file {path} is not a readable pickle/torch file "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0].split('. ')[0] if str(e).strip() else 'no details'}). "
+            f"split file {path} is not a readable pickle/torch file ({type(e).__name__}: {detail}). "
             f"Re-download it, or regenerate it (synthetic set: python -m datasets.synthetic).") from None
     if not isinstance(data, list):
         raise ValueError(

@@ -68,7 +68,8 @@ def test_code_execution_refused(tmp_path, writer):
         torch.save([Payload(marker)], path)
     else:
         path.write_bytes(pickle.dumps([Payload(marker)]))
-    with pytest.raises(ValueError, match=r"needs more than plain Python types.*\(posix\.system\).*--allow_unsafe_pickle") as err:
+    refused = r"needs more than plain Python types.*\(posix\.system\).*--allow_unsafe_pickle"
+    with pytest.raises(ValueError, match=refused) as err:
         load_pickled_list(str(path))
     assert str(path) in str(err.value) and "Re-download" not in str(err.value) and "weights_only" not in str(err.value)
     assert not marker.exists()

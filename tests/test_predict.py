@@ -247,7 +247,8 @@ def test_bad_checkpoint_files_one_line_naming_the_flag(tiny, tmp_path, capsys, k
     path = write_bad_checkpoint(kind, tmp_path, tiny[0])
     rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", "x"], capsys)
     assert rc == 2 and not lines
-    assert err.startswith(f"predict.py: error: --checkpoint {path} {BAD_CHECKPOINTS[kind]}") and err.count("\n") == 1, err
+    assert err.startswith(f"predict.py: error: --checkpoint {path} {BAD_CHECKPOINTS[kind]}"), err
+    assert err.count("\n") == 1, err
     assert "weights_only" not in err and not (tmp_path / "ran").exists()
 
 

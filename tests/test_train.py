@@ -341,7 +341,8 @@ def test_resume_of_another_models_checkpoint_is_refused(data, stage0, tmp_path, 
     another model (files mixed up or edited) are refused in one line, not with PyTorch's key dump."""
     ckpt = load_checkpoint(stage0 / "checkpoint.pth")
     if change == "model":      # the weights of a model with a 4x wider fusion feed-forward
-        ckpt["model"] = {k: v.repeat(4, *[1] * (v.dim() - 1)) if "linear1" in k else v for k, v in ckpt["model"].items()}
+        ckpt["model"] = {k: v.repeat(4, *[1] * (v.dim() - 1)) if "linear1" in k else v
+                         for k, v in ckpt["model"].items()}
     elif change == "optimizer":
         ckpt["optimizer"] = {"state": {}, "param_groups": []}
     else:
@@ -360,8 +361,8 @@ def test_damaged_image_in_the_dataset_names_the_image_and_the_split_file(data, t
     first = torch.load(copy / "synthref" / "synthref_train.pth", weights_only=True)[0][0]
     image = copy / "synthref" / "images" / first
     image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 3] if damage == "truncated" else b"")
-    proc = run_script(["train_hivg.py", *flags(data, tmp_path / "o", "--data_root", str(copy), "--split_root", str(copy),
-                                               "--epochs", "1", "--num_workers", "2")], timeout=120)
+    proc = run_script(["train_hivg.py", *flags(data, tmp_path / "o", "--data_root", str(copy), "--split_root",
+                                               str(copy), "--epochs", "1", "--num_workers", "2")], timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert one_error_line(proc.stderr, f"image {image} (synthref train sample "), proc.stderr
     assert f"split file {copy / 'synthref' / 'synthref_train.pth'}" in proc.stderr and "datasets.verify" in proc.stderr
