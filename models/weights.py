@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from utils.torchfile import torch_format
+from datasets.splitfile import torch_format
 
 from .config import HiVGConfig
 from .convert import check_state_dict, convert_official_state_dict, key_mismatch, official_config
