@@ -27,7 +27,8 @@ from datasets.refer import IMAGE_DIRS, split_path
 from datasets.splitfile import load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
-from utils.cli import UserError, load_grounder, resolve_device
+from utils.cli import load_grounder, resolve_device
+from utils.errors import UserError, reports_errors
 from utils.visualize import PALETTE, draw_boxes, heat_pictures
 
 PROG = "app.py"
@@ -218,13 +219,9 @@ def serve(opts) -> None:
             raise UserError(f"cannot serve on {opts.host}:{opts.port} ({e}); choose another --port") from None
 
 
+@reports_errors(PROG)
 def main(argv=None) -> int:
-    opts = get_args_parser().parse_args(argv)
-    try:
-        serve(opts)
-    except UserError as e:   # one line: the first of predict.py's messages names the file and why
-        print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    serve(get_args_parser().parse_args(argv))
     return 0
 
 

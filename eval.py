@@ -23,8 +23,10 @@ from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
+from utils.errors import reports_errors
 from utils.visualize import save_eval_pictures
 
+PROG = "eval.py"
 DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
 DEFAULT_DATASET = "referit"
 
@@ -139,13 +141,14 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
     return results
 
 
+@reports_errors(PROG)
 def main(argv=None) -> int:
     opts = get_args_parser().parse_args(argv)
     info = du.init_distributed(opts.device)
     set_tf32(info.device, opts.tf32)
     try:
         clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
-        weights = read_weights(opts.eval_model, clip_cfg)
+        weights = read_weights(opts.eval_model, clip_cfg, what="--eval_model")
         model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
         net = torch.compile(model) if opts.compile else model
         run_args = weights.run_args or {}
@@ -168,8 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -33,7 +33,8 @@ from typing import Dict, List, Optional
 from PIL import Image, UnidentifiedImageError
 
 from models.api import Grounder, Grounding, Prepared
-from utils.cli import UserError, load_grounder, resolve_device
+from utils.cli import load_grounder, resolve_device
+from utils.errors import UserError, reports_errors
 from utils.visualize import draw_boxes, heat_pictures
 
 PROG = "predict.py"
@@ -291,15 +292,12 @@ def run(opts) -> int:
     return 0
 
 
+@reports_errors(PROG)
 def main(argv=None) -> int:
     parser = get_args_parser()
     opts = parser.parse_args(argv)
     validate(opts, parser)
-    try:
-        return run(opts)
-    except UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    return run(opts)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,17 @@ from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
-from utils.cli import UserError
 from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
                           train_one_epoch)
+from utils.errors import reports_errors
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
 from utils.run_flags import given_flags, inherit_flags
 
+PROG = "train_hivg.py"
+# What checkpoint.pth carries beyond the model for --resume (model-only files, e.g. from utils.checkpoint, lack it).
+RESUME_STATE = ("optimizer", "scheduler", "rng", "resume_at", "best_acc")
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
 
 
@@ -127,6 +130,10 @@ def resolve_args(argv=None):
         if flag == "resume" and start.checkpoint is None:
             parser.error(f"--resume {start.path} is not a checkpoint of this project (an authors' checkpoint "
                          "starts a run with --retrain or --hi_lora_retrain)")
+        lacks = [k for k in RESUME_STATE if k not in (start.checkpoint or {})]
+        if flag == "resume" and lacks:
+            raise ValueError(f"--resume {start.path} holds a model but no training state ({', '.join(lacks)} "
+                             "missing), so the run cannot continue; start a new run from it with --retrain")
     if flag in ("resume", "hi_lora_retrain"):
         previous = dict(start.run_args or {}, hi_lora_stage=start.config.hi_lora_stage,
                         hi_lora_mode=start.config.hi_lora_mode, bridge_attention=start.config.bridge_attention)
@@ -155,7 +162,7 @@ def build_run_model(args, start, log) -> HiVG:
     stage's (--hi_lora_retrain, --retrain), CLIP weights (--clip_model) or random."""
     if args.resume:
         model = HiVG.from_config(start.config, grad_checkpointing=args.grad_checkpointing)
-        load_strict(model, start.state)
+        load_strict(model, start.state, f"--resume {start.path}")
         return model
     model = build_model(args, clip_cfg=start.config.clip if start else None)
     if start:
@@ -203,6 +210,7 @@ class StopFlag:
         return self.signum != 0
 
 
+@reports_errors(PROG)
 def main(argv=None) -> int:
     args, start = resolve_args(argv)
     info = du.init_distributed(args.device)
@@ -292,12 +300,17 @@ class Trainer:
         weights of a new stage (they are the best so far)."""
         if self.args.resume:
             ckpt = self.start.checkpoint
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self.scaler and ckpt.get("scaler"):
-                self.scaler.load_state_dict(ckpt["scaler"])
-            rngs = ckpt["rng"]
-            set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+                if self.scaler and ckpt.get("scaler"):
+                    self.scaler.load_state_dict(ckpt["scaler"])
+                rngs = ckpt["rng"]
+                set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:   # written for another model
+                raise ValueError(f"--resume {self.args.resume}: its optimizer / scheduler / RNG state does not match "
+                                 f"the model of this run ({type(e).__name__}: {e}); start a new run from it with "
+                                 "--retrain") from None
             self.best_acc = ckpt["best_acc"]
             self.log.keep_epochs_through(ckpt["epoch"])
             self.log.print(f"resumed {self.args.resume} at epoch {ckpt['resume_at'][0]}, step {ckpt['resume_at'][1]}")
@@ -330,7 +343,8 @@ class Trainer:
                                             {f"train_step/{k}": v for k, v in means.items() if k.startswith("loss")},
                                             self.global_step(epoch, step)))
             except NonFiniteLossError as e:
-                self.log.print(f"error: {e}; stopping, the last good checkpoint in {args.output_dir} is kept")
+                self.log.print(f"{PROG}: error: {e}; stopping: {self.kept_checkpoints()} (lower --lr, or set "
+                               "--clip_max_norm)")
                 return 1
             if stats["interrupted"] or stop():
                 return self.stop_early(epoch, stats, stop.signum)
@@ -347,6 +361,12 @@ class Trainer:
         self.log.close()
         return 0
 
+    def kept_checkpoints(self) -> str:
+        """The checkpoints a stopped run leaves, in words."""
+        kept = [str(p) for p in (Path(self.args.output_dir) / n for n in ("checkpoint.pth", "best_checkpoint.pth"))
+                if p.is_file()]
+        return f"the last good checkpoints are kept ({', '.join(kept)})" if kept else "no checkpoint was written yet"
+
     def stop_early(self, epoch: int, stats: dict, signum: int) -> int:
         """Save where a signal stopped the run (inside the epoch, or after it) so that --resume continues."""
         inside = bool(stats["interrupted"])
@@ -359,8 +379,4 @@ class Trainer:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ValueError, KeyError, UserError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())

@@ -40,9 +40,8 @@ def _fill_polygon(pts: np.ndarray, height: int, width: int) -> np.ndarray:
     ys = np.arange(y_lo, y_hi) + 0.5                        # [R] row centres
     x0, y0 = pts[:, 0], pts[:, 1]                             # [E] edge starts
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)                 # [E] edge ends
-    crosses = (y0[None] <= ys[:, None]) != (y1[None] <= ys[:, None])    # [R, E]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = (ys[:, None] - y0[None]) / (y1 - y0)[None]
+    crosses = (y0[None] <= ys[:, None]) != (y1[None] <= ys[:, None])    # [R, E]; only where y0 != y1
+    t = np.divide(ys[:, None] - y0[None], (y1 - y0)[None], out=np.zeros(crosses.shape), where=crosses)
     xs = np.where(crosses, x0[None] + t * (x1 - x0)[None], np.inf)    # [R, E]
     xs.sort(axis=1)
     # Each row has an even number of crossings; pairs (xs[2k], xs[2k+1]) bound inside runs.

@@ -21,9 +21,10 @@ transform (x0 = int(x), x1 = x0 + int(w) for xywh), the object mask is rasterise
 from the original float box or, with ``--use_seg_mask`` and a COCO image, from the
 polygons.
 
-Zero-area boxes (after the truncation): skipped in training splits (their count is
-printed); kept in evaluation splits with a printed warning, so that Acc@0.5 counts
-every sample of the official split.
+Zero-area boxes (after the truncation) and boxes wholly outside their image: skipped in
+training splits (their count is printed); kept in evaluation splits with a printed
+warning, so that Acc@0.5 counts every sample of the official split. A box partly outside
+its image is clipped to it (counted per split file where the entry gives the image size).
 """
 import os
 from typing import NamedTuple, Optional
@@ -31,6 +32,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image
+
+from utils.errors import UserError
 
 from .masks import box_to_mask, polygons_to_mask
 from .splitfile import UNSAFE_FLAG, load_pickled_list
@@ -69,6 +72,7 @@ class Ref(NamedTuple):
     phrase: str
     size_hw: Optional[tuple]          # (h, w) from the size dict, None when it comes from the image
     polygons: object                  # COCO polygon list or None
+    source: str = ""                  # the split file it comes from, for messages
 
 
 def split_path(split_root: str, dataset: str, split: str) -> str:
@@ -100,8 +104,9 @@ def _box4(value, where: str):
     return box
 
 
-def parse_entry(entry, dataset: str, where: str) -> Ref:
-    """Turn one raw tuple of ``dataset``'s layout into a Ref; ValueError naming ``where`` otherwise."""
+def parse_entry(entry, dataset: str, where: str, source: str = "") -> Ref:
+    """Turn one raw tuple of ``dataset``'s layout into a Ref (from split file ``source``); ValueError naming
+    ``where`` otherwise."""
     layout, folder = DATASETS[dataset][:2]
     n = 3 if layout == "flickr" else 5
     if not isinstance(entry, (tuple, list)) or len(entry) != n:
@@ -141,12 +146,32 @@ def parse_entry(entry, dataset: str, where: str) -> Ref:
         xywh = (box[0], box[1], box[2] - box[0], box[3] - box[1])
     if layout == "referit":
         polygons = None
-    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons)
+    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons, source)
 
 
 def is_degenerate(ref: Ref) -> bool:
     x0, y0, x1, y1 = ref.box_xyxy
     return x1 <= x0 or y1 <= y0
+
+
+def clip_box(box_xyxy, size_hw) -> tuple:
+    """The box cut to an image of size (h, w)."""
+    h, w = size_hw
+    x0, y0, x1, y1 = box_xyxy
+    return min(max(x0, 0), w), min(max(y0, 0), h), min(max(x1, 0), w), min(max(y1, 0), h)
+
+
+def outside(ref: Ref, size_hw=None) -> str:
+    """'partly' or 'wholly' when the box of a non-degenerate ``ref`` crosses or misses its image (size
+    ``size_hw``, default the split file's), '' when it lies inside or the size is unknown."""
+    size_hw = size_hw or ref.size_hw
+    if size_hw is None or is_degenerate(ref):
+        return ""
+    clipped = clip_box(ref.box_xyxy, size_hw)
+    if clipped == tuple(ref.box_xyxy):
+        return ""
+    x0, y0, x1, y1 = clipped
+    return "wholly" if x1 <= x0 or y1 <= y0 else "partly"
 
 
 def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = False) -> list:
@@ -160,7 +185,7 @@ def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = Fa
             raise FileNotFoundError(f"split file {path} not found (--split_root {split_root}, --dataset "
                                     f"{dataset}, split {split}); {hint}")
         raw = load_pickled_list(path, allow_unsafe=allow_unsafe)
-        refs += [parse_entry(e, dataset, f"split file {path}, entry {i}") for i, e in enumerate(raw)]
+        refs += [parse_entry(e, dataset, f"split file {path}, entry {i}", path) for i, e in enumerate(raw)]
     return refs
 
 
@@ -180,23 +205,27 @@ class GroundingDataset(torch.utils.data.Dataset):
     def image_path(self, ref: Ref) -> str:
         return os.path.join(self.data_root, IMAGE_DIRS[ref.folder], ref.image)
 
+    def _where(self, idx: int) -> str:
+        ref = self.refs[idx]
+        return f"{self.name} sample {idx}" + (f", split file {ref.source}" if ref.source else "")
+
     def _open(self, idx: int):
+        """(ref, path, image with its header read); a UserError naming the image, the split file and the fix."""
         ref = self.refs[idx]
         path = self.image_path(ref)
         try:
             img = Image.open(path)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"image {path} of {self.name} sample {idx} not found: check --data_root (images of "
-                f"'{ref.folder}' belong in <data_root>/{IMAGE_DIRS[ref.folder]}); "
-                f"python -m datasets.verify lists every missing image") from None
+            raise UserError(f"image {path} ({self._where(idx)}) not found: check --data_root (images of "
+                            f"'{ref.folder}' belong in <data_root>/{IMAGE_DIRS[ref.folder]}); "
+                            f"python -m datasets.verify lists every missing image") from None
         except OSError as e:
-            raise OSError(f"image {path} of {self.name} sample {idx} cannot be read ({e}); "
-                          f"replace the file (python -m datasets.verify lists every unreadable image)") from None
+            raise UserError(f"image {path} ({self._where(idx)}) cannot be read ({e}); replace the file "
+                            f"(python -m datasets.verify lists every unreadable image)") from None
         h, w = img.height, img.width
         if ref.size_hw is not None and ref.size_hw != (h, w):
-            raise ValueError(f"image {path} is {w}x{h} but its split-file entry says "
-                             f"{ref.size_hw[1]}x{ref.size_hw[0]}; the image or the split file is wrong")
+            raise UserError(f"image {path} ({self._where(idx)}) is {w}x{h} but its split-file entry says "
+                            f"{ref.size_hw[1]}x{ref.size_hw[0]}; the image or the split file is wrong")
         return ref, path, img
 
     def object_mask(self, ref: Ref, h: int, w: int) -> np.ndarray:
@@ -205,20 +234,46 @@ class GroundingDataset(torch.utils.data.Dataset):
             try:
                 return polygons_to_mask(ref.polygons, h, w)
             except (TypeError, ValueError) as e:
-                raise ValueError(f"{self.name}: the mask of {ref.image} is not a COCO polygon list ({e}); "
-                                 f"drop --use_seg_mask to supervise with the box") from None
+                raise UserError(f"{self.name}: the mask of {ref.image} is not a COCO polygon list ({e}); "
+                                f"drop --use_seg_mask to supervise with the box") from None
         return box_to_mask(ref.box_xywh, h, w)
 
     def __getitem__(self, idx: int) -> Record:
         ref, path, img = self._open(idx)
-        record = Record(image=img, box=torch.tensor(ref.box_xyxy, dtype=torch.float32),
+        box = clip_box(ref.box_xyxy, (img.height, img.width))   # a box past the edge: its part in the image
+        record = Record(image=img, box=torch.tensor(box, dtype=torch.float32),
                         phrase=ref.phrase.lower(), obj_mask=self.object_mask(ref, img.height, img.width),
                         image_file=ref.image)
         try:
             return self.transform(record)
-        except OSError as e:    # pixel data is decoded lazily, inside the first resize
-            raise OSError(f"image {path} of {self.name} sample {idx} cannot be decoded ({e}); replace the "
-                          f"file (python -m datasets.verify lists every unreadable image)") from None
+        except (OSError, SyntaxError) as e:    # pixel data is decoded lazily, inside the first resize
+            raise UserError(f"image {path} ({self._where(idx)}) cannot be decoded ({e}); replace the file "
+                            f"(python -m datasets.verify lists every unreadable image)") from None
+
+
+def screen_boxes(refs, name: str, train: bool) -> list:
+    """Zero-area boxes and boxes wholly outside their image are skipped in training and kept in evaluation
+    (they count as misses); boxes partly outside are clipped to the image (GroundingDataset). One line per
+    kind; outside boxes per split file. Needs the image size, so here only for entries that carry it."""
+    degenerate = sum(map(is_degenerate, refs))
+    if degenerate and train:
+        print(f"{name}: skipped {degenerate} samples whose box has zero area after integer truncation")
+    elif degenerate:
+        print(f"{name}: warning: {degenerate} samples have a zero-area box (kept, they count as misses)")
+    kinds = [outside(r) for r in refs]
+    for source in dict.fromkeys(r.source for r, kind in zip(refs, kinds) if kind):
+        partly, wholly = (sum(r.source == source and k == kind for r, k in zip(refs, kinds))
+                          for kind in ("partly", "wholly"))
+        if partly:
+            print(f"{name}: warning: {partly} boxes extend past their image in {source}; clipped to the image")
+        if wholly and train:
+            print(f"{name}: skipped {wholly} samples whose box lies wholly outside its image in {source}")
+        elif wholly:
+            print(f"{name}: warning: {wholly} samples have a box wholly outside its image in {source} (kept, they "
+                  "count as misses)")
+    if not train:
+        return refs
+    return [r for r, kind in zip(refs, kinds) if kind != "wholly" and not is_degenerate(r)]
 
 
 def build_dataset(split: str, args) -> GroundingDataset:
@@ -231,13 +286,8 @@ def build_dataset(split: str, args) -> GroundingDataset:
     allow_unsafe = getattr(args, "allow_unsafe_pickle", False)
     refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=allow_unsafe)
     name = f"{args.dataset} {split}"
-    degenerate = sum(is_degenerate(r) for r in refs)
     train = split in TRAIN_SPLITS
-    if degenerate and train:
-        refs = [r for r in refs if not is_degenerate(r)]
-        print(f"{name}: skipped {degenerate} samples whose box has zero area after integer truncation")
-    elif degenerate:
-        print(f"{name}: warning: {degenerate} samples have a zero-area box (kept, they count as misses)")
+    refs = screen_boxes(refs, name, train)
     if not refs:
         raise ValueError(f"{name} has no usable samples (files: {', '.join(split_files(args.split_root, args.dataset, split))}); "
                          f"check --split_root / --dataset or regenerate the split files")

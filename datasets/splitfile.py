@@ -8,6 +8,8 @@ which some split files carry for boxes. Anything else is refused with an error t
 names the file and the ``--allow_unsafe_pickle`` opt-in.
 """
 import pickle
+import re
+import zipfile
 
 import numpy as np
 import torch
@@ -15,9 +17,22 @@ import torch
 UNSAFE_FLAG = "--allow_unsafe_pickle"
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_REFUSAL = "Unsupported global"
 # torch's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
 _LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+
+
+def torch_format(path) -> str:
+    """What kind of file torch.load is about to read, told from its bytes without unpickling anything (shared
+    with the weights reader, models.weights): 'zip' (torch.save since 1.6, TorchScript), 'truncated zip' (a
+    zip whose end is missing: a write or copy that did not finish), 'legacy' (torch < 1.6), 'empty', or
+    'other' (a plain pickle, text, ...)."""
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head:
+        return "empty"
+    if head.startswith(_ZIP_MAGIC):
+        return "zip" if zipfile.is_zipfile(path) else "truncated zip"
+    return "legacy" if head == _LEGACY_MAGIC else "other"
 
 
 def _numpy_globals():
@@ -39,42 +54,49 @@ def _numpy_globals():
     return pairs
 
 
+class Refused(pickle.UnpicklingError):
+    """The restricted unpickler met a global outside its allow-list (nothing was called)."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Plain-pickle reader that resolves only the numpy globals above."""
 
     def find_class(self, module, name):
         allowed = {qualname: obj for obj, qualname in _numpy_globals()}
         if f"{module}.{name}" not in allowed:
-            raise pickle.UnpicklingError(f"{_REFUSAL}: {module}.{name}")
+            raise Refused(f"global {module}.{name}")
         return allowed[f"{module}.{name}"]
 
 
 def load_pickled_list(path: str, allow_unsafe: bool = False) -> list:
     """Read one split file and return its list. Raises FileNotFoundError or ValueError."""
-    with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
-    is_torch = head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC
+    kind = torch_format(path)
+    if kind == "empty":
+        raise ValueError(f"split file {path} is empty (0 bytes). Re-download it, or regenerate it (synthetic set: "
+                         "python -m datasets.synthetic).")
     try:
-        if is_torch:
-            if allow_unsafe:
-                data = torch.load(path, map_location="cpu", weights_only=False)
-            else:
-                with torch.serialization.safe_globals(_numpy_globals()):
-                    data = torch.load(path, map_location="cpu", weights_only=True)
+        if kind != "other" and allow_unsafe:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        elif kind != "other":
+            with torch.serialization.safe_globals(_numpy_globals()):
+                data = torch.load(path, map_location="cpu", weights_only=True)
         else:
             with open(path, "rb") as f:
                 data = pickle.load(f) if allow_unsafe else _RestrictedUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is reported with the file name
-        refused = [ln.strip() for ln in str(e).splitlines() if _REFUSAL in ln or "Can only build" in ln]
-        if refused:
+        # A refusal, told by its type: torch's weights-only unpickler raises UnpicklingError for an object
+        # outside its allow-list (inside a torch file, the pickle itself is torch's), ours raises Refused.
+        if isinstance(e, Refused) or (kind != "other" and isinstance(e, pickle.UnpicklingError)):
+            found = re.search(r"GLOBAL (\S+)|global (\S+)", str(e))
             raise ValueError(
-                f"split file {path} needs more than plain Python types and numpy arrays to load "
-                f"({refused[0]}). If you trust its source, pass {UNSAFE_FLAG} to unpickle it without "
-                f"restrictions (this can execute arbitrary code).") from e
+                f"split file {path} needs more than plain Python types and numpy arrays to load"
+                f"{f' ({found.group(1) or found.group(2)})' if found else ''}; it was not loaded. If you trust its "
+                f"source, pass {UNSAFE_FLAG} to unpickle it without restrictions (this can execute arbitrary "
+                f"code).") from None
+        detail = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else "no details"
         raise ValueError(
-            f"split file {path} is not a readable pickle/torch file "
-            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no details'}). "
-            f"Re-download it, or regenerate it (synthetic set: python -m datasets.synthetic).") from e
+            f"split file {path} is not a readable pickle/torch file ({type(e).__name__}: {detail}). "
+            f"Re-download it, or regenerate it (synthetic set: python -m datasets.synthetic).") from None
     if not isinstance(data, list):
         raise ValueError(
             f"split file {path} holds a {type(data).__name__}, expected a list of sample tuples. "

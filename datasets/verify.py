@@ -2,14 +2,15 @@
 
     python -m datasets.verify --dataset D --data_root R --split_root S [--split X] [--dump N]
 
-Reports, per split, the number of samples and images, zero-area boxes (after the integer
-truncation; skipped in training, see :mod:`datasets.refer`) and phrases longer than the
-77-token CLIP context (truncated by the tokenizer). Then every image of those splits is
-opened and decoded; each missing or unreadable image, and each image whose size differs
-from its split-file entry, is listed. For ``mixup``, no image of its train split may appear
-in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself (the
-split files found under --split_root are checked). The exit status is 1 when any of these
-problems (or an unreadable split file) is found, else 0.
+Every image of the splits is opened and decoded; each missing or unreadable image, and each
+image whose size differs from its split-file entry, is listed. Then, per split: the number of
+samples and images, zero-area boxes (after the integer truncation; skipped in training, see
+:mod:`datasets.refer`), phrases longer than the 77-token CLIP context (truncated by the
+tokenizer), and boxes partly outside their image (clipped to it) or wholly outside it (an
+error, with the split file and sample numbers). For ``mixup``, no image of its train split may
+appear in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself
+(the split files found under --split_root are checked). The exit status is 1 when any of these
+errors (or an unreadable split file) is found, 2 for bad flags, else 0.
 
 ``--dump N`` prints the first N samples of the split (default ``val``) after the eval
 transform as JSON lines on stdout: ``image``, ``phrase``, ``box_xyxy`` (pixels of the
@@ -23,7 +24,9 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from .refer import DATASETS, IMAGE_DIRS, GroundingDataset, is_degenerate, load_refs, split_files
+from utils.errors import reports_errors
+
+from .refer import DATASETS, IMAGE_DIRS, GroundingDataset, is_degenerate, load_refs, outside, split_files
 from .splitfile import UNSAFE_FLAG
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
@@ -33,33 +36,38 @@ LEAK_DATASETS = ("unc", "unc+", "gref", "gref_umd", "referit", "flickr", "mixup"
 
 
 def check_image(path: str, size_hw=None):
-    """None when the image decodes (at reduced size for JPEGs) and has the expected size, else a reason."""
+    """(size (h, w) or None, reason or None): no reason when the image decodes (at reduced size for JPEGs)
+    and has the expected size."""
     if not os.path.isfile(path):
-        return "missing"
+        return None, "missing"
+    size = None
     try:
         with Image.open(path) as img:
             size = (img.height, img.width)
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the image unreadable
-        return f"unreadable ({type(e).__name__}: {e})"
+        return size, f"unreadable ({type(e).__name__}: {e})"
     if size_hw is not None and tuple(size_hw) != size:
-        return f"size {size[1]}x{size[0]} differs from the split file's {size_hw[1]}x{size_hw[0]}"
-    return None
+        return size, f"size {size[1]}x{size[0]} differs from the split file's {size_hw[1]}x{size_hw[0]}"
+    return size, None
 
 
-def image_problems(data_root: str, refs) -> list:
-    """(path, reason) for every distinct image of ``refs`` that is missing, unreadable or mis-sized."""
+def image_problems(data_root: str, refs):
+    """([(path, reason)] for every distinct image of ``refs`` that is missing, unreadable or mis-sized,
+    {(folder, image): (h, w)} for those whose header could be read)."""
     images = {}
     for r in refs:
         images.setdefault((r.folder, r.image), r.size_hw)
-    problems = []
+    problems, sizes = [], {}
     for (folder, image), size_hw in tqdm(sorted(images.items()), desc="images", disable=None, file=sys.stderr):
         path = os.path.join(data_root, IMAGE_DIRS[folder], image)
-        reason = check_image(path, size_hw)
+        size, reason = check_image(path, size_hw)
+        if size:
+            sizes[folder, image] = size
         if reason:
             problems.append((path, reason))
-    return problems
+    return problems, sizes
 
 
 def leaks(split_root: str, train_refs, allow_unsafe: bool = False) -> dict:
@@ -86,6 +94,25 @@ def dump(data_root: str, refs, imsize: int, n: int) -> None:
                           "imsize": imsize}))
 
 
+def report_split(split: str, refs, sizes: dict, log) -> bool:
+    """Print a split's counts; True when it is empty or has a box wholly outside its image."""
+    long_phrases = sum(is_truncated(r.phrase, CONTEXT_LENGTH) for r in refs)
+    kinds = [outside(r, sizes.get((r.folder, r.image))) for r in refs]
+    print(f"{split}: {len(refs)} samples, {len({(r.folder, r.image) for r in refs})} images, "
+          f"{sum(map(is_degenerate, refs))} zero-area boxes, {long_phrases} phrases over {CONTEXT_LENGTH} tokens, "
+          f"{kinds.count('partly')} boxes partly outside the image (clipped), {kinds.count('wholly')} wholly "
+          "outside", file=log)
+    for source in dict.fromkeys(r.source for r, kind in zip(refs, kinds) if kind == "wholly"):
+        at = [i for i, (r, kind) in enumerate(zip(refs, kinds)) if kind == "wholly" and r.source == source]
+        print(f"{split}: ERROR {len(at)} boxes lie wholly outside their image in {source} (samples "
+              f"{', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}); fix the split file or the images",
+              file=log)
+    if not refs:
+        print(f"{split}: ERROR the split is empty", file=log)
+    return not refs or "wholly" in kinds
+
+
+@reports_errors("datasets.verify")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Verify split files and images of a grounding dataset.")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS))
@@ -113,15 +140,10 @@ def main(argv=None) -> int:
             failed = True
             continue
         loaded[split] = refs
-        long_phrases = sum(is_truncated(r.phrase, CONTEXT_LENGTH) for r in refs)
-        print(f"{split}: {len(refs)} samples, {len({(r.folder, r.image) for r in refs})} images, "
-              f"{sum(map(is_degenerate, refs))} zero-area boxes, {long_phrases} phrases over "
-              f"{CONTEXT_LENGTH} tokens", file=log)
-        if not refs:
-            print(f"{split}: ERROR the split is empty", file=log)
-            failed = True
 
-    problems = image_problems(args.data_root, [r for refs in loaded.values() for r in refs])
+    problems, sizes = image_problems(args.data_root, [r for refs in loaded.values() for r in refs])
+    for split, refs in loaded.items():
+        failed |= report_split(split, refs, sizes, log)
     for path, reason in problems:
         print(f"image {path}: {reason}", file=log)
     print(f"images: {len(problems)} problems", file=log)

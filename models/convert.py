@@ -7,7 +7,7 @@ peft). Every key is either mapped or on an explicit ignore list; anything else i
 The command `python -m utils.checkpoint OFFICIAL.pth OUT.pth` writes the converted checkpoint.
 """
 import re
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -135,19 +135,30 @@ def convert_official_state_dict(official: Dict[str, torch.Tensor],
     return out
 
 
-def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
-    """Strict key and shape agreement, with one error that names the offending keys."""
-    missing = sorted(set(expected) - set(state))
+def _first(keys, n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def key_mismatch(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+                 may_lack: Callable[[str], bool] = lambda key: False) -> str:
+    """'' when `state` fits `expected` (keys `may_lack` accepts may be absent), else one line naming the
+    first few missing, unexpected and mis-shaped keys."""
+    missing = sorted(k for k in set(expected) - set(state) if not may_lack(k))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        lines = [f"missing: {missing[:10]}{' ...' if len(missing) > 10 else ''}" if missing else "",
-                 f"unexpected: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}" if unexpected else "",
-                 "shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                                                for k in wrong[:10]) if wrong else ""]
-        raise ValueError("checkpoint does not match the model (build the model with the checkpoint's "
-                         "--model/--dataset/--hi_lora_stage/--hi_lora_mode/--imsize):\n  "
-                         + "\n  ".join(line for line in lines if line))
+    parts = [f"missing {_first(missing)}" if missing else "", f"unexpected {_first(unexpected)}" if unexpected else "",
+             "shape mismatch " + _first([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong])
+             if wrong else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def check_state_dict(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor],
+                     what: str = "checkpoint") -> None:
+    """Strict key and shape agreement, with one error that names the offending keys."""
+    mismatch = key_mismatch(state, expected)
+    if mismatch:
+        raise ValueError(f"{what} does not match the model its own config describes (the file was edited or "
+                         f"mixed up with another model's): {mismatch}")
 
 
 def official_config(official: dict, clip_cfg: Optional[dict] = None, **overrides) -> HiVGConfig:

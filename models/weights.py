@@ -14,6 +14,8 @@ kinds, `CLIP` keys for the clip kinds). Nothing is loaded with pickle beyond pla
 authors' argparse.Namespace).
 """
 import argparse
+import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +24,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from datasets.splitfile import torch_format
+
 from .config import HiVGConfig
-from .convert import check_state_dict, convert_official_state_dict, official_config
+from .convert import check_state_dict, convert_official_state_dict, key_mismatch, official_config
 from .convert_clip import HF_TOWER_PREFIXES, hf_to_open_clip
 from .hivg import HiVG, config_from_flags
 from .lora import merge_lora, merge_lora_state_dict
@@ -42,6 +46,7 @@ class Weights:
     converted: int = 0
     checkpoint: Optional[dict] = None
     run_args: Optional[dict] = None
+    what: str = "checkpoint"          # the flag that named the file, for messages
 
     @property
     def is_hivg(self) -> bool:
@@ -49,22 +54,47 @@ class Weights:
 
 
 def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
     with zipfile.ZipFile(path) as archive:
         return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
 
 
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(16)
+
+
 def read_file(path, what: str = "checkpoint"):
     """The content of a weights file: safetensors, an OpenAI TorchScript archive (its state dict), or a
-    PyTorch file read with weights_only=True (the authors' argparse.Namespace allowed)."""
+    PyTorch file read with weights_only=True (the authors' argparse.Namespace allowed).
+
+    Raises FileNotFoundError, or ValueError naming `what` and `path`: a folder, an empty, truncated or damaged
+    file, a file that is no PyTorch file, or one holding objects a weights-only load refuses (never loaded)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; pass the checkpoint file inside it (e.g. best_checkpoint.pth)")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    again = "copy or download it again, or pick another checkpoint"
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): the write or copy that made it did not finish; {again}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path), device="cpu")
-    if _is_torchscript(path):
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{what} {path} is a damaged safetensors file ({err}); {again}") from None
+    kind = torch_format(path)
+    if kind == "truncated zip":
+        raise ValueError(f"{what} {path} is truncated (its zip archive has no end): the write or copy that made "
+                         f"it did not finish; {again}")
+    if kind == "other":
+        head = _head(path)
+        found = ("it is a plain pickle, never loaded since unpickling it can run arbitrary code"
+                 if head.startswith(b"\x80") else f"it starts with {head!r}")
+        raise ValueError(f"{what} {path} is not a PyTorch or safetensors file ({found}); pass a file written by "
+                         "torch.save or safetensors")
+    if kind == "zip" and _is_torchscript(path):
         from open_clip import load_openai_model
         try:
             return load_openai_model(str(path), precision="fp32", device="cpu").state_dict()
@@ -74,9 +104,15 @@ def read_file(path, what: str = "checkpoint"):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{what} {path} cannot be read as a weights-only PyTorch file ({err}); save weights as "
-                         "a plain state dict of tensors (torch.save(model.state_dict())) or safetensors") from err
+    except pickle.UnpicklingError as err:   # what the weights-only unpickler raises when it refuses an object
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise ValueError(f"{what} {path} holds Python objects besides tensors and plain types"
+                         f"{f' ({found.group(1)})' if found else ''}; it was refused unread, since loading them "
+                         "can run arbitrary code. Use a file written by train_hivg.py, or save the weights as a "
+                         "plain state dict of tensors (torch.save(model.state_dict())) or as safetensors") from None
+    except Exception as err:  # noqa: BLE001 - whatever the bytes make torch.load raise, the file is damaged
+        detail = str(err).strip().split("\n")[0].split(". ")[0] or type(err).__name__
+        raise ValueError(f"{what} {path} is damaged and cannot be read ({detail}); {again}") from None
 
 
 def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint",
@@ -89,6 +125,17 @@ def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint"
     """
     path = Path(path)
     raw = read_file(path, what)
+    try:
+        weights = _interpret(path, raw, clip_cfg, what, official_overrides)
+    except (KeyError, TypeError, AttributeError, IndexError) as err:   # a dict of some other program
+        raise ValueError(f"{what} {path} is not a checkpoint this project can read ({type(err).__name__}: "
+                         f"{err}); pass a checkpoint written by train_hivg.py, an authors' HiVG checkpoint or "
+                         "CLIP weights") from None
+    weights.what = what
+    return weights
+
+
+def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_overrides: Optional[dict]) -> Weights:
     ours = isinstance(raw, dict) and ("config" in raw or (isinstance(raw.get("args"), dict) and "clip_cfg" in raw))
     if ours and clip_cfg is not None:
         raise ValueError(f"{what} {path} is a checkpoint of this project and carries its CLIP config; a CLIP "
@@ -97,7 +144,7 @@ def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint"
         return _ours(path, raw, what)
     inner = raw.get("model") if isinstance(raw, dict) else None
     if isinstance(inner, dict) and "args" in raw:
-        return _official_hivg(path, inner, raw["args"], clip_cfg, official_overrides)
+        return _official_hivg(path, inner, raw["args"], clip_cfg, official_overrides, what)
     if isinstance(inner, dict) and any(".lora_A." in k for k in inner):
         state = convert_official_state_dict(inner)
         clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
@@ -114,14 +161,18 @@ def _ours(path: Path, raw: dict, what: str) -> Weights:
     return Weights(path, "hivg-flags", raw["model"], config, 0, raw, raw["args"])
 
 
-def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], overrides: Optional[dict]) -> Weights:
+def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], overrides: Optional[dict],
+                   what: str) -> Weights:
     flags = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(flags, dict):
-        raise ValueError(f"{path}: 'args' is neither an argparse.Namespace nor a dict: not a HiVG checkpoint")
+        raise ValueError(f"{what} {path}: 'args' is neither an argparse.Namespace nor a dict: not a HiVG checkpoint")
     config = official_config(flags, clip_cfg, **(overrides or {}))
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         expected = HiVG.from_config(config).state_dict()
-    converted = convert_official_state_dict(state, expected=expected)
+    try:
+        converted = convert_official_state_dict(state, expected=expected)
+    except ValueError as err:
+        raise ValueError(f"{what} {path}: {err}") from None
     return Weights(path, "official-hivg", converted, config, len(converted), run_args=flags)
 
 
@@ -143,9 +194,9 @@ def _clip(path: Path, raw, what: str) -> Weights:
     return Weights(path, "clip", state)
 
 
-def load_strict(model: torch.nn.Module, state: Dict[str, Tensor]) -> None:
-    """Every key used, every parameter given, same shapes: else one error naming the keys."""
-    check_state_dict(state, model.state_dict())
+def load_strict(model: torch.nn.Module, state: Dict[str, Tensor], what: str = "checkpoint") -> None:
+    """Every key used, every parameter given, same shapes: else one error naming `what` and the keys."""
+    check_state_dict(state, model.state_dict(), what)
     model.load_state_dict(state, strict=True)
 
 
@@ -159,9 +210,9 @@ def load_model(source, device="cpu", merge: bool = True, clip_cfg: Optional[dict
     """
     weights = source if isinstance(source, Weights) else read_weights(source, clip_cfg)
     if not weights.is_hivg:
-        raise ValueError(f"checkpoint {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model")
+        raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model")
     model = HiVG.from_config(weights.config.replace(**config_changes))
-    load_strict(model, weights.state)
+    load_strict(model, weights.state, f"{weights.what} {weights.path}")
     if merge:
         merge_lora(model)
     return model.to(device).eval()
@@ -172,20 +223,14 @@ def load_allowing_fresh(module: torch.nn.Module, state: Dict[str, Tensor], what:
     """Load `state` into `module`; the only keys it may lack are LoRA adapters and keys starting with
     `fresh_prefixes` (they keep their fresh initialisation). Returns the fresh keys; one error naming
     the offending keys otherwise."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    bad_missing = [k for k in missing if not any(a in k for a in ADAPTER_KEYS) and not k.startswith(tuple(fresh_prefixes))]
-    if bad_missing or unexpected or wrong:
-        raise ValueError(
-            f"{what} does not match the model (check --model / --dataset / --imsize / --hi_lora_mode):"
-            + (f"\n  missing: {bad_missing[:8]}" if bad_missing else "")
-            + (f"\n  unexpected: {unexpected[:8]}" if unexpected else "")
-            + ("\n  shape mismatch: " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                                                  for k in wrong[:8]) if wrong else ""))
+    fresh, expected = tuple(fresh_prefixes), module.state_dict()
+    mismatch = key_mismatch(state, expected,
+                            lambda key: any(a in key for a in ADAPTER_KEYS) or key.startswith(fresh))
+    if mismatch:
+        raise ValueError(f"{what} does not match the model of this run (check --model / --dataset / --imsize / "
+                         f"--hi_lora_mode): {mismatch}")
     module.load_state_dict(state, strict=False)
-    return missing
+    return sorted(set(expected) - set(state))
 
 
 def load_previous_stage(model: HiVG, weights: Weights) -> List[str]:
@@ -196,10 +241,10 @@ def load_previous_stage(model: HiVG, weights: Weights) -> List[str]:
     (a ViT-L warmup run) start fresh too. Returns the fresh keys.
     """
     if not weights.is_hivg:
-        raise ValueError(f"checkpoint {weights.path} holds CLIP weights ({weights.kind}); give it to --clip_model")
+        raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}); give it to --clip_model")
     state = merge_lora_state_dict(weights.state) if model.config.hi_lora_mode == "paper" else weights.state
     new_bridges = [f"bridges.{i}." for i in model.bridge_layers if i not in weights.config.bridge_layers]
-    return load_allowing_fresh(model, state, f"checkpoint {weights.path}", new_bridges)
+    return load_allowing_fresh(model, state, f"{weights.what} {weights.path}", new_bridges)
 
 
 def load_clip(model: HiVG, weights: Weights) -> None:
@@ -210,5 +255,5 @@ def load_clip(model: HiVG, weights: Weights) -> None:
     state = weights.state
     if weights.kind == "official-clip" and model.config.hi_lora_mode == "paper":
         state = merge_lora_state_dict(state)
-    load_allowing_fresh(model.clip, state, f"CLIP weights {weights.path}")
+    load_allowing_fresh(model.clip, state, f"{weights.what} {weights.path}")
     model.reset_visual_projection()

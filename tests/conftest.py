@@ -52,3 +52,37 @@ def tiny_loaded(grounder):
     return grounder.model
 
 
+
+
+class Payload:
+    """Unpickling it would create `marker` through os.system (a module torch's weights-only loader blocks)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+# kind of bad checkpoint file -> what the message says after "FLAG PATH"
+BAD_CHECKPOINTS = {"missing": "does not exist", "folder": "is a folder", "empty": "is empty (0 bytes)",
+                   "truncated": "is truncated", "text": "is not a PyTorch or safetensors file",
+                   "malicious": "holds Python objects besides tensors and plain types (posix.system)"}
+
+
+def write_bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
+    """A bad checkpoint file of `kind` (BAD_CHECKPOINTS) in `folder`; `good` is a real one to truncate. The
+    malicious one would create folder/ran if it were ever unpickled."""
+    path = folder / f"{kind}.pth"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        raw = good.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2])
+    elif kind == "text":
+        path.write_text("best_checkpoint.pth\n")
+    elif kind == "malicious":
+        torch.save({"model": Payload(folder / "ran"), "config": {}}, path)
+    return path

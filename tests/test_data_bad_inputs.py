@@ -1,6 +1,7 @@
 """Bad inputs fail once, clearly, naming the file or flag and the fix; edge cases behave as documented."""
 import argparse
 import os
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from datasets import add_data_args, build_dataset
 from datasets.refer import IMAGE_DIRS
 from datasets.tokens import clip_token_count, is_truncated
 from tests.data_helpers import args_for, coco_entry, draw_scene, write_layout
+from utils.errors import UserError
 
 
 def image_path(root, name):
@@ -56,10 +58,10 @@ def test_missing_image(tmp_path):
     ds = build_dataset("val", args_for("unc", tmp_path))
     os.remove(image_path(tmp_path, ds.refs[1].image))
     ds[0]
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         ds[1]
     assert image_path(tmp_path, ds.refs[1].image) in str(err.value) and "--data_root" in str(err.value)
-    assert "datasets.verify" in str(err.value)
+    assert "datasets.verify" in str(err.value) and str(tmp_path / "unc" / "unc_val.pth") in str(err.value)
 
 
 def test_corrupt_and_truncated_images(tmp_path):
@@ -72,16 +74,16 @@ def test_corrupt_and_truncated_images(tmp_path):
     with open(truncated, "wb") as f:
         f.write(raw[:len(raw) // 3])
     for idx, path in ((0, garbage), (1, truncated)):
-        with pytest.raises(OSError, match="cannot be (read|decoded)") as err:
+        with pytest.raises(UserError, match="cannot be (read|decoded)") as err:
             ds[idx]
-        assert path in str(err.value)
+        assert path in str(err.value) and str(tmp_path / "unc" / "unc_val.pth") in str(err.value)
 
 
 def test_image_size_differs_from_split_file(tmp_path):
     write_layout(tmp_path, "unc")
     ds = build_dataset("val", args_for("unc", tmp_path))
     draw_scene(image_path(tmp_path, ds.refs[0].image), size_wh=(500, 480))
-    with pytest.raises(ValueError, match="is 500x480 but its split-file entry says 640x480"):
+    with pytest.raises(UserError, match="is 500x480 but its split-file entry says 640x480"):
         ds[0]
 
 
@@ -90,7 +92,7 @@ def test_rle_mask_with_seg_mask(tmp_path):
     entry = coco_entry("COCO_train2014_val000000.jpg")
     torch.save([entry[:4] + ({"size": [480, 640], "counts": "abc"},)], tmp_path / "unc" / "unc_val.pth")
     ds = build_dataset("val", args_for("unc", tmp_path, use_seg_mask=True))
-    with pytest.raises(ValueError, match="not a COCO polygon list.*drop --use_seg_mask"):
+    with pytest.raises(UserError, match="not a COCO polygon list.*drop --use_seg_mask"):
         ds[0]
     assert build_dataset("val", args_for("unc", tmp_path))[0].obj_mask.sum() > 0
 
@@ -124,3 +126,39 @@ def test_long_phrase_kept_whole_and_truncated_by_the_tokenizer(tmp_path):
     assert not is_truncated("the red box") and clip_token_count("the red box") == 5
     tokens = open_clip.tokenize([phrase])
     assert tokens.shape == (1, 77) and int(tokens[0, -1]) == int(tokens.max()) == 49407
+
+
+def test_boxes_outside_the_image_clipped_or_skipped_and_counted(tmp_path, capsys):
+    """Documented behaviour: a box partly outside its image is clipped to it; one wholly outside is handled like
+    a zero-area box (skipped in training, kept in evaluation); both counted per split file."""
+    write_layout(tmp_path, "unc")
+    good = coco_entry("COCO_train2014_train000000.jpg")
+    partly = good[:2] + ([-20.0, 400.0, 120.0, 200.0],) + good[3:]      # x from -20 to 100, y from 400 to 600
+    wholly = good[:2] + ([1000.0, 10.0, 50.0, 50.0],) + good[3:]
+    train_file, val_file = tmp_path / "unc" / "unc_train.pth", tmp_path / "unc" / "unc_val.pth"
+    torch.save([good, partly, wholly, wholly], train_file)
+    torch.save([good, partly, wholly], val_file)
+    train = build_dataset("train", args_for("unc", tmp_path))
+    out = capsys.readouterr().out
+    assert f"unc train: warning: 1 boxes extend past their image in {train_file}; clipped to the image" in out
+    assert f"unc train: skipped 2 samples whose box lies wholly outside its image in {train_file}" in out
+    assert len(train) == 2
+    val = build_dataset("val", args_for("unc", tmp_path))
+    out = capsys.readouterr().out
+    assert f"warning: 1 samples have a box wholly outside its image in {val_file} (kept" in out
+    assert len(val) == 3
+    assert val.refs[1].box_xyxy == (-20, 400, 100, 600)
+    val.transform = lambda record: record                                     # the record before the transform
+    assert val[1].box.tolist() == [0, 400, 100, 480] and val[1].obj_mask.sum() == 100 * 80
+    assert val[2].box.tolist() == [640, 10, 640, 60] and val[2].obj_mask.sum() == 0
+
+
+def test_zero_area_box_mask_warns_nothing(tmp_path):
+    """An evaluation sample whose box has zero width after truncation: an empty mask, no numpy warning."""
+    write_layout(tmp_path, "unc")
+    flat = coco_entry("COCO_train2014_val000000.jpg", box=(180.0, 140.0, 0.0, 160.0))
+    torch.save([flat], tmp_path / "unc" / "unc_val.pth")
+    val = build_dataset("val", args_for("unc", tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert val[0].obj_mask.sum() == 0

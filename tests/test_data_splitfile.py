@@ -9,6 +9,7 @@ import torch
 
 from datasets.refer import load_refs
 from datasets.splitfile import load_pickled_list
+from tests.conftest import Payload
 
 ENTRY = ("COCO_train2014_000000000001.jpg", {"height": 480, "width": 640}, [1.5, 2.0, 30.0, 40.0], "the man",
          [[1.0, 2.0, 30.0, 2.0, 30.0, 40.0]])
@@ -59,19 +60,24 @@ def test_other_globals_refused_unless_opted_in(tmp_path, writer):
     assert load_pickled_list(str(path), allow_unsafe=True)[0][1] == datetime.date(2020, 1, 1)
 
 
-def test_code_execution_refused(tmp_path):
-    class Boom:
-        def __reduce__(self):
-            return (print, ("pwned",))
-    path = tmp_path / "boom.pth"
-    path.write_bytes(pickle.dumps([Boom()]))
-    with pytest.raises(ValueError, match="--allow_unsafe_pickle"):
+@pytest.mark.parametrize("writer", ["torch", "pickle"])
+def test_code_execution_refused(tmp_path, writer):
+    """Refused as such (by the error's type, whatever torch's wording), never reported as a damaged file."""
+    path, marker = tmp_path / "boom.pth", tmp_path / "ran"
+    if writer == "torch":
+        torch.save([Payload(marker)], path)
+    else:
+        path.write_bytes(pickle.dumps([Payload(marker)]))
+    refused = r"needs more than plain Python types.*\(posix\.system\).*--allow_unsafe_pickle"
+    with pytest.raises(ValueError, match=refused) as err:
         load_pickled_list(str(path))
+    assert str(path) in str(err.value) and "Re-download" not in str(err.value) and "weights_only" not in str(err.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content, message", [
     (b"this is not a pickle", "not a readable pickle/torch file"),
-    (b"", "not a readable pickle/torch file"),
+    (b"", "is empty"),
 ])
 def test_garbage_files(tmp_path, content, message):
     (tmp_path / "g.pth").write_bytes(content)

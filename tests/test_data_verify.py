@@ -83,3 +83,23 @@ def test_dump_prints_eval_samples(tmp_path, capsys):
     assert lines[0]["image"] == "test0.jpg" and lines[0]["phrase"] == "the red box" and lines[0]["imsize"] == 224
     expected = [x0 * ratio, y0 * ratio + top, x1 * ratio, y1 * ratio + top]
     assert all(abs(a - b) < 0.01 for a, b in zip(lines[0]["box_xyxy"], expected))
+
+
+def test_boxes_outside_the_image_reported(tmp_path, capsys):
+    """Partly outside: counted (training clips them); wholly outside: an error naming the split file."""
+    write_layout(tmp_path, "referit", splits=("train", "val"))     # referit: the size comes from the image
+    train_file = tmp_path / "referit" / "referit_train.pth"
+    data = torch.load(train_file, weights_only=True)
+    data[0] = data[0][:2] + ([-20, 10, 100, 50],) + data[0][3:]
+    torch.save(data, train_file)
+    argv = ("--dataset", "referit", "--data_root", str(tmp_path), "--split_root", str(tmp_path))
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("OK")
+    assert "train: 3 samples, 3 images, 0 zero-area boxes, 0 phrases over 77 tokens, 1 boxes partly outside " \
+           "the image (clipped), 0 wholly outside" in out
+    data[2] = data[2][:2] + ([1000, 10, 1100, 50],) + data[2][3:]
+    torch.save(data, train_file)
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and out.rstrip().endswith("FAILED")
+    assert "1 boxes partly outside the image (clipped), 1 wholly outside" in out
+    assert f"train: ERROR 1 boxes lie wholly outside their image in {train_file} (samples 2)" in out

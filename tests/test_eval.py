@@ -2,15 +2,19 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from datasets.synthetic import main as make_synthetic
+from eval import main as eval_main
 from models.hivg import add_model_args, build_model
 from models.weights import load_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
 from utils.engine import length_bucket, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,3 +184,28 @@ def test_official_bridge_at_another_batch_names_the_authors_batching(setup, tmp_
     proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0", "--batch_size", "5",
                 "--output_dir", str(tmp_path)])
     assert proc.returncode == 0 and "the authors evaluated this kind of model at --batch_size 60" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_files_one_line_naming_the_flag(setup, tmp_path, capsys, kind):
+    _, ckpt = setup
+    path = write_bad_checkpoint(kind, tmp_path, ckpt)
+    assert eval_main(["--eval_model", str(path), "--eval_set", "val", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval.py: error: --eval_model {path} {BAD_CHECKPOINTS[kind]}") and err.count("\n") == 1, err
+    assert "weights_only" not in err and not (tmp_path / "ran").exists()
+
+
+def test_damaged_image_names_the_image_and_the_split_file(setup, tmp_path, capsys):
+    """Read by DataLoader workers, which hand the error back with their traceback as its text: still one line."""
+    root, ckpt = setup
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("*.json"))
+    image = copy / "synthref" / "images" / torch.load(copy / "synthref" / "synthref_val.pth", weights_only=True)[2][0]
+    image.write_bytes(b"")
+    assert eval_main(["--eval_model", str(ckpt), "--eval_set", "val", "--data_root", str(copy), "--split_root",
+                      str(copy), "--num_workers", "2", "--batch_size", "4", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval.py: error: image {image} (synthref val sample 2, split file "
+                          f"{copy / 'synthref' / 'synthref_val.pth'}) cannot be read") and err.count("\n") == 1, err
+    assert "python -m datasets.verify" in err

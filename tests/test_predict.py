@@ -15,7 +15,7 @@ from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
 from models.api import Grounder, Prepared
 from models.weights import load_model
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import BAD_CHECKPOINTS, FIXTURES, REPO, write_bad_checkpoint
 from utils import visualize as vis
 
 OFFICIAL = FIXTURES / "hivg_tiny_unc+_stage0"
@@ -222,13 +222,15 @@ def test_empty_text_is_refused(tiny, tmp_path, capsys):
     assert rc == 2 and not lines and "--text #2" in err and "empty" in err
 
 
-@pytest.mark.parametrize("content", ["text", "dict", "state_dict", "foreign_model"])
-def test_checkpoint_that_is_not_hivg_is_refused(tmp_path, capsys, content):
+@pytest.mark.parametrize("content,expect", [
+    ("dict", "is neither a HiVG checkpoint nor CLIP weights"),
+    ("state_dict", ": neither HF CLIPModel nor open_clip CLIP key names"),
+    ("foreign_model", "is not a checkpoint this project can read"),
+])
+def test_checkpoint_that_is_not_hivg_is_refused(tmp_path, capsys, content, expect):
     image = noise_image(tmp_path / "a.png", (64, 48))
     path = tmp_path / "x.pth"
-    if content == "text":
-        path.write_text("hello")
-    elif content == "dict":
+    if content == "dict":
         torch.save({"epoch": 3}, path)
     elif content == "state_dict":
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
@@ -236,7 +238,18 @@ def test_checkpoint_that_is_not_hivg_is_refused(tmp_path, capsys, content):
         torch.save({"model": torch.nn.Linear(2, 2).state_dict(), "args": {"model": "tiny"}}, path)
     rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", "x"], capsys)
     assert rc == 2 and not lines
-    assert f"--checkpoint {path} is not a HiVG model" in err and "Traceback" not in err
+    assert err.startswith(f"predict.py: error: --checkpoint {path}") and expect in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_files_one_line_naming_the_flag(tiny, tmp_path, capsys, kind):
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    path = write_bad_checkpoint(kind, tmp_path, tiny[0])
+    rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", "x"], capsys)
+    assert rc == 2 and not lines
+    assert err.startswith(f"predict.py: error: --checkpoint {path} {BAD_CHECKPOINTS[kind]}"), err
+    assert err.count("\n") == 1, err
+    assert "weights_only" not in err and not (tmp_path / "ran").exists()
 
 
 def test_checkpoint_errors_name_the_flag(tiny, tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from utils import distributed as du
 from utils.checkpoint import leftover_temporaries
-from utils.cli import UserError
+from utils.errors import UserError
 
 LOCK = ".lock"
 CHECKPOINTS = ("checkpoint.pth", "best_checkpoint.pth")
