@@ -27,7 +27,8 @@ from datasets.refer import IMAGE_DIRS, split_path
 from datasets.splitfile import load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
-from utils.cli import load_grounder, resolve_device
+from utils.cli import load_grounder
+from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.visualize import PALETTE, draw_boxes, heat_pictures
 

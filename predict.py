@@ -33,7 +33,8 @@ from typing import Dict, List, Optional
 from PIL import Image, UnidentifiedImageError
 
 from models.api import Grounder, Grounding, Prepared
-from utils.cli import load_grounder, resolve_device
+from utils.cli import load_grounder
+from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.visualize import draw_boxes, heat_pictures
 

@@ -1,5 +1,5 @@
-"""What the command-line tools share beyond the error path (utils.errors): the device choice, and loading a
-checkpoint behind the Python API."""
+"""What the command-line tools share beyond the error path (utils.errors) and the device choice
+(utils.distributed.resolve_device): loading a checkpoint behind the Python API."""
 from typing import Optional
 
 import torch
@@ -7,15 +7,6 @@ import torch
 from models.api import Grounder
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
-from utils.errors import UserError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def load_grounder(path, device: torch.device, hf_clip_config: Optional[str] = None,
