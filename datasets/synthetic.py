@@ -11,7 +11,7 @@ Writes, in the official ``unc`` tuple layout (size dict, xywh box, phrase, COCO 
     DIR/synthref/synthref_<split>_scenes.json   every object of every image and the category of every expression
 
 Scenes hold 3-5 well separated flat-coloured shapes (circle, square, triangle, star;
-red, green, blue, yellow, white; small or large, 16-38% of the short image side) on a
+red, green, blue, yellow, white; small or large, 26-50% of the short image side) on a
 muted textured background. Images are ``imsize`` on the long side, the short side 70-100%
 of it. Each expression picks exactly one object (see :mod:`datasets.synthref_lang`).
 Everything is a function of (seed, split, image index), so outputs are reproducible
@@ -39,7 +39,7 @@ from .synthref_lang import Obj, expressions_for
 COLOURS = {"red": (220, 40, 40), "green": (40, 175, 60), "blue": (45, 90, 235),
            "yellow": (240, 215, 40), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": (0.16, 0.22), "large": (0.30, 0.38)}     # extent / short image side
+SIZES = {"small": (0.26, 0.32), "large": (0.42, 0.50)}     # extent / short image side
 CATEGORY_WEIGHTS = {"attribute": 0.25, "size": 0.15, "location": 0.25, "relation": 0.25, "mixed": 0.10}
 # What an expression of each category needs: its colour/shape/size words alone pick the object, or they
 # leave several candidates and the location or relation words decide (datasets.synthref_lang).
@@ -86,30 +86,39 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
+def place_objects(rng: random.Random, w: int, h: int):
+    """3-5 objects and their polygons on a w x h canvas, none overlapping (3 px gap at least); a layout
+    where fewer than 3 fit is drawn again."""
+    while True:
+        colours = rng.sample(list(COLOURS), rng.randint(2, 4))
+        shapes = rng.sample(SHAPES, rng.randint(2, 3))
+        objs, polys = [], []
+        for _ in range(rng.randint(3, 5)):
+            for _try in range(60):
+                size = rng.choice(list(SIZES))
+                r = rng.uniform(*SIZES[size]) * min(w, h) / 2
+                angle = rng.uniform(-0.3, 0.3)
+                cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+                pts = shape_polygon(shape := rng.choice(shapes), cx, cy, r, angle)
+                x0, y0 = math.floor(pts[:, 0].min()), math.floor(pts[:, 1].min())
+                x1, y1 = math.ceil(pts[:, 0].max()), math.ceil(pts[:, 1].max())
+                if all(x0 >= o.box[2] + 3 or x1 + 3 <= o.box[0] or y0 >= o.box[3] + 3 or y1 + 3 <= o.box[1]
+                       for o in objs):
+                    objs.append(Obj(shape, rng.choice(colours), size, (x0, y0, x1, y1)))
+                    polys.append(pts)
+                    break
+        if len(objs) >= 3:
+            return objs, polys
+
+
 def make_scene(rng: random.Random, nrng: np.random.Generator, long_side: int):
-    """Image array and objects with their polygons; objects never overlap (3 px gap at least).
+    """Image array and objects with their polygons (place_objects).
 
     An object's box is the tight box of its pixels (polygon filled with the rule of datasets.masks).
     """
     short = round(long_side * rng.uniform(0.7, 1.0))
     w, h = (long_side, short) if rng.random() < 0.5 else (short, long_side)
-    colours = rng.sample(list(COLOURS), rng.randint(2, 4))
-    shapes = rng.sample(SHAPES, rng.randint(2, 3))
-    objs, polys = [], []
-    for _ in range(rng.randint(3, 5)):
-        for _try in range(60):
-            size = rng.choice(list(SIZES))
-            r = rng.uniform(*SIZES[size]) * min(w, h) / 2
-            angle = rng.uniform(-0.3, 0.3)
-            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-            pts = shape_polygon(shape := rng.choice(shapes), cx, cy, r, angle)
-            x0, y0 = math.floor(pts[:, 0].min()), math.floor(pts[:, 1].min())
-            x1, y1 = math.ceil(pts[:, 0].max()), math.ceil(pts[:, 1].max())
-            if all(x0 >= o.box[2] + 3 or x1 + 3 <= o.box[0] or y0 >= o.box[3] + 3 or y1 + 3 <= o.box[1]
-                   for o in objs):
-                objs.append(Obj(shape, rng.choice(colours), size, (x0, y0, x1, y1)))
-                polys.append(pts)
-                break
+    objs, polys = place_objects(rng, w, h)
     img = background(nrng, h, w)
     for k, (o, pts) in enumerate(zip(objs, polys)):
         mask = polygons_to_mask([pts.ravel()], h, w)

@@ -25,7 +25,8 @@ class HiVGConfig:
     text_layers: text blocks whose hidden states feed the bridges (empty with `mixup`).
     image_size: input side S; context_length: text length T.
     outputs: heads computed by default (a subset of OUTPUTS; "box" always).
-    pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table.
+    pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table,
+        of frequencies down to 1 / pos_embed_temperature and pos_embed_scale times the patch features' std.
     """
     clip: dict
     bridge_layers: List[int]
@@ -47,6 +48,8 @@ class HiVGConfig:
     hi_lora_mode: str = "paper"
     lora_dropout: float = 0.1
     pos_embed_init: str = "open_clip"
+    pos_embed_temperature: float = 10000.0
+    pos_embed_scale: float = 1.0
     name: str = ""
 
     def to_dict(self) -> dict:
@@ -109,4 +112,6 @@ def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> H
         normalize_before=args.normalize_before, token_mlp_width=cfg.get("token_mlp_width", 3072),
         outputs=requested_outputs(args.use_contrastive_loss, args.use_rtcc_constrain_loss, args.use_mask_loss),
         hi_lora_stage=args.hi_lora_stage, hi_lora_mode=args.hi_lora_mode,
-        pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"), name=cfg["name"])
+        pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"),
+        pos_embed_temperature=cfg.get("vision_pos_embed_temperature", 10000.0),
+        pos_embed_scale=cfg.get("vision_pos_embed_scale", 1.0), name=cfg["name"])

@@ -1,5 +1,6 @@
-"""README command 1's script, train_and_eval_script/demo.sh, end to end at a tiny size: every stage runs and the
-summary the README quotes (best val per stage, test Acc@0.5 overall and per expression group) is printed."""
+"""README command 1's script, train_and_eval_script/demo.sh, end to end at a tiny size: every stage runs (two
+training processes under torchrun, as on a 2-core machine) and the summary the README quotes (best val per stage,
+test Acc@0.5 overall and per expression group) is printed."""
 import os
 import re
 import subprocess
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_script_runs_every_stage_and_prints_its_summary(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out), NUM_TRAIN="64", EPOCHS0="1",
-               EPOCH_SAMPLES="64", LORA_SAMPLES="32", LATE_LORA_SAMPLES="16", BATCH="16", WORKERS="0", OMP_NUM_THREADS="1")
+               EPOCH_SAMPLES="64", LORA_SAMPLES="32", LATE_LORA_SAMPLES="16", BATCH="16", NPROC="2")
     proc = subprocess.run(["bash", "train_and_eval_script/demo.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -28,3 +29,13 @@ def test_demo_script_runs_every_stage_and_prints_its_summary(tmp_path):
     counts = [int(re.search(r"\((\d+) expressions", line).group(1)) for line in tail[1:]]
     assert sum(counts) == 500                                                      # the whole test split
     assert (out / "predict.png").is_file() and len(list((out / "stage3").glob("vis_*/*.png"))) == 12
+
+
+def test_demo_refuses_a_batch_that_does_not_split_over_its_processes(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out), NPROC="3", BATCH="64")
+    proc = subprocess.run(["bash", "train_and_eval_script/demo.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "BATCH=64 does not split over NPROC=3" in proc.stderr
+    assert not out.exists()                                                        # refused before any work

@@ -8,7 +8,7 @@ import torch
 from models.configs import list_models, load_model_config
 from datasets.tokens import tokenize
 from models.config import select_text_layers
-from models.hivg import add_model_args, build_model, patch_padding_mask
+from models.hivg import add_model_args, build_model, init_sincos_position_embedding, patch_padding_mask
 from models.lora import merge_lora, merge_lora_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
@@ -204,6 +204,29 @@ def test_position_embedding_interpolates_to_other_image_sizes():
     images, mask, texts = batch(2, S=96)
     out = model(images, mask, tokenize(texts, model.context_length))
     assert out["token_map"].shape == (2, 144)
+
+
+def test_sincos_position_init_follows_temperature_and_scale_of_the_config():
+    """The demo config's table: entry (y, x, k) is sin / cos of y or x times 1 / T^(k / (d/4)), at `scale`
+    times the patch embedding's output std; the JSON keys reach the model built from it."""
+    model = build_model(add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "demo", "--imsize", "64", "--max_query_len", "16"]))
+    visual, cfg = model.clip.visual, load_model_config("demo")
+    T, scale = cfg["vision_pos_embed_temperature"], cfg["vision_pos_embed_scale"]
+    assert (T, scale) == (model.config.pos_embed_temperature, model.config.pos_embed_scale) != (10000.0, 1.0)
+    pos = visual.positional_embedding.detach().double()
+    g, d = 8, pos.shape[1]
+    omega = 1.0 / T ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
+    n = torch.arange(g * g, dtype=torch.float64)
+    y, x = n // g, n % g
+    expected = torch.cat([torch.sin(y[:, None] * omega), torch.cos(y[:, None] * omega),
+                          torch.sin(x[:, None] * omega), torch.cos(x[:, None] * omega)], 1)
+    w = visual.conv1.weight.double()
+    expected = expected / expected.std() * w.std() * w[0].numel() ** 0.5 * scale
+    torch.testing.assert_close(pos[1:], expected, rtol=1e-5, atol=1e-6)
+    assert pos[0].abs().max() == 0
+    init_sincos_position_embedding(visual)                              # the defaults give another table
+    assert not torch.allclose(visual.positional_embedding.double()[1:], expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", list_models())
