@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from datasets.refer import load_refs
-from datasets.splitfile import load_pickled_list
+from datasets.splitfile import _storage_free_pickle, load_pickled_list
 from tests.conftest import Payload
 
 ENTRY = ("COCO_train2014_000000000001.jpg", {"height": 480, "width": 640}, [1.5, 2.0, 30.0, 40.0], "the man",
@@ -27,6 +27,23 @@ def test_numpy_boxes_and_scalars_load(tmp_path):
     torch.save(data, tmp_path / "n.pth")
     loaded = load_pickled_list(str(tmp_path / "n.pth"))
     assert np.array_equal(loaded[0][2], data[0][2]) and loaded[1][2].dtype == np.int64 and loaded[0][4] == 3.0
+
+
+def test_fast_path_reads_what_torch_reads_and_leaves_tensor_files_to_torch(tmp_path, monkeypatch):
+    """A torch.save of plain lists (bytes and numpy included) goes through the C unpickler, not torch.load;
+    a file holding tensors has storages and goes to torch's weights-only loader."""
+    data = [ENTRY, ("b.jpg", b"\x00\xff raw", np.array([1.0, 2.0]), np.int64(3), {"k": (1, 2.5, None)})]
+    torch.save(data, tmp_path / "plain.pth")
+    torch.save([("c.jpg", torch.tensor([1.0, 2.0]))], tmp_path / "tensor.pth")
+    assert _storage_free_pickle(str(tmp_path / "plain.pth")) is not None
+    assert _storage_free_pickle(str(tmp_path / "tensor.pth")) is None
+    expected = torch.load(tmp_path / "plain.pth", weights_only=False)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used for a storage-free file"))
+    loaded = load_pickled_list(str(tmp_path / "plain.pth"))
+    assert loaded[0] == ENTRY and loaded[1][1] == b"\x00\xff raw" and loaded[1][4] == {"k": (1, 2.5, None)}
+    assert np.array_equal(loaded[1][2], expected[1][2]) and loaded[1][3] == 3
+    monkeypatch.undo()
+    assert torch.equal(load_pickled_list(str(tmp_path / "tensor.pth"))[0][1], torch.tensor([1.0, 2.0]))
 
 
 def test_legacy_torch_format_with_numpy1_names(tmp_path):

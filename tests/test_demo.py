@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_script_runs_every_stage_and_prints_its_summary(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out), NUM_TRAIN="64", EPOCHS0="1",
-               EPOCH_SAMPLES="64", LORA_SAMPLES="32", LATE_LORA_SAMPLES="16", BATCH="16", NPROC="2")
+               EPOCH_SAMPLES="64", LORA_SAMPLES="32", BATCH="16", NPROC="2")
     proc = subprocess.run(["bash", "train_and_eval_script/demo.sh"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,8 +14,8 @@
 # set), so the cosine schedule steps every EPOCH_SAMPLES; at this scale the number of distinct samples
 # decides the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage
 # trains one epoch drawn from the set at low learning rates (1e-4, 5e-5, 2.5e-5) so that it refines the
-# previous stage instead of knocking it off its minimum: stage 1 LORA_SAMPLES, stages 2 and 3
-# LATE_LORA_SAMPLES, since at this scale they add little over stage 1 (README, measured). The last lines
+# previous stage instead of knocking it off its minimum, of LORA_SAMPLES samples only: at this scale the
+# stages add little over stage 0 (README, measured). The last lines
 # give the best val Acc@0.5 after each stage and the test Acc@0.5, overall and for the expressions that
 # colour/shape/size words resolve or that need location or relation words (README, "Quick start").
 set -euo pipefail
@@ -23,13 +23,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo}
 DATA_DIR=${DATA_DIR:-$OUTPUT_DIR/data}
-NUM_TRAIN=${NUM_TRAIN:-144000}
+NUM_TRAIN=${NUM_TRAIN:-96000}
 REFS_PER_IMAGE=${REFS_PER_IMAGE:-3}
 EPOCHS0=${EPOCHS0:-6}
 EPOCH_SAMPLES=${EPOCH_SAMPLES:-24000}
 EPOCHS_LORA=${EPOCHS_LORA:-1}
-LORA_SAMPLES=${LORA_SAMPLES:-6400}
-LATE_LORA_SAMPLES=${LATE_LORA_SAMPLES:-1600}
+LORA_SAMPLES=${LORA_SAMPLES:-1600}
 BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-0}
 NPROC=${NPROC:-$(nproc)}                     # training ranks: one per core (torchrun, gloo), 8 at most
@@ -59,9 +58,8 @@ COMMON=(--device cpu --num_workers "$WORKERS" --batch_size $(( BATCH / NPROC )) 
 prev=$OUTPUT_DIR/stage0
 for stage in 1 2 3; do
     lr=$(awk -v s="$stage" 'BEGIN { print 1e-4 / 2 ^ (s - 1) }')
-    samples=$([ "$stage" = 1 ] && echo "$LORA_SAMPLES" || echo "$LATE_LORA_SAMPLES")
     "${TRAIN[@]}" "${COMMON[@]}" --hi_lora_retrain "$prev/best_checkpoint.pth" \
-        --epochs "$EPOCHS_LORA" --epoch_samples "$samples" --lr "$lr" --output_dir "$OUTPUT_DIR/stage$stage"
+        --epochs "$EPOCHS_LORA" --epoch_samples "$LORA_SAMPLES" --lr "$lr" --output_dir "$OUTPUT_DIR/stage$stage"
     prev=$OUTPUT_DIR/stage$stage
 done
 "$PYTHON" eval.py --device cpu --num_workers "$WORKERS" --eval_model "$prev/best_checkpoint.pth" --eval_set val test --visualize 6 \
