@@ -243,9 +243,12 @@ def assert_same_weights(path_a, path_b):
     Key biases (the k third of every in_proj_bias: CLIP towers, bridges, fusion) are left out: their exact
     gradient is zero (softmax ignores a shift shared by all keys), so AdamW turns rounding noise into steps of
     up to about lr there (its first step is lr * g / (|g| + eps)). Elsewhere rounding changes a gradient by a
-    tiny fraction of itself, except where it moves a ReLU input across 0; measured: at most 1.8e-3 * lr * steps
-    (1 vs 2 gloo ranks, one batch vs two micro-batches, 1 and 2 threads; lr 1e-3, 6 steps). The tolerance,
-    2e-2 * lr * steps, is ten times that, while leaving out one batch of 8 moves 84% of the weights by more.
+    tiny fraction of itself, except where it moves a ReLU input across 0 or where the gradient is a sum that
+    nearly cancels: then AdamW turns the difference into a step of up to about lr for that weight. Measured on
+    the rest: at most 1.8e-3 * lr * steps (1 vs 2 gloo ranks, one batch vs two micro-batches, 1 and 2 threads;
+    lr 1e-3, 6 steps); the exceptions hit a few fusion FFN input weights per data set (at most 18 of 65536 in a
+    tensor, 0.03%). The tolerance, 2e-2 * lr * steps, is ten times the first, and at most 0.1% of a tensor may
+    exceed it, while leaving out one batch of 8 moves 84% of the weights by more.
     """
     ca, cb = load_checkpoint(path_a), load_checkpoint(path_b)
     steps = int(next(iter(ca["optimizer"]["state"].values()))["step"])
@@ -257,7 +260,8 @@ def assert_same_weights(path_a, path_b):
         if k.endswith("in_proj_bias"):
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
-        torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=k)
+        beyond = ((a - b).abs() > atol).sum().item()
+        assert beyond <= 1e-3 * a.numel(), f"{k}: {beyond} of {a.numel()} weights differ by more than {atol:.2e}"
 
 
 def test_accumulated_micro_batches_equal_one_batch(data, tmp_path):
