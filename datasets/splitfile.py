@@ -8,6 +8,7 @@ which some split files carry for boxes. Anything else is refused with an error t
 names the file and the ``--allow_unsafe_pickle`` opt-in.
 """
 import codecs
+import functools
 import io
 import pickle
 import re
@@ -64,11 +65,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """Pickle reader that resolves only the numpy globals above and the bytes rebuilder of protocol 2."""
 
     def find_class(self, module, name):
-        allowed = {qualname: obj for obj, qualname in _numpy_globals()}
-        allowed["_codecs.encode"] = codecs.encode     # protocol 2 (torch.save's) spells bytes this way
+        allowed = _allowed_globals()
         if f"{module}.{name}" not in allowed:
             raise Refused(f"global {module}.{name}")
         return allowed[f"{module}.{name}"]
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_globals() -> dict:
+    """Name in the pickle -> object, built once: the numpy globals and protocol 2's (torch.save's) bytes rebuilder."""
+    return {**{qualname: obj for obj, qualname in _numpy_globals()}, "_codecs.encode": codecs.encode}
 
 
 def _storage_free_pickle(path):

@@ -15,9 +15,9 @@
 # decides the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage
 # trains one epoch drawn from the set at low learning rates (1e-4, 5e-5, 2.5e-5) so that it refines the
 # previous stage instead of knocking it off its minimum, of LORA_SAMPLES samples only: at this scale the
-# stages add little over stage 0 (README, measured). The last lines
-# give the best val Acc@0.5 after each stage and the test Acc@0.5, overall and for the expressions that
-# colour/shape/size words resolve or that need location or relation words (README, "Quick start").
+# stages add little over stage 0 (README, measured). The last lines give the best val Acc@0.5 after each
+# stage and the test Acc@0.5, overall and for the expressions that colour/shape/size words resolve or
+# that need location or relation words (README, "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
