@@ -11,6 +11,7 @@ from typing import List, Optional
 from .configs import load_model_config
 
 OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
+STEM_INITS = {"pos_embed_init": ("open_clip", "sincos"), "patch_embed_init": ("open_clip", "dct")}
 TEXT_LAYER_RULES = {"unc": "last", "unc+": "middle_last", "referit": "middle_last",
                     "gref": "all", "gref_umd": "all"}
 
@@ -27,6 +28,7 @@ class HiVGConfig:
     outputs: heads computed by default (a subset of OUTPUTS; "box" always).
     pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table,
         of frequencies down to 1 / pos_embed_temperature and pos_embed_scale times the patch features' std.
+    patch_embed_init: "dct" starts a random CLIP's patch projection as a 2-D DCT (models.random_init).
     """
     clip: dict
     bridge_layers: List[int]
@@ -50,7 +52,13 @@ class HiVGConfig:
     pos_embed_init: str = "open_clip"
     pos_embed_temperature: float = 10000.0
     pos_embed_scale: float = 1.0
+    patch_embed_init: str = "open_clip"
     name: str = ""
+
+    def __post_init__(self):
+        for key, choices in STEM_INITS.items():
+            if getattr(self, key) not in choices:
+                raise ValueError(f"model config: vision_{key} {getattr(self, key)!r} is not one of {list(choices)}")
 
     def to_dict(self) -> dict:
         """Plain Python values only (dicts, lists, str, int, float, bool)."""
@@ -114,4 +122,5 @@ def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> H
         hi_lora_stage=args.hi_lora_stage, hi_lora_mode=args.hi_lora_mode,
         pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"),
         pos_embed_temperature=cfg.get("vision_pos_embed_temperature", 10000.0),
-        pos_embed_scale=cfg.get("vision_pos_embed_scale", 1.0), name=cfg["name"])
+        pos_embed_scale=cfg.get("vision_pos_embed_scale", 1.0),
+        patch_embed_init=cfg.get("vision_patch_embed_init", "open_clip"), name=cfg["name"])

@@ -9,7 +9,6 @@ Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
     [REG] + visual + text -> fusion encoder -> box head ([REG]), token map / seg map (patches . EOT)
 """
 import argparse
-import math
 from functools import partial
 from typing import Dict, Iterable, Optional, Sequence
 
@@ -24,6 +23,7 @@ from .configs import list_models
 from .fusion import FusionEncoder
 from .heads import BoxHead, SegHead, TokenAlignHead
 from .lora import DROPOUT, apply_hi_lora
+from .random_init import init_dct_patch_embedding, init_sincos_position_embedding
 
 
 def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
@@ -35,26 +35,6 @@ def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
     m = F.interpolate(pixel_mask.float()[:, None], size=tuple(grid), mode="bilinear",
                       antialias=True, align_corners=False)
     return torch.round(m).flatten(1) != 0
-
-
-@torch.no_grad()
-def init_sincos_position_embedding(visual: nn.Module, temperature: float = 10000.0, scale: float = 1.0) -> None:
-    """A fixed 2-D sine-cosine table for a random CLIP's vision position embedding (CLS row zero), at
-    `scale` times the patch embedding's output std. open_clip's random init (std ~0.09 at small widths)
-    leaves position barely readable from the features, and the box is read from those features.
-
-    Frequencies run from 1 to 1 / `temperature` rad per patch: MAE's 10000 suits large grids; on a small
-    grid most of its frequencies barely change across the image, a lower temperature spreads them."""
-    pos = visual.positional_embedding
-    g, d = math.isqrt(pos.shape[0] - 1), pos.shape[1]
-    if g * g != pos.shape[0] - 1 or d % 4:
-        raise ValueError("sincos position init needs a square grid and a width divisible by 4")
-    omega = 1.0 / temperature ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
-    ys, xs = torch.meshgrid(torch.arange(g, dtype=torch.float64), torch.arange(g, dtype=torch.float64), indexing="ij")
-    table = torch.cat([f(c.flatten()[:, None] * omega[None]) for c in (ys, xs) for f in (torch.sin, torch.cos)], 1)
-    std = visual.conv1.weight.std() * math.sqrt(visual.conv1.weight[0].numel())
-    pos[0].zero_()
-    pos[1:].copy_(table / table.std() * std * scale)
 
 
 @partial(torch.compiler.disable, reason="the batch's text length is data-dependent (read on the host)")
@@ -143,6 +123,8 @@ class HiVG(nn.Module):
                     cfg.fusion_layers, cfg.fusion_ffn, cfg.fusion_dropout, cfg.normalize_before,
                     cfg.token_mlp_width, cfg.outputs, grad_checkpointing)
         model.set_stage(cfg.hi_lora_stage, cfg.hi_lora_mode, cfg.lora_dropout)
+        if cfg.patch_embed_init == "dct":
+            init_dct_patch_embedding(model.clip.visual)
         if cfg.pos_embed_init == "sincos":
             init_sincos_position_embedding(model.clip.visual, cfg.pos_embed_temperature, cfg.pos_embed_scale)
         model.config = cfg

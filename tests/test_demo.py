@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_script_runs_every_stage_and_prints_its_summary(tmp_path):
     out = tmp_path / "demo"
+    stale = out / "data" / "synthref"                     # a set left by an older generator, without the stamp
+    stale.mkdir(parents=True)
+    (stale / "synthref_test.pth").write_bytes(b"stale")
     env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(out), NUM_TRAIN="64", EPOCHS0="1",
                EPOCH_SAMPLES="64", LORA_SAMPLES="32", BATCH="16", NPROC="2")
     proc = subprocess.run(["bash", "train_and_eval_script/demo.sh"], cwd=REPO, env=env, capture_output=True,
@@ -27,7 +30,8 @@ def test_demo_script_runs_every_stage_and_prints_its_summary(tmp_path):
     assert re.fullmatch(r"test Acc@0\.5 attributes only: [01]\.\d{4} \(\d+ expressions\)", tail[1])
     assert re.fullmatch(r"test Acc@0\.5 location or relation: [01]\.\d{4} \(\d+ expressions\)", tail[2])
     counts = [int(re.search(r"\((\d+) expressions", line).group(1)) for line in tail[1:]]
-    assert sum(counts) == 500                                                      # the whole test split
+    assert sum(counts) == 500                                  # the whole test split, of a regenerated set
+    assert (out / "data" / "demo_data.txt").read_text().startswith("num_train=64 refs_per_image=3 generator=")
     assert (out / "predict.png").is_file() and len(list((out / "stage3").glob("vis_*/*.png"))) == 12
 
 

@@ -1,14 +1,16 @@
 """The HiVG model: parity with the authors' fixtures, bridge variants, LoRA merge, Hi LoRA stages."""
 import argparse
 import copy
+import json
 
 import pytest
 import torch
 
-from models.configs import list_models, load_model_config
+from models.configs import CONFIG_DIR, list_models, load_model_config
 from datasets.tokens import tokenize
 from models.config import select_text_layers
-from models.hivg import add_model_args, build_model, init_sincos_position_embedding, patch_padding_mask
+from models.hivg import add_model_args, build_model, patch_padding_mask
+from models.random_init import dct_axis_counts, dct_basis, init_dct_patch_embedding, init_sincos_position_embedding
 from models.lora import merge_lora, merge_lora_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
@@ -227,6 +229,58 @@ def test_sincos_position_init_follows_temperature_and_scale_of_the_config():
     assert pos[0].abs().max() == 0
     init_sincos_position_embedding(visual)                              # the defaults give another table
     assert not torch.allclose(visual.positional_embedding.double()[1:], expected, atol=1e-3)
+
+
+def test_dct_basis_is_orthonormal_and_starts_at_the_lowest_frequencies():
+    basis = dct_basis(8)
+    flat = basis.reshape(64, 64)
+    torch.testing.assert_close(flat @ flat.T, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(basis[0], torch.full((8, 8), 1 / 8, dtype=torch.float64))   # DC first
+    assert torch.equal(basis[1], basis[1, :1].expand(8, 8)) or torch.equal(basis[1], basis[1, :, :1].expand(8, 8))
+
+
+def test_dct_patch_init_keeps_the_scale_and_separates_brightness_colour_and_outline():
+    """The demo config's patch projection: orthogonal rows of equal norm (the random init's total norm);
+    a flat grey patch excites only the luminance DC row, a flat red-minus-green patch only the red-green
+    DC row, and a patch with an edge only luminance rows."""
+    model = build_model(add_model_args(argparse.ArgumentParser()).parse_args(
+        ["--model", "demo", "--imsize", "64", "--max_query_len", "16"]))
+    assert model.config.patch_embed_init == load_model_config("demo")["vision_patch_embed_init"] == "dct"
+    w = model.clip.visual.conv1.weight.detach().double()               # [64, 3, 8, 8]
+    d = w.shape[0]
+    rows = w.flatten(1)
+    norm = rows[0].norm()
+    torch.testing.assert_close(rows @ rows.T, torch.eye(d, dtype=torch.float64) * norm ** 2, rtol=0, atol=1e-6)
+
+    def response(patch):
+        return torch.einsum("dchw,chw->d", w, patch)
+    grey, red_green = torch.ones(3, 8, 8, dtype=torch.float64), torch.zeros(3, 8, 8, dtype=torch.float64)
+    red_green[0], red_green[1] = 1, -1
+    edge = torch.zeros(3, 8, 8, dtype=torch.float64)
+    edge[:, :, 4:] = 1
+    luma, colour, _ = dct_axis_counts(d)
+    for patch, only in ((grey, [0]), (red_green, [luma])):
+        r = response(patch)
+        assert r[only].abs().min() > 1 and r[[i for i in range(d) if i not in only]].abs().max() < 1e-9
+    r = response(edge)
+    assert r[1:luma].abs().max() > 1 and r[luma:].abs().max() < 1e-9
+    assert r[luma:luma + colour].abs().max() < 1e-9
+
+
+def test_unknown_stem_init_in_a_model_config_is_refused(tmp_path):
+    cfg = json.loads((CONFIG_DIR / "demo.json").read_text())
+    cfg["vision_patch_embed_init"] = "dtc"
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"vision_patch_embed_init 'dtc' is not one of \['open_clip', 'dct'\]"):
+        build_model(add_model_args(argparse.ArgumentParser()).parse_args(["--model", str(path), "--imsize", "64"]))
+
+
+def test_dct_patch_init_refuses_a_width_beyond_the_patch_frequencies():
+    visual = torch.nn.Module()
+    visual.conv1 = torch.nn.Conv2d(3, 192, 8, 8, bias=False)          # 72 luminance rows > 64 frequencies
+    with pytest.raises(ValueError, match="72 frequencies .* a width of at most 172 "):
+        init_dct_patch_embedding(visual)
 
 
 @pytest.mark.parametrize("name", list_models())

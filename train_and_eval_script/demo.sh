@@ -5,19 +5,20 @@
 #   bash train_and_eval_script/demo.sh
 #
 # The generated set holds NUM_TRAIN training expressions, REFS_PER_IMAGE per image.
-# The demo model (models/configs/demo.json) is a random CLIP whose vision position embedding starts
-# as a 2-D sine-cosine table (temperature 100, 3x the patch features' scale): with open_clip's random
-# init the box regressor cannot read positions. It is kept small for 2 CPU cores: 3 frozen vision blocks
-# of width 64, one bridge in the last block (backward stops there), a 3-layer fusion encoder (FFN 256)
-# without dropout, batch 64 split over one training process per core (torchrun, gloo). Stage 0 sees
-# EPOCHS0 epochs of EPOCH_SAMPLES samples drawn afresh from the generated set each epoch (0: the whole
-# set), so the cosine schedule steps every EPOCH_SAMPLES; at this scale the number of distinct samples
-# decides the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage
-# trains one epoch drawn from the set at low learning rates (1e-4, 5e-5, 2.5e-5) so that it refines the
-# previous stage instead of knocking it off its minimum, of LORA_SAMPLES samples only: at this scale the
-# stages add little over stage 0 (README, measured). The last lines give the best val Acc@0.5 after each
-# stage and the test Acc@0.5, overall and for the expressions that colour/shape/size words resolve or
-# that need location or relation words (README, "Quick start").
+# The demo model (models/configs/demo.json) is a random CLIP whose vision position embedding starts as a
+# 2-D sine-cosine table (temperature 100, 3x the patch features' scale): with open_clip's random init
+# the box regressor cannot read positions; its patch projection starts as a 2-D DCT of luminance and two
+# colour axes, which keeps the objects' outlines readable (models/random_init.py). It is kept small for
+# 2 CPU cores: 3 frozen vision blocks of width 64, one bridge in the last block (backward stops there),
+# a 3-layer fusion encoder (FFN 256) without dropout, batch 64 split over one training process per core
+# (torchrun, gloo). Stage 0 sees EPOCHS0 epochs of EPOCH_SAMPLES samples drawn afresh from the generated
+# set each epoch (0: the whole set), so the cosine schedule steps every EPOCH_SAMPLES; at this scale the
+# number of distinct samples decides the accuracy (a larger generated set beats more passes over a small
+# one). Each Hi LoRA stage trains one epoch drawn from the set at low learning rates (1e-4, 5e-5,
+# 2.5e-5) so that it refines the previous stage instead of knocking it off its minimum, of LORA_SAMPLES
+# samples only: at this scale the stages add little over stage 0 (README, measured). The last lines give
+# the best val Acc@0.5 after each stage and the test Acc@0.5, overall and for the expressions that
+# colour/shape/size words resolve or that need location or relation words (README, "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -44,9 +45,13 @@ else
 fi
 start=$(date +%s)
 
-if [ ! -f "$DATA_DIR/synthref/synthref_test.pth" ]; then
+# A rerun reuses the set only if this generator made it with these settings (a stamp file says so).
+DATA_KEY="num_train=$NUM_TRAIN refs_per_image=$REFS_PER_IMAGE generator=$(cat datasets/synthetic.py \
+    datasets/synthref_lang.py datasets/masks.py | sha256sum | cut -c1-16)"
+if [ "$(cat "$DATA_DIR/demo_data.txt" 2>/dev/null)" != "$DATA_KEY" ]; then
     "$PYTHON" -m datasets.synthetic --out "$DATA_DIR" --num_train "$NUM_TRAIN" --num_val 300 --num_test 500 --imsize 64 \
         --refs_per_image "$REFS_PER_IMAGE"
+    echo "$DATA_KEY" > "$DATA_DIR/demo_data.txt"
 fi
 "$PYTHON" -m datasets.synthetic --baseline "$DATA_DIR" --split test
 

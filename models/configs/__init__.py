@@ -3,8 +3,8 @@
 A config names an open_clip architecture (`open_clip_model`) or carries its kwargs inline (`clip`),
 plus the HiVG layer choices: `bridge_layers`, `extract_layers` (0-based vision blocks), optionally
 `warmup_bridge_layers` (bridges used with `--warmup`) and `token_mlp_width`. A config for a random CLIP
-may set `vision_pos_embed_init` ("sincos"), `vision_pos_embed_temperature` and `vision_pos_embed_scale`
-(models.hivg.init_sincos_position_embedding).
+may set `vision_pos_embed_init` ("sincos"), `vision_pos_embed_temperature`, `vision_pos_embed_scale` and
+`vision_patch_embed_init` ("dct") (models.random_init).
 """
 import copy
 import json
