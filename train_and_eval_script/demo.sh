@@ -10,15 +10,17 @@
 # the box regressor cannot read positions; its patch projection starts as a 2-D DCT of luminance and two
 # colour axes, which keeps the objects' outlines readable (models/random_init.py). It is kept small for
 # 2 CPU cores: 3 frozen vision blocks of width 64, one bridge in the last block (backward stops there),
-# a 3-layer fusion encoder (FFN 256) without dropout, batch 64 split over one training process per core
-# (torchrun, gloo). Stage 0 sees EPOCHS0 epochs of EPOCH_SAMPLES samples drawn afresh from the generated
-# set each epoch (0: the whole set), so the cosine schedule steps every EPOCH_SAMPLES; at this scale the
-# number of distinct samples decides the accuracy (a larger generated set beats more passes over a small
-# one). Each Hi LoRA stage trains one epoch drawn from the set at low learning rates (1e-4, 5e-5,
-# 2.5e-5) so that it refines the previous stage instead of knocking it off its minimum, of LORA_SAMPLES
-# samples only: at this scale the stages add little over stage 0 (README, measured). The last lines give
-# the best val Acc@0.5 after each stage and the test Acc@0.5, overall and for the expressions that
-# colour/shape/size words resolve or that need location or relation words (README, "Quick start").
+# a 3-layer fusion encoder (FFN 256) without dropout, batch 32 split over one training process per core
+# (torchrun, gloo). The model is still learning when the schedule ends, so optimizer steps count: batch
+# 64 trains 18% faster per sample but ends about 0.4 higher in loss (docs/demo.md). Stage 0 sees EPOCHS0
+# epochs of EPOCH_SAMPLES samples drawn afresh from the generated set each epoch (0: the whole set), so
+# the cosine schedule steps every EPOCH_SAMPLES; at this scale the number of distinct samples decides
+# the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage trains
+# one epoch drawn from the set at low learning rates (1e-4, 5e-5, 2.5e-5) so that it refines the
+# previous stage instead of knocking it off its minimum, of LORA_SAMPLES samples only: at this scale the
+# stages add little over stage 0 (README, measured). The last lines give the best val Acc@0.5 after each
+# stage and the test Acc@0.5, overall and for the expressions that colour/shape/size words resolve or
+# that need location or relation words (README, "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -30,7 +32,7 @@ EPOCHS0=${EPOCHS0:-6}
 EPOCH_SAMPLES=${EPOCH_SAMPLES:-24000}
 EPOCHS_LORA=${EPOCHS_LORA:-1}
 LORA_SAMPLES=${LORA_SAMPLES:-1600}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
 WORKERS=${WORKERS:-0}
 NPROC=${NPROC:-$(nproc)}                     # training ranks: one per core (torchrun, gloo), 8 at most
 NPROC=$(( NPROC > 8 ? 8 : NPROC ))
