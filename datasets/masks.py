@@ -8,6 +8,8 @@ polygons of one object are merged by union, as the official pipeline does with
 ``pycocotools.mask.decode(...).any(-1)``. Results agree with pycocotools up to
 pixels whose centre lies on an edge.
 """
+import math
+
 import numpy as np
 
 
@@ -25,9 +27,16 @@ def polygons_to_mask(polygons, height: int, width: int) -> np.ndarray:
 
 
 def box_to_mask(box_xywh, height: int, width: int) -> np.ndarray:
-    """Fill a float (x, y, w, h) box into a [height, width] bool array."""
+    """Fill a float (x, y, w, h) box into a [height, width] bool array: the box's polygon filled by
+    polygons_to_mask, computed directly (rows i with y <= i + 0.5 < y + h, likewise columns)."""
     x, y, w, h = (float(v) for v in box_xywh)
-    return polygons_to_mask([[x, y, x + w, y, x + w, y + h, x, y + h]], height, width)
+    x0, x1 = sorted((x, x + w))
+    y0, y1 = sorted((y, y + h))
+    mask = np.zeros((height, width), dtype=bool)
+    rows = slice(*(min(max(math.ceil(v - 0.5), 0), height) for v in (y0, y1)))
+    cols = slice(*(min(max(math.ceil(v - 0.5), 0), width) for v in (x0, x1)))
+    mask[rows, cols] = True
+    return mask
 
 
 def _fill_polygon(pts: np.ndarray, height: int, width: int) -> np.ndarray:

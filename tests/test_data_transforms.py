@@ -157,3 +157,19 @@ def test_jpeg_draft_decoding_matches_full_decode(tmp_path):
     b = t(record(Image.open(tmp_path / "p.jpg").convert("RGB"), box))
     assert torch.equal(a.box, b.box) and torch.equal(a.obj_mask, b.obj_mask)
     assert np.abs(to_uint8(a.image) - to_uint8(b.image)).mean() < 1.5
+
+
+def test_box_mask_equals_the_filled_box_polygon():
+    """box_to_mask's direct fill is the scanline fill of the box's polygon, pixel for pixel, for fractional,
+    half-integer (pixel centres on the edge), negative-extent, empty and out-of-image boxes."""
+    from datasets.masks import polygons_to_mask
+    rng = random.Random(0)
+    coords = lambda lo, hi: rng.choice([rng.uniform(lo, hi), rng.randint(lo, hi) + rng.choice([0, 0.5]), 0])
+    for _ in range(3000):
+        h, w = rng.randint(1, 30), rng.randint(1, 30)
+        x, y, bw, bh = coords(-8, 35), coords(-8, 35), coords(-15, 30), coords(-15, 30)
+        polygon = [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]
+        np.testing.assert_array_equal(box_to_mask((x, y, bw, bh), h, w), polygons_to_mask(polygon, h, w),
+                                      err_msg=f"box {(x, y, bw, bh)} in {w}x{h}")
+    # x in [1.5, 3.5), y in [0.2, 1.1): the pixels centred at (1.5, 0.5) and (2.5, 0.5)
+    assert np.argwhere(box_to_mask((1.5, 0.2, 2.0, 0.9), 3, 5)).tolist() == [[0, 1], [0, 2]]
