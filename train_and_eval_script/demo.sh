@@ -10,9 +10,10 @@
 # the box regressor cannot read positions; its patch projection starts as a 2-D DCT of luminance and two
 # colour axes, which keeps the objects' outlines readable (models/random_init.py). It is kept small for
 # 2 CPU cores: 3 frozen vision blocks of width 64, bridges in the last two (backward stops at the first;
-# one bridge, in the last block only, reads the shapes worse: docs/demo.md), a 3-layer fusion encoder (FFN 256) without dropout, batch 32 split over one training process per core
-# (torchrun, gloo). The model is still learning when the schedule ends, so optimizer steps count: batch
-# 64 trains 18% faster per sample but ends about 0.4 higher in loss (docs/demo.md). Stage 0 sees EPOCHS0
+# one bridge, in the last block only, reads the shapes worse: docs/demo.md), a 3-layer fusion encoder
+# (FFN 256) without dropout, batch 32 split over one training process per core (torchrun, gloo). The
+# model is still learning when the schedule ends, so optimizer steps count: batch 64 trains 18% faster per
+# sample but ends about 0.4 higher in loss (docs/demo.md). Stage 0 sees EPOCHS0
 # epochs of EPOCH_SAMPLES samples drawn afresh from the generated set each epoch (0: the whole set), so
 # the cosine schedule steps every EPOCH_SAMPLES; at this scale the number of distinct samples decides
 # the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage trains
