@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datasets.masks import box_to_mask
+from datasets.masks import box_to_mask, polygons_to_mask
 from datasets.transforms import (NormalizeAndPad, RandomResize, RandomSelect, RandomSizeCrop, Record,
                                  make_transforms, resize_image, resize_mask)
 from tests.data_helpers import draw_scene, to_uint8
@@ -162,7 +162,6 @@ def test_jpeg_draft_decoding_matches_full_decode(tmp_path):
 def test_box_mask_equals_the_filled_box_polygon():
     """box_to_mask's direct fill is the scanline fill of the box's polygon, pixel for pixel, for fractional,
     half-integer (pixel centres on the edge), negative-extent, empty and out-of-image boxes."""
-    from datasets.masks import polygons_to_mask
     rng = random.Random(0)
     coords = lambda lo, hi: rng.choice([rng.uniform(lo, hi), rng.randint(lo, hi) + rng.choice([0, 0.5]), 0])
     for _ in range(3000):
