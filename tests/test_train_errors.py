@@ -121,3 +121,34 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(stage0, data, tm
     assert train_hivg.main(flags(data, tmp_path / "fresh", "--lr", "1e30", "--epochs", "1", "--epoch_samples", "16",
                                  "--print_freq", "1")) == 1
     assert "no checkpoint was written yet" in capsys.readouterr().out and not list((tmp_path / "fresh").glob("*.pth"))
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--imsize", "0", "--imsize must be a positive multiple of the model's patch size"),
+    ("--max_query_len", "0", "--max_query_len must be at least 2 (start and end of text)"),
+    ("--lr_drop", "0", "--lr_drop must be at least 1"),
+    ("--run_epochs", "-2", "--run_epochs must be 0 (every epoch of --epochs) or more, got -2"),
+    ("--print_freq", "-1", "--print_freq must be 0 (no progress lines) or more"),
+    ("--clip_max_norm", "nan", "--clip_max_norm must be 0 (no clipping) or a finite positive number, got nan"),
+    ("--clip_max_norm", "inf", "--clip_max_norm must be 0 (no clipping) or a finite positive number, got inf"),
+    ("--clip_max_norm", "-1", "--clip_max_norm must be 0 (no clipping) or a finite positive number"),
+    ("--lr", "0", "--lr must be a finite number above 0"),
+    ("--lr", "nan", "--lr must be a finite number above 0"),
+    ("--weight_decay", "-0.1", "--weight_decay must be a finite number, 0 or more"),
+    ("--epoch_samples", "-5", "--epoch_samples must be 0 (the whole split) or more"),
+    ("--num_workers", "-1", "--num_workers must be 0 (load in the main process) or more"),
+    ("--eval_batch_size", "-1", "--eval_batch_size must be 0 (--batch_size) or more"),
+    ("--seed", "-1", "--seed must be from 0 to 2**32 - 1"),
+    ("--vl_dropout", "1.5", "--vl_dropout must be at least 0 and below 1"),
+    ("--vl_nheads", "0", "--vl_nheads must be at least 1"),
+    ("--output_dir", "", "--output_dir is empty"),
+])
+def test_out_of_range_flags_one_line_naming_the_valid_values(data, tmp_path, capsys, monkeypatch, flag, value, expect):
+    """Refused before anything runs: no traceback, no training that ignores the flag, nothing written (an empty
+    --output_dir would write into the current folder)."""
+    monkeypatch.chdir(tmp_path)
+    argv = flags(data, tmp_path / "out", "--epochs", "1", "--lr_scheduler", "step", flag, value)
+    assert train_hivg.main(argv) == 2
+    err = capsys.readouterr().err
+    assert one_error_line(err, expect), err
+    assert not list(tmp_path.rglob("*.pth"))
