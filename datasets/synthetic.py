@@ -24,6 +24,7 @@ import math
 import multiprocessing
 import os
 import random
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -306,6 +307,13 @@ def main(argv=None):
     start = time.time()
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    try:    # before any rendering, so that a folder we cannot write is one line, not a traceback
+        images = os.path.join(args.out, IMAGE_DIRS["synthref"])
+        os.makedirs(images, exist_ok=True)
+        tempfile.TemporaryFile(dir=images).close()
+    except OSError as e:
+        parser.exit(2, f"{parser.prog}: error: --out {args.out} cannot be created or written ({e.strerror}); "
+                       "give a folder you can write to\n")
     counts = generate(args.out, args.num_train, args.num_val, args.num_test, args.seed, args.imsize,
                       args.refs_per_image, args.workers, log=lambda message: print(message, flush=True))
     print(f"wrote synthref to {args.out} in {time.time() - start:.1f}s: "

@@ -8,6 +8,7 @@ import torch
 
 from datasets import add_data_args, build_dataset
 from datasets.refer import IMAGE_DIRS
+from datasets.synthetic import main as make_synthetic
 from datasets.tokens import clip_token_count, is_truncated
 from tests.data_helpers import args_for, coco_entry, draw_scene, write_layout
 from utils.errors import UserError
@@ -162,3 +163,18 @@ def test_zero_area_box_mask_warns_nothing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert val[0].obj_mask.sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["under a file", "read-only"])
+def test_synthetic_out_folder_not_writable_one_line(tmp_path, capsys, kind):
+    if kind == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "set" if kind == "under a file" else tmp_path / "ro"
+    if kind == "read-only":
+        out.mkdir(mode=0o555)
+    with pytest.raises(SystemExit) as stop:
+        make_synthetic(["--out", str(out), "--num_train", "4", "--num_val", "2", "--num_test", "2", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert f": error: --out {out} cannot be created or written (" in err and "give a folder you can write to" in err
