@@ -25,8 +25,12 @@ Zero-area boxes (after the truncation) and boxes wholly outside their image: ski
 training splits (their count is printed); kept in evaluation splits with a printed
 warning, so that Acc@0.5 counts every sample of the official split. A box partly outside
 its image is clipped to it (counted per split file where the entry gives the image size).
+
+An empty (or blank) expression is kept, as the official loader keeps it, with a printed warning. An image
+path that leads outside its image folder (absolute, or with '..') is refused unless ``--allow_outside_paths``.
 """
 import os
+from pathlib import PurePath
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -61,6 +65,7 @@ DATASETS = {
     "synthref": ("coco", "synthref", _TVT),
 }
 TRAIN_SPLITS = ("train", "trainval", "train_pseudo")
+OUTSIDE_FLAG = "--allow_outside_paths"
 
 
 class Ref(NamedTuple):
@@ -73,6 +78,7 @@ class Ref(NamedTuple):
     size_hw: Optional[tuple]          # (h, w) from the size dict, None when it comes from the image
     polygons: object                  # COCO polygon list or None
     source: str = ""                  # the split file it comes from, for messages
+    entry: int = -1                   # its index in that file
 
 
 def split_path(split_root: str, dataset: str, split: str) -> str:
@@ -104,9 +110,16 @@ def _box4(value, where: str):
     return box
 
 
-def parse_entry(entry, dataset: str, where: str, source: str = "") -> Ref:
-    """Turn one raw tuple of ``dataset``'s layout into a Ref (from split file ``source``); ValueError naming
-    ``where`` otherwise."""
+def leaves_folder(image: str) -> bool:
+    """True for an image path that can lead outside its image folder: absolute, or with a '..' part."""
+    return os.path.isabs(image) or os.pardir in PurePath(image).parts
+
+
+def parse_entry(entry, dataset: str, source: str, index: int, allow_outside: bool = False) -> Ref:
+    """Turn entry ``index`` of split file ``source`` (a raw tuple of ``dataset``'s layout) into a Ref; ValueError
+    naming the file and entry otherwise. An image path leading outside its image folder is refused unless
+    ``allow_outside``."""
+    where = f"split file {source}, entry {index}"
     layout, folder = DATASETS[dataset][:2]
     n = 3 if layout == "flickr" else 5
     if not isinstance(entry, (tuple, list)) or len(entry) != n:
@@ -146,7 +159,11 @@ def parse_entry(entry, dataset: str, where: str, source: str = "") -> Ref:
         xywh = (box[0], box[1], box[2] - box[0], box[3] - box[1])
     if layout == "referit":
         polygons = None
-    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons, source)
+    if not allow_outside and leaves_folder(image):
+        raise ValueError(f"{where}: the image path {image!r} leads outside the image folder <data_root>/"
+                         f"{IMAGE_DIRS[folder]} (absolute, or with a '..' part); fix the split file, or pass "
+                         f"{OUTSIDE_FLAG} if you trust it")
+    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons, source, index)
 
 
 def is_degenerate(ref: Ref) -> bool:
@@ -174,8 +191,9 @@ def outside(ref: Ref, size_hw=None) -> str:
     return "wholly" if x1 <= x0 or y1 <= y0 else "partly"
 
 
-def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = False) -> list:
-    """Read and parse every file of a split; FileNotFoundError / ValueError on bad input."""
+def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = False,
+              allow_outside: bool = False) -> list:
+    """Read and parse every file of a split; FileNotFoundError / ValueError on bad input (see parse_entry)."""
     check_dataset_split(dataset, split)
     refs = []
     for path in split_files(split_root, dataset, split):
@@ -185,8 +203,23 @@ def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = Fa
             raise FileNotFoundError(f"split file {path} not found (--split_root {split_root}, --dataset "
                                     f"{dataset}, split {split}); {hint}")
         raw = load_pickled_list(path, allow_unsafe=allow_unsafe)
-        refs += [parse_entry(e, dataset, f"split file {path}, entry {i}", path) for i, e in enumerate(raw)]
+        refs += [parse_entry(e, dataset, path, i, allow_outside) for i, e in enumerate(raw)]
     return refs
+
+
+def blank_phrases(refs) -> dict:
+    """{split file: [entry numbers]} of the entries whose expression is empty or only white space. The official
+    loader takes them (the text is start and end of text only), and so do training and evaluation here."""
+    found = {}
+    for r in refs:
+        if not r.phrase.strip():
+            found.setdefault(r.source, []).append(r.entry)
+    return found
+
+
+def listed(numbers, most: int = 5) -> str:
+    """'3, 7, 9' or '3, 7, 9, 12, 15, ...' for a message."""
+    return ", ".join(map(str, numbers[:most])) + (", ..." if len(numbers) > most else "")
 
 
 class GroundingDataset(torch.utils.data.Dataset):
@@ -279,13 +312,16 @@ def screen_boxes(refs, name: str, train: bool) -> list:
 def build_dataset(split: str, args) -> GroundingDataset:
     """The dataset of ``args.dataset``/``split`` with the train or eval transform.
 
-    Reads args.dataset, data_root, split_root, use_seg_mask, allow_unsafe_pickle and the
+    Reads args.dataset, data_root, split_root, use_seg_mask, allow_unsafe_pickle, allow_outside_paths and the
     transform fields (imsize, aug_scale, aug_crop, aug_blur, aug_translate).
     """
     check_dataset_split(args.dataset, split)
-    allow_unsafe = getattr(args, "allow_unsafe_pickle", False)
-    refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=allow_unsafe)
+    refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=getattr(args, "allow_unsafe_pickle", False),
+                     allow_outside=getattr(args, "allow_outside_paths", False))
     name = f"{args.dataset} {split}"
+    for source, entries in blank_phrases(refs).items():
+        print(f"{name}: warning: {len(entries)} empty expressions in {source} (entries {listed(entries)}); kept, "
+              "as the official loader does")
     train = split in TRAIN_SPLITS
     refs = screen_boxes(refs, name, train)
     if not refs:
@@ -321,9 +357,16 @@ def add_data_args(parser):
         ("--aug_translate", dict(action="store_true", help="random padding offset")),
         ("--use_seg_mask", dict(action="store_true",
                                 help="supervise masks with the COCO polygons instead of the filled box")),
-        (UNSAFE_FLAG, dict(action="store_true",
-                           help="unpickle split files without restrictions (can run code; trusted files only)")),
     ]
     for flag, kwargs in flags:
         parser.add_argument(flag, **kwargs)
+    return add_split_file_args(parser)
+
+
+def add_split_file_args(parser):
+    """The opt-ins for split files from a trusted source: every tool that reads split files takes them."""
+    parser.add_argument(UNSAFE_FLAG, action="store_true",
+                        help="unpickle split files without restrictions (can run code; trusted files only)")
+    parser.add_argument(OUTSIDE_FLAG, action="store_true",
+                        help="read images a split file names outside their image folder (absolute paths, '..')")
     return parser

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from datasets import add_data_args, build_dataset
+from datasets import Collate, add_data_args, build_dataset
 from datasets.refer import IMAGE_DIRS
 from datasets.synthetic import main as make_synthetic
 from datasets.tokens import clip_token_count, is_truncated
@@ -163,6 +163,39 @@ def test_zero_area_box_mask_warns_nothing(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert val[0].obj_mask.sum() == 0
+
+
+def test_blank_expressions_kept_as_the_official_loader_does_and_named(tmp_path, capsys):
+    """Documented behaviour: an empty or blank expression is kept (the official loader reads it as start and end
+    of text only); training and evaluation print its split file and entry."""
+    write_layout(tmp_path, "unc")
+    names = [f"COCO_train2014_val{i:06d}.jpg" for i in range(3)]
+    val_file = tmp_path / "unc" / "unc_val.pth"
+    torch.save([coco_entry(names[0], phrase=""), coco_entry(names[1]), coco_entry(names[2], phrase="  \t")], val_file)
+    val = build_dataset("val", args_for("unc", tmp_path))
+    assert len(val) == 3
+    assert f"unc val: warning: 2 empty expressions in {val_file} (entries 0, 2); kept" in capsys.readouterr().out
+    batch = Collate(16)([val[0], val[1]])
+    assert batch.ids[0, :3].tolist() == [49406, 49407, 0]       # start and end of text only
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_image_paths_outside_the_image_folder_refused_unless_allowed(tmp_path, relative):
+    """An absolute path, or one with '..', would read outside --data_root: refused unless --allow_outside_paths."""
+    write_layout(tmp_path, "unc")
+    outside = tmp_path / "elsewhere" / "outside.jpg"
+    draw_scene(str(outside))
+    name = os.path.relpath(outside, tmp_path / IMAGE_DIRS["coco"]) if relative else str(outside)
+    val_file = tmp_path / "unc" / "unc_val.pth"
+    torch.save([coco_entry("COCO_train2014_val000000.jpg"), coco_entry(name)], val_file)
+    with pytest.raises(ValueError) as err:
+        build_dataset("val", args_for("unc", tmp_path))
+    assert f"split file {val_file}, entry 1: the image path {name!r} leads outside the image folder" in str(err.value)
+    assert "--allow_outside_paths" in str(err.value)
+    args = add_data_args(argparse.ArgumentParser()).parse_args(
+        ["--dataset", "unc", "--data_root", str(tmp_path), "--split_root", str(tmp_path), "--allow_outside_paths"])
+    val = build_dataset("val", args)
+    assert os.path.samefile(val.image_path(val.refs[1]), outside) and val[1].image.shape[0] == 3
 
 
 @pytest.mark.parametrize("kind", ["under a file", "read-only"])

@@ -127,6 +127,10 @@ def test_not_a_list(tmp_path):
     ("unc", ENTRY[:3] + (None,) + ENTRY[4:], "must be strings"),
     ("mixup", ("x.jpg", "coco") + ENTRY[2:], "neither a COCO_\\* file nor marked"),
     ("unc", "just a string", "expected a 5-tuple"),
+    ("unc", ("/data/COCO_train2014_1.jpg",) + ENTRY[1:], "the image path '/data/COCO_train2014_1.jpg' leads outside "
+                                                         "the image folder <data_root>/other/images/mscoco"),
+    ("flickr", ("../../x.jpg", [1, 2, 3, 4], "x"), "leads outside the image folder <data_root>/Flickr30k/.*"
+                                                   "--allow_outside_paths"),
 ])
 def test_malformed_entries_name_the_file_and_entry(tmp_path, dataset, entry, message):
     (tmp_path / dataset).mkdir()
