@@ -2,15 +2,19 @@
 
     python -m datasets.verify --dataset D --data_root R --split_root S [--split X] [--dump N]
 
-Every image of the splits is opened and decoded; each missing or unreadable image, and each
-image whose size differs from its split-file entry, is listed. Then, per split: the number of
-samples and images, zero-area boxes (after the integer truncation; skipped in training, see
-:mod:`datasets.refer`), phrases longer than the 77-token CLIP context (truncated by the
-tokenizer), and boxes partly outside their image (clipped to it) or wholly outside it (an
-error, with the split file and sample numbers). For ``mixup``, no image of its train split may
-appear in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself
+It fails wherever training would refuse to start or stop: a --data_root or --split_root that is
+not a folder, a missing val split or training split (train or train_pseudo; without --split), an
+unreadable split file or entry (an image path leading outside its image folder included, unless
+--allow_outside_paths), a missing image folder. Every image of the splits is opened and decoded;
+each missing or unreadable image, and each image whose size differs from any of its split-file
+entries, is listed. Then, per split: the number of samples and images, zero-area boxes (after
+the integer truncation; skipped in training, see :mod:`datasets.refer`), phrases longer than the
+77-token CLIP context (truncated by the tokenizer), empty expressions (kept, listed with their
+split file and entries), and boxes partly outside their image (clipped to it) or wholly outside
+it (an error, with the split file and sample numbers). For ``mixup``, no image of its train split
+may appear in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself
 (the split files found under --split_root are checked). The exit status is 1 when any of these
-errors (or an unreadable split file) is found, 2 for bad flags, else 0.
+errors is found, 2 for bad flags, else 0.
 
 ``--dump N`` prints the first N samples of the split (default ``val``) after the eval
 transform as JSON lines on stdout: ``image``, ``phrase``, ``box_xyxy`` (pixels of the
@@ -26,18 +30,22 @@ from tqdm import tqdm
 
 from utils.errors import reports_errors
 
-from .refer import DATASETS, IMAGE_DIRS, GroundingDataset, is_degenerate, load_refs, outside, split_files
-from .splitfile import UNSAFE_FLAG
+from .refer import (DATASETS, IMAGE_DIRS, GroundingDataset, add_split_file_args, blank_phrases, is_degenerate, listed,
+                    load_refs, outside, split_files)
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
 
 EVAL_SPLITS = ("val", "test", "testA", "testB")
 LEAK_DATASETS = ("unc", "unc+", "gref", "gref_umd", "referit", "flickr", "mixup")
+# A training run reads one of these (train_pseudo with --sup_type unsup), and val.
+TRAINING_SPLITS = ("train", "train_pseudo")
+FOLDERS = {"--data_root": "the folder that holds the image folders (other/, referit/, Flickr30k/, synthref/)",
+           "--split_root": "the folder that holds <dataset>/<dataset>_<split>.pth"}
 
 
-def check_image(path: str, size_hw=None):
+def check_image(path: str, sizes_hw=()):
     """(size (h, w) or None, reason or None): no reason when the image decodes (at reduced size for JPEGs)
-    and has the expected size."""
+    and has each size in ``sizes_hw`` (those its split-file entries give; training checks every entry)."""
     if not os.path.isfile(path):
         return None, "missing"
     size = None
@@ -48,21 +56,33 @@ def check_image(path: str, size_hw=None):
             img.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure makes the image unreadable
         return size, f"unreadable ({type(e).__name__}: {e})"
-    if size_hw is not None and tuple(size_hw) != size:
-        return size, f"size {size[1]}x{size[0]} differs from the split file's {size_hw[1]}x{size_hw[0]}"
+    wrong = sorted(f"{w}x{h}" for h, w in set(sizes_hw) - {size})
+    if wrong:
+        return size, f"size {size[1]}x{size[0]} differs from the split file's {' and '.join(wrong)}"
     return size, None
 
 
 def image_problems(data_root: str, refs):
-    """([(path, reason)] for every distinct image of ``refs`` that is missing, unreadable or mis-sized,
-    {(folder, image): (h, w)} for those whose header could be read)."""
+    """([(path, reason)] for every distinct image of ``refs`` that is missing, unreadable or mis-sized, and
+    for every missing image folder (its images are not listed), {(folder, image): (h, w)} for those whose
+    header could be read)."""
     images = {}
     for r in refs:
-        images.setdefault((r.folder, r.image), r.size_hw)
+        expected = images.setdefault((r.folder, r.image), set())
+        if r.size_hw is not None:
+            expected.add(r.size_hw)
     problems, sizes = [], {}
-    for (folder, image), size_hw in tqdm(sorted(images.items()), desc="images", disable=None, file=sys.stderr):
+    folders = {folder for folder, _ in images}
+    for folder in sorted(folders):
+        root = os.path.join(data_root, IMAGE_DIRS[folder])
+        if not os.path.isdir(root):     # as training refuses it (datasets.refer.build_dataset)
+            problems.append((root, f"image folder not found; set --data_root to the folder that contains "
+                                   f"{IMAGE_DIRS[folder]}"))
+            folders.discard(folder)
+    present = sorted((key, expected) for key, expected in images.items() if key[0] in folders)
+    for (folder, image), expected in tqdm(present, desc="images", disable=None, file=sys.stderr):
         path = os.path.join(data_root, IMAGE_DIRS[folder], image)
-        size, reason = check_image(path, size_hw)
+        size, reason = check_image(path, expected)
         if size:
             sizes[folder, image] = size
         if reason:
@@ -70,7 +90,7 @@ def image_problems(data_root: str, refs):
     return problems, sizes
 
 
-def leaks(split_root: str, train_refs, allow_unsafe: bool = False) -> dict:
+def leaks(split_root: str, train_refs, allow_unsafe: bool = False, allow_outside: bool = False) -> dict:
     """{'dataset split': sorted shared images} for evaluation splits that share images with ``train_refs``."""
     train_images = {(r.folder, r.image) for r in train_refs}
     found = {}
@@ -78,7 +98,8 @@ def leaks(split_root: str, train_refs, allow_unsafe: bool = False) -> dict:
         for split in EVAL_SPLITS:
             if split not in DATASETS[dataset][2] or not all(map(os.path.isfile, split_files(split_root, dataset, split))):
                 continue
-            shared = train_images & {(r.folder, r.image) for r in load_refs(split_root, dataset, split, allow_unsafe)}
+            refs = load_refs(split_root, dataset, split, allow_unsafe, allow_outside)
+            shared = train_images & {(r.folder, r.image) for r in refs}
             if shared:
                 found[f"{dataset} {split}"] = sorted(f"{IMAGE_DIRS[f]}/{i}" for f, i in shared)
     return found
@@ -98,15 +119,18 @@ def report_split(split: str, refs, sizes: dict, log) -> bool:
     """Print a split's counts; True when it is empty or has a box wholly outside its image."""
     long_phrases = sum(is_truncated(r.phrase, CONTEXT_LENGTH) for r in refs)
     kinds = [outside(r, sizes.get((r.folder, r.image))) for r in refs]
+    blank = blank_phrases(refs)
     print(f"{split}: {len(refs)} samples, {len({(r.folder, r.image) for r in refs})} images, "
           f"{sum(map(is_degenerate, refs))} zero-area boxes, {long_phrases} phrases over {CONTEXT_LENGTH} tokens, "
           f"{kinds.count('partly')} boxes partly outside the image (clipped), {kinds.count('wholly')} wholly "
-          "outside", file=log)
+          f"outside, {sum(map(len, blank.values()))} empty expressions", file=log)
     for source in dict.fromkeys(r.source for r, kind in zip(refs, kinds) if kind == "wholly"):
         at = [i for i, (r, kind) in enumerate(zip(refs, kinds)) if kind == "wholly" and r.source == source]
-        print(f"{split}: ERROR {len(at)} boxes lie wholly outside their image in {source} (samples "
-              f"{', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}); fix the split file or the images",
-              file=log)
+        print(f"{split}: ERROR {len(at)} boxes lie wholly outside their image in {source} (samples {listed(at)}); "
+              "fix the split file or the images", file=log)
+    for source, entries in blank.items():
+        print(f"{split}: warning: {len(entries)} empty expressions in {source} (entries {listed(entries)}); "
+              "training and evaluation keep them, as the official loader does", file=log)
     if not refs:
         print(f"{split}: ERROR the split is empty", file=log)
     return not refs or "wholly" in kinds
@@ -121,25 +145,41 @@ def main(argv=None) -> int:
     parser.add_argument("--split", help="check only this split (default: every split file present)")
     parser.add_argument("--dump", type=int, default=0, metavar="N", help="print N eval-transformed samples")
     parser.add_argument("--imsize", type=int, default=224, help="input side for --dump")
-    parser.add_argument(UNSAFE_FLAG, action="store_true", help="unpickle split files without restrictions")
+    add_split_file_args(parser)
     args = parser.parse_args(argv)
-    unsafe = args.allow_unsafe_pickle
+    unsafe, outside_ok = args.allow_unsafe_pickle, args.allow_outside_paths
     log = sys.stderr if args.dump else sys.stdout
     splits = [args.split] if args.split else [s for s in DATASETS[args.dataset][2] if s != "trainval"]
+
+    not_folders = [(flag, path) for flag, path in zip(FOLDERS, (args.data_root, args.split_root))
+                   if not os.path.isdir(path)]
+    for flag, path in not_folders:
+        print(f"ERROR {flag} {path} is not a folder; set it to {FOLDERS[flag]}", file=log)
+    if not_folders:
+        print("FAILED", file=log)
+        return 1
 
     failed, loaded = False, {}
     for split in splits:
         files = split_files(args.split_root, args.dataset, split)
         if not args.split and not all(map(os.path.isfile, files)):
-            print(f"{split}: no split file ({', '.join(files)})", file=log)
+            needed = split == "val"
+            print(f"{split}: {'ERROR ' if needed else ''}no split file ({', '.join(files)})"
+                  f"{'; training validates on it' if needed else ''}", file=log)
+            failed |= needed
             continue
         try:
-            refs = load_refs(args.split_root, args.dataset, split, unsafe)
+            refs = load_refs(args.split_root, args.dataset, split, unsafe, outside_ok)
         except (FileNotFoundError, ValueError) as e:
             print(f"{split}: ERROR {e}", file=log)
             failed = True
             continue
         loaded[split] = refs
+    trains = [s for s in TRAINING_SPLITS if s in DATASETS[args.dataset][2]]
+    if not args.split and not any(os.path.isfile(path) for s in trains
+                                  for path in split_files(args.split_root, args.dataset, s)):
+        print(f"ERROR no training split ({' or '.join(trains)}) under --split_root {args.split_root}", file=log)
+        failed = True
 
     problems, sizes = image_problems(args.data_root, [r for refs in loaded.values() for r in refs])
     for split, refs in loaded.items():
@@ -150,7 +190,7 @@ def main(argv=None) -> int:
     failed |= bool(problems)
 
     if args.dataset == "mixup" and "train" in loaded:
-        found = leaks(args.split_root, loaded["train"], unsafe)
+        found = leaks(args.split_root, loaded["train"], unsafe, outside_ok)
         for where, images in found.items():
             print(f"leak: {len(images)} mixup train images appear in {where}, e.g. {', '.join(images[:5])}",
                   file=log)

@@ -103,3 +103,77 @@ def test_boxes_outside_the_image_reported(tmp_path, capsys):
     assert code == 1 and out.rstrip().endswith("FAILED")
     assert "1 boxes partly outside the image (clipped), 1 wholly outside" in out
     assert f"train: ERROR 1 boxes lie wholly outside their image in {train_file} (samples 2)" in out
+
+
+def test_data_root_or_split_root_not_a_folder_fails(tmp_path, capsys):
+    """Training refuses both; so does verify, one line each."""
+    write_layout(tmp_path, "unc", splits=("train", "val"))
+    missing = tmp_path / "nowhere"
+    code, out, _ = run(capsys, "--dataset", "unc", "--data_root", str(missing), "--split_root", str(missing))
+    assert code == 1 and out.splitlines() == [
+        f"ERROR --data_root {missing} is not a folder; set it to the folder that holds the image folders (other/, "
+        "referit/, Flickr30k/, synthref/)",
+        f"ERROR --split_root {missing} is not a folder; set it to the folder that holds <dataset>/<dataset>_<split>.pth",
+        "FAILED"]
+    code, out, _ = run(capsys, "--dataset", "unc", "--data_root", str(missing), "--split_root", str(tmp_path))
+    assert code == 1 and f"ERROR --data_root {missing} is not a folder" in out and "--split_root" not in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, _ = run(capsys, "--dataset", "unc", "--data_root", str(empty), "--split_root", str(tmp_path))
+    assert code == 1 and f"image {empty / IMAGE_DIRS['coco']}: image folder not found; set --data_root" in out
+    assert "images: 1 problems" in out
+
+
+def test_size_entry_that_disagrees_with_its_image_fails(tmp_path, capsys):
+    """Every entry's size is checked (as training checks each sample), not only the first entry of an image."""
+    write_layout(tmp_path, "unc", splits=("train", "val"))
+    val_file = tmp_path / "unc" / "unc_val.pth"
+    data = torch.load(val_file, weights_only=True)
+    data.append((data[0][0], {"height": 999, "width": 999}) + data[0][2:])    # a second expression, wrong size
+    torch.save(data, val_file)
+    code, out, _ = run(capsys, "--dataset", "unc", "--data_root", str(tmp_path), "--split_root", str(tmp_path))
+    image = os.path.join(tmp_path, IMAGE_DIRS["coco"], data[0][0])
+    assert code == 1 and f"image {image}: size 640x480 differs from the split file's 999x999" in out
+    assert out.rstrip().endswith("FAILED")
+
+
+def test_missing_val_or_training_split_fails(tmp_path, capsys):
+    write_layout(tmp_path, "unc", splits=("train", "testA"))
+    argv = ("--dataset", "unc", "--data_root", str(tmp_path), "--split_root", str(tmp_path))
+    code, out, _ = run(capsys, *argv)
+    val_file = os.path.join(tmp_path, "unc", "unc_val.pth")
+    assert code == 1 and f"val: ERROR no split file ({val_file}); training validates on it" in out
+    assert "testB: no split file" in out and "testB: ERROR" not in out
+    write_layout(tmp_path, "unc", splits=("val",))
+    os.remove(tmp_path / "unc" / "unc_train.pth")
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and f"ERROR no training split (train or train_pseudo) under --split_root {tmp_path}" in out
+    torch.save(torch.load(tmp_path / "unc" / "unc_val.pth", weights_only=True), tmp_path / "unc" / "unc_train_pseudo.pth")
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and out.rstrip().endswith("OK")
+
+
+def test_empty_expressions_reported_with_their_entries(tmp_path, capsys):
+    """Kept by training (as the official loader), so verify passes, but names each one."""
+    write_layout(tmp_path, "unc", splits=("train", "val"))
+    train_file = tmp_path / "unc" / "unc_train.pth"
+    data = torch.load(train_file, weights_only=True)
+    data[1] = data[1][:3] + (" ",) + data[1][4:]
+    torch.save(data, train_file)
+    code, out, _ = run(capsys, "--dataset", "unc", "--data_root", str(tmp_path), "--split_root", str(tmp_path))
+    assert code == 0 and "train: 3 samples, 3 images, 0 zero-area boxes" in out and "1 empty expressions" in out
+    assert f"train: warning: 1 empty expressions in {train_file} (entries 1); training and evaluation keep them" in out
+
+
+def test_image_path_outside_the_image_folder_fails_unless_allowed(tmp_path, capsys):
+    write_layout(tmp_path, "flickr", splits=("train", "val"))
+    val_file = tmp_path / "flickr" / "flickr_val.pth"
+    data = torch.load(val_file, weights_only=True)
+    data[2] = ("../" + data[2][0],) + data[2][1:]
+    os.rename(os.path.join(tmp_path, IMAGE_DIRS["flickr"], data[2][0][3:]), tmp_path / "Flickr30k" / data[2][0][3:])
+    torch.save(data, val_file)
+    argv = ("--dataset", "flickr", "--data_root", str(tmp_path), "--split_root", str(tmp_path))
+    code, out, _ = run(capsys, *argv)
+    assert code == 1 and f"val: ERROR split file {val_file}, entry 2: the image path '../val2.jpg' leads outside" in out
+    code, out, _ = run(capsys, *argv, "--allow_outside_paths")
+    assert code == 0 and "val: 3 samples, 3 images" in out and out.rstrip().endswith("OK")
