@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+import train_hivg
 from tests.conftest import REPO
 
 RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
@@ -62,3 +63,26 @@ def test_mode_multi_node_and_mixup_evaluation_on_five_datasets(tmp_path):
     env.update(DRY_RUN="1", NNODES="2", OUTPUT_ROOT=str(tmp_path))
     proc = subprocess.run(["bash", str(RECIPE), "base", "unc"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0 and "RDZV_ENDPOINT=host:port of node 0 is needed" in proc.stderr
+
+
+def parsed(command):
+    """The flags train_hivg.py gets from a printed command (argparse keeps the last value of a flag)."""
+    words = command.split()
+    return train_hivg.get_args_parser().parse_args(words[words.index("train_hivg.py") + 1:])
+
+
+def test_extra_flags_win_over_the_recipes(tmp_path):
+    lines = recipe(tmp_path, "base", "unc", EXTRA="--hi_lora_mode official --bridge_attention official --amp bf16")
+    for command in commands(lines, "train_hivg.py"):
+        args = parsed(command)
+        assert (args.hi_lora_mode, args.bridge_attention, args.amp) == ("official", "official", "bf16"), command
+
+
+def test_hi_lora_stage_refuses_a_mode_other_than_its_checkpoints(tiny, capsys):
+    path = tiny[0]                                             # Hi LoRA stage 1, paper mode, per-sample bridge
+    assert train_hivg.main(["--hi_lora_retrain", str(path), "--hi_lora_mode", "official",
+                            "--bridge_attention", "official"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train_hivg.py: error: --hi_lora_retrain {path} was trained with --hi_lora_mode paper "
+                          "--bridge_attention per_sample, this run gives --hi_lora_mode official --bridge_attention "
+                          "official;") and "MODE=official" in err and err.count("\n") == 1, err

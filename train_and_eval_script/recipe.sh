@@ -10,7 +10,8 @@
 # layout and batch-mixing bridge, which their numbers come from], NGPU [the GPUs CUDA_VISIBLE_DEVICES lists,
 # else all of nvidia-smi's, else 1], NNODES [1], NODE_RANK [0], RDZV_ENDPOINT [host:port of node 0, for
 # NNODES > 1], RDZV_ID [hivg], WORKERS [4], PYTHON [.venv/bin/python if present, else python],
-# EXTRA [extra flags for every training run, e.g. "--amp bf16"], DRY_RUN [1: print the commands only].
+# EXTRA [extra flags for every training run, e.g. "--amp bf16"; they come last, so they win over the recipe's],
+# DRY_RUN [1: print the commands only].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETTING=$1 DATASET=$2
@@ -78,12 +79,12 @@ stage() {
     elif [ -f "$dir/checkpoint.pth" ]; then
         run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS"
     else  # no checkpoint.pth: whatever an interrupted start left there is replaced
-        run train_hivg.py "$@" --output_dir "$dir" --overwrite
+        run train_hivg.py "$@" --output_dir "$dir" --overwrite "${EXTRA[@]}"   # last: argparse keeps the last value
     fi
     [ "${DRY_RUN:-0}" = 1 ] || touch "$dir/DONE"
 }
 
-COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${EXTRA[@]}")
+COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate)
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
              --max_query_len 77 --normalize_before "${BRIDGE[@]}" "${MODE_FLAGS[@]}" --use_contrastive_loss
              --use_rtcc_constrain_loss --use_mask_loss)
