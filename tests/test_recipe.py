@@ -1,11 +1,17 @@
 """train_and_eval_script/recipe.sh: GPU count, skip / resume of stages, mode, multi-node and mixup evaluation,
-checked on the commands it prints with DRY_RUN=1 (no training)."""
+checked on the commands it prints with DRY_RUN=1 (no training), and its stages on the tiny model."""
+import argparse
 import os
 import subprocess
+import sys
 
 import pytest
+import torch
 
 import train_hivg
+from datasets.synthetic import main as make_synthetic
+from models.backbone import build_clip
+from models.hivg import add_model_args, build_model
 from tests.conftest import REPO
 
 RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
@@ -86,3 +92,47 @@ def test_hi_lora_stage_refuses_a_mode_other_than_its_checkpoints(tiny, capsys):
     assert err.startswith(f"train_hivg.py: error: --hi_lora_retrain {path} was trained with --hi_lora_mode paper "
                           "--bridge_attention per_sample, this run gives --hi_lora_mode official --bridge_attention "
                           "official;") and "MODE=official" in err and err.count("\n") == 1, err
+
+
+# Flags that shrink each training run of the recipe to the tiny model, two epochs per stage.
+TINY = "--model tiny --imsize 64 --max_query_len 16 --vl_enc_layers 1 --vl_dim_feedforward 64 --batch_size 8 " \
+       "--device cpu --epochs 2"
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Environment that runs the recipe on the tiny model and a tiny synthetic set: its PYTHON runs each torchrun
+    command as one plain process and gives train_hivg.py the TINY flags last (they win)."""
+    data = tmp_path / "data"
+    make_synthetic(["--out", str(data), "--num_train", "16", "--num_val", "8", "--num_test", "8", "--imsize", "64"])
+    model_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--imsize", "64"])
+    torch.save(build_clip(build_model(model_args).config.clip).state_dict(), tmp_path / "clip.pt")
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+if [ "$1" = -m ] && [ "$2" = torch.distributed.run ]; then
+    while [ "$1" != train_hivg.py ] && [ "$1" != eval.py ]; do shift; done
+fi
+if [ "$1" = train_hivg.py ]; then exec {sys.executable} "$@" {TINY}; fi
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "EXTRA", "DRY_RUN")}
+    env.update(PYTHON=str(python), DATA_ROOT=str(data), SPLIT_ROOT=str(data), OUTPUT_ROOT=str(tmp_path / "out"),
+               CLIP_B=str(tmp_path / "clip.pt"), NGPU="1", WORKERS="0", OMP_NUM_THREADS="1")
+    return env
+
+
+def test_a_stage_stopped_by_run_epochs_is_not_done_and_the_same_command_continues_it(tiny_recipe, tmp_path):
+    out = tmp_path / "out" / "base" / "synthref"
+    command = ["bash", str(RECIPE), "base", "synthref"]
+    env = dict(tiny_recipe, EXTRA="--run_epochs 1")
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-2000:]
+    assert "recipe.sh: base synthref stage0 stopped with 1 of its 2 epochs trained; run the same command again" \
+        in first.stderr
+    assert not (out / "stage0" / "DONE").exists() and not (out / "stage1").exists()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 3, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"resumed {out}/stage0/checkpoint.pth at epoch 1" in second.stdout
+    assert (out / "stage0" / "DONE").exists() and not (out / "stage1" / "DONE").exists()
+    assert "stage1 stopped with 1 of its 2 epochs trained" in second.stderr and not (out / "stage2").exists()

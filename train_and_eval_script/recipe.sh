@@ -3,7 +3,9 @@
 # on every split (a mixup model on the five datasets of the paper's table). Usage: recipe.sh SETTING DATASET,
 # SETTING one of base, large, mixup_base, mixup_large.
 #
-# A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth.
+# A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth. A
+# stage that stops before its last epoch (--run_epochs in EXTRA) ends the script with status 3 and a message; the
+# same command continues it.
 # Environment (defaults in brackets): DATA_ROOT [./data/image_data], SPLIT_ROOT [./data/pseudo_samples],
 # OUTPUT_ROOT [./outputs], CLIP_B [./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth],
 # CLIP_L [./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth], MODE [paper; official: the authors' Hi LoRA
@@ -76,12 +78,28 @@ stage() {
     echo "==================== $SETTING $DATASET $(basename "$dir") ===================="
     if [ -f "$dir/DONE" ]; then
         echo "finished earlier ($dir/DONE): skipped"
+        return
     elif [ -f "$dir/checkpoint.pth" ]; then
-        run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS"
+        run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS" "${EXTRA[@]}"
     else  # no checkpoint.pth: whatever an interrupted start left there is replaced
         run train_hivg.py "$@" --output_dir "$dir" --overwrite "${EXTRA[@]}"   # last: argparse keeps the last value
     fi
-    [ "${DRY_RUN:-0}" = 1 ] || touch "$dir/DONE"
+    if [ "${DRY_RUN:-0}" != 1 ]; then mark_done "$dir"; fi
+}
+
+# mark_done DIR: DONE only once checkpoint.pth has reached the stage's --epochs (--run_epochs stops a run earlier).
+mark_done() {
+    local progress trained epochs
+    progress=$("$PYTHON" -c 'import sys, torch
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=True)
+print(ckpt["resume_at"][0], ckpt["args"]["epochs"])' "$1/checkpoint.pth")
+    read -r trained epochs <<< "$progress"
+    if [ "$trained" -lt "$epochs" ]; then
+        echo "recipe.sh: $SETTING $DATASET $(basename "$1") stopped with $trained of its $epochs epochs trained;" \
+             "run the same command again to continue it from $1/checkpoint.pth" >&2
+        exit 3
+    fi
+    touch "$1/DONE"
 }
 
 COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate)
