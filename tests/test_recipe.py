@@ -17,8 +17,9 @@ from tests.conftest import REPO
 RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
 
 
-def recipe(tmp_path, setting, dataset, gpus=None, **env):
-    """Lines the recipe prints; `gpus` puts a fake nvidia-smi listing that many GPUs first on the PATH."""
+def recipe(tmp_path, setting, dataset, gpus=None, status=0, **env):
+    """Lines the recipe prints (stdout, or stderr when `status` is not 0); `gpus` puts a fake nvidia-smi listing
+    that many GPUs first on the PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     if gpus is not None:
@@ -28,8 +29,8 @@ def recipe(tmp_path, setting, dataset, gpus=None, **env):
     full_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NGPU")}
     full_env.update(PATH=f"{bin_dir}:/usr/bin:/bin", DRY_RUN="1", OUTPUT_ROOT=str(tmp_path / "out"), **env)
     proc = subprocess.run(["bash", str(RECIPE), setting, dataset], env=full_env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.splitlines()
+    assert proc.returncode == status, proc.stderr
+    return (proc.stdout if status == 0 else proc.stderr).splitlines()
 
 
 def commands(lines, script):
@@ -92,6 +93,27 @@ def test_hi_lora_stage_refuses_a_mode_other_than_its_checkpoints(tiny, capsys):
     assert err.startswith(f"train_hivg.py: error: --hi_lora_retrain {path} was trained with --hi_lora_mode paper "
                           "--bridge_attention per_sample, this run gives --hi_lora_mode official --bridge_attention "
                           "official;") and "MODE=official" in err and err.count("\n") == 1, err
+
+
+def test_each_stage_prints_its_global_batch_beside_the_authors_and_its_learning_rate_rule(tmp_path):
+    lines = recipe(tmp_path, "base", "unc", gpus=8)
+    assert ("global batch 640 = 8 GPUs x 80 per GPU (the authors: 560 = 7 GPUs x 80); learning rate 2.5e-4: the "
+            "authors', not scaled (LR_SCALE=linear would scale it by 640/560)") in lines
+    assert [parsed(c).lr for c in commands(lines, "train_hivg.py")] == [2.5e-4, 1e-4, 5e-5, 2.5e-5]
+    lines = recipe(tmp_path, "base", "unc", gpus=7)
+    assert "global batch 560 = 7 GPUs x 80 per GPU (the authors: 560 = 7 GPUs x 80); learning rate 2.5e-4: the " \
+           "authors'" in lines
+    lines = recipe(tmp_path, "base", "unc", gpus=8, BATCH="70", EPOCHS0="5", EPOCHS_LORA="2", LR_SCALE="linear",
+                   EXTRA="--accum_steps 2")
+    assert ("global batch 1120 = 8 GPUs x 70 per GPU x 2 accumulation steps (the authors: 560 = 7 GPUs x 80); "
+            "learning rate 0.0005: 2.5e-4 x 1120/560 (LR_SCALE=linear)") in lines
+    train = [parsed(c) for c in commands(lines, "train_hivg.py")]
+    assert [(a.batch_size, a.epochs, a.accum_steps) for a in train] == [(70, 5, 2)] + [(70, 2, 2)] * 3
+    assert [a.lr for a in train] == pytest.approx([2.5e-4 * 1120 / 560, 1e-4 * 1120 / 420, 5e-5 * 1120 / 420,
+                                                   2.5e-5 * 1120 / 280], rel=1e-3)
+    err = recipe(tmp_path, "base", "unc", status=2, EXTRA="--amp bf16 --batch_size 40")
+    assert err == ["recipe.sh: error: EXTRA sets --batch_size; give the per-GPU batch as BATCH=N instead, so that "
+                   "the global batch the stages print and LR_SCALE see it"]
 
 
 # Flags that shrink each training run of the recipe to the tiny model, two epochs per stage.
