@@ -6,6 +6,7 @@
 # A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth. A
 # stage that stops before its last epoch (--run_epochs in EXTRA) ends the script with status 3 and a message; the
 # same command continues it.
+#
 # Environment (defaults in brackets): DATA_ROOT [./data/image_data], SPLIT_ROOT [./data/pseudo_samples],
 # OUTPUT_ROOT [./outputs], CLIP_B [./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth],
 # CLIP_L [./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth], MODE [paper; official: the authors' Hi LoRA
@@ -146,10 +147,11 @@ print(ckpt["resume_at"][0], ckpt["args"]["epochs"])' "$1/checkpoint.pth")
     touch "$1/DONE"
 }
 
-COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate)
+# MODE on every stage: a Hi LoRA stage refuses a mode other than its checkpoint's (a rerun with another MODE)
+COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${MODE_FLAGS[@]}")
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
-             --max_query_len 77 --normalize_before "${BRIDGE[@]}" "${MODE_FLAGS[@]}" --use_contrastive_loss
-             --use_rtcc_constrain_loss --use_mask_loss)
+             --max_query_len 77 --normalize_before "${BRIDGE[@]}" --use_contrastive_loss --use_rtcc_constrain_loss
+             --use_mask_loss)
 START=(--clip_model "$CLIP")
 if [ -n "$WARM" ]; then
     stage warmup 32 2.5e-4 "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM"
