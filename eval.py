@@ -93,14 +93,22 @@ def authors_eval_batch(config) -> int:
     return 64 if config.mixup else 32 if config.name.startswith("ViT-L") else 60
 
 
-def warn_about_batching(config, batch_size: int) -> None:
-    """With the official bridge a prediction depends on the other samples of its batch on its rank."""
-    expected = authors_eval_batch(config)
-    if config.bridge_attention == "official" and batch_size != expected:
-        print(f"warning: the official bridge mixes the samples of a batch, so Acc@0.5 depends on the batch per "
-              f"process; the authors evaluated this kind of model at --batch_size {expected} per GPU (base 60 x 7 "
-              "GPUs, large 32 x 7, mixup base 64 x 1, mixup large 64 x 7); use that, or --bridge_attention "
-              "per_sample", file=sys.stderr, flush=True)
+def authors_eval_processes(config) -> int:
+    """Processes (one per GPU) of the authors' evaluation scripts: one for mixup base, seven otherwise."""
+    return 1 if config.mixup and not config.name.startswith("ViT-L") else 7
+
+
+def warn_about_batching(config, batch_size: int, world_size: int) -> None:
+    """With the official bridge a prediction depends on the other samples of its batch on its rank, so on the batch
+    per process and on how many processes share out the samples."""
+    batch, processes = authors_eval_batch(config), authors_eval_processes(config)
+    if config.bridge_attention == "official" and (batch_size, world_size) != (batch, processes):
+        print(f"warning: the official bridge mixes the samples of a batch, so Acc@0.5 depends on the batch per process "
+              f"and the number of processes; the authors evaluated this kind of model at --batch_size {batch} per GPU "
+              f"on {processes} GPU{'s' if processes > 1 else ''} (base 60 x 7 GPUs, large 32 x 7, mixup base 64 x 1, "
+              f"mixup large 64 x 7), this run at {batch_size} on {world_size} process{'es' if world_size > 1 else ''}; "
+              f"use theirs (torchrun --nproc_per_node {processes}), or --bridge_attention per_sample",
+              file=sys.stderr, flush=True)
 
 
 def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> None:
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
         if info.is_main:
             print(f"{opts.eval_model}: {weights.kind} checkpoint, {model.config.name} at Hi LoRA stage "
                   f"{model.config.hi_lora_stage}, bridge attention: {model.config.bridge_attention}", flush=True)
-            warn_about_batching(model.config, opts.batch_size)
+            warn_about_batching(model.config, opts.batch_size, info.world_size)
         out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:

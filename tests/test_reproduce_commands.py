@@ -8,8 +8,10 @@ import shlex
 import subprocess
 import sys
 
+import pytest
 import torch
 
+from eval import warn_about_batching
 from tests.conftest import FIXTURES, REPO
 from tests.data_helpers import write_layout
 
@@ -44,10 +46,30 @@ def test_readme_eval_commands_run_on_an_authors_checkpoint(tmp_path):
                                "--num_workers", "0"], cwd=REPO, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         assert "official-hivg checkpoint" in proc.stdout and "bridge attention: official" in proc.stdout
-        assert "warning" not in proc.stderr                                # the authors' batch 60
+        assert proc.stderr.count("warning") == 1                 # the authors' batch 60, but 7 processes
+        assert "at --batch_size 60 per GPU on 7 GPUs" in proc.stderr and "this run at 60 on 1 process;" in proc.stderr
     results = json.loads((tmp_path / "out" / "eval_best_checkpoint.json").read_text())
     assert set(results["unc"]) == {"val", "testA", "testB"} and set(results["referit"]) == {"val", "test"}
     table = subprocess.run([sys.executable, "-m", "utils.paper_table", "--row", "HiVG-B",
                             str(tmp_path / "out" / "eval_best_checkpoint.json")], cwd=REPO, capture_output=True,
                            text=True)
     assert table.returncode == 0 and table.stdout.count("\n") == 5, table.stderr
+
+
+# The authors' evaluation batching of each kind of model: (model, mixup, batch per GPU, processes).
+AUTHORS_BATCHING = [("ViT-B/16", False, 60, 7), ("ViT-L/14", False, 32, 7), ("ViT-B/16", True, 64, 1),
+                    ("ViT-L/14", True, 64, 7)]
+
+
+@pytest.mark.parametrize("name,mixup,batch,processes", AUTHORS_BATCHING)
+def test_official_bridge_warns_at_another_batch_or_process_count(capsys, name, mixup, batch, processes):
+    config = argparse.Namespace(name=name, mixup=mixup, bridge_attention="official")
+    warn_about_batching(config, batch, processes)
+    assert capsys.readouterr().err == ""
+    for batch_size, world_size in ((batch, 8), (batch + 1, processes)):
+        warn_about_batching(config, batch_size, world_size)
+        err = capsys.readouterr().err
+        assert f"at --batch_size {batch} per GPU on {processes} GPU" in err
+        assert f"this run at {batch_size} on {world_size} process" in err and err.count("\n") == 1
+    warn_about_batching(argparse.Namespace(name=name, mixup=mixup, bridge_attention="per_sample"), batch + 1, 8)
+    assert capsys.readouterr().err == ""

@@ -19,9 +19,9 @@
 # the accuracy (a larger generated set beats more passes over a small one). Each Hi LoRA stage trains
 # one epoch drawn from the set at low learning rates (1e-4, 5e-5, 2.5e-5) so that it refines the
 # previous stage instead of knocking it off its minimum, of LORA_SAMPLES samples only: at this scale the
-# stages add little over stage 0 (README, measured). The last lines give the best val Acc@0.5 after each
-# stage and the test Acc@0.5, overall and for the expressions that colour/shape/size words resolve or
-# that need location or relation words (README, "Quick start").
+# stages add little over stage 0 (README, measured). The last lines give the val Acc@0.5 of the checkpoint
+# each stage kept (its best epoch, or the model it inherited) and the test Acc@0.5, overall and for the
+# expressions that colour/shape/size words resolve or that need location or relation words (README, "Quick start").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
@@ -77,8 +77,12 @@ read -r IMAGE TEXT < <("$PYTHON" -c "import torch; r = torch.load('$DATA_DIR/syn
 "$PYTHON" predict.py --device cpu --checkpoint "$prev/best_checkpoint.pth" --image "$DATA_DIR/synthref/images/$IMAGE" \
     --text "$TEXT" --heatmap --out "$OUTPUT_DIR/predict.png"
 echo "demo finished in $(( $(date +%s) - start ))s"
-for stage in 0 1 2 3; do
-    "$PYTHON" -c 'import json, sys; print("stage %s: best val Acc@0.5 %.4f" % (sys.argv[1], max(json.loads(line)["val_acc"] for line in open(sys.argv[2]))))' \
-        "$stage" "$OUTPUT_DIR/stage$stage/log.txt"
-done
+# What each stage kept, read from its best_checkpoint.pth: a Hi LoRA stage starts it with the model it inherits,
+# evaluated before its first epoch (so not in its log.txt), and keeps that model unless an epoch beats it.
+"$PYTHON" -c 'import sys, torch
+for stage in range(4):
+    ckpt = torch.load(f"{sys.argv[1]}/stage{stage}/best_checkpoint.pth", map_location="cpu", weights_only=True)
+    epoch, acc = ckpt["epoch"], ckpt["best_acc"]
+    kept = "the model it inherited" if epoch < 0 else f"epoch {epoch}"
+    print(f"stage {stage}: best val Acc@0.5 {acc:.4f} ({kept})")' "$OUTPUT_DIR"
 grep "^test Acc@0.5" "$OUTPUT_DIR/eval.txt"

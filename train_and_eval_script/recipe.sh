@@ -3,14 +3,25 @@
 # on every split (a mixup model on the five datasets of the paper's table). Usage: recipe.sh SETTING DATASET,
 # SETTING one of base, large, mixup_base, mixup_large.
 #
-# A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth.
+# A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth. A
+# stage that stops before its last epoch (--run_epochs in EXTRA) ends the script with status 3 and a message; the
+# same command continues it.
+#
 # Environment (defaults in brackets): DATA_ROOT [./data/image_data], SPLIT_ROOT [./data/pseudo_samples],
 # OUTPUT_ROOT [./outputs], CLIP_B [./checkpoints/clip_b_ml_cascade_maskrcnn_model_224.pth],
 # CLIP_L [./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth], MODE [paper; official: the authors' Hi LoRA
 # layout and batch-mixing bridge, which their numbers come from], NGPU [the GPUs CUDA_VISIBLE_DEVICES lists,
 # else all of nvidia-smi's, else 1], NNODES [1], NODE_RANK [0], RDZV_ENDPOINT [host:port of node 0, for
 # NNODES > 1], RDZV_ID [hivg], WORKERS [4], PYTHON [.venv/bin/python if present, else python],
-# EXTRA [extra flags for every training run, e.g. "--amp bf16"], DRY_RUN [1: print the commands only].
+# EXTRA [extra flags for every training run, e.g. "--amp bf16"; they come last, so they win over the recipe's;
+# --batch_size is refused there: use BATCH], BATCH [per-GPU batch of every training run; default the authors',
+# stage by stage], EPOCHS0 [epochs of stage 0], EPOCHS_LORA [epochs of each Hi LoRA stage; both default to the
+# authors'], LR_SCALE [none: the authors' learning rates; linear: scaled by global batch / the authors' global
+# batch], DRY_RUN [1: print the commands only].
+#
+# Batch sizes are per GPU, as in the authors' scripts, which ran 7 GPUs: on another number of GPUs (or with BATCH, or
+# --accum_steps in EXTRA) the global batch differs from theirs (8 GPUs x 80 = 640 where they trained at 7 x 80 =
+# 560). Each stage prints its global batch beside the authors' and the learning rate it uses, by LR_SCALE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SETTING=$1 DATASET=$2
@@ -22,6 +33,7 @@ CLIP_L=${CLIP_L:-./checkpoints/clip_l_ml_cascade_maskrcnn_model_224.pth}
 MODE=${MODE:-paper}
 WORKERS=${WORKERS:-4}
 NNODES=${NNODES:-1}
+LR_SCALE=${LR_SCALE:-none}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 read -r -a EXTRA <<< "${EXTRA:-}"
 OUT=$OUTPUT_ROOT/$SETTING/$DATASET
@@ -35,6 +47,28 @@ if [ -z "${NGPU:-}" ]; then   # torchrun starts one process per GPU: count the o
     fi
 fi
 NGPU=$(( NGPU > 0 ? NGPU : 1 ))
+AUTHORS_GPUS=7   # every training script of the authors runs 7 processes, one per GPU
+ACCUM=1          # the global batch counts EXTRA's --accum_steps; its --batch_size or --lr would bypass BATCH, LR_SCALE
+for i in "${!EXTRA[@]}"; do
+    case ${EXTRA[i]} in
+        --accum_steps) ACCUM=${EXTRA[i+1]:-1} ;;
+        --accum_steps=*) ACCUM=${EXTRA[i]#*=} ;;
+        --batch_size|--batch_size=*)
+            echo "recipe.sh: error: EXTRA sets --batch_size; give the per-GPU batch as BATCH=N instead, so that the" \
+                 "global batch the stages print and LR_SCALE see it" >&2
+            exit 2 ;;
+        --lr|--lr=*)
+            if [ "$LR_SCALE" != none ]; then
+                echo "recipe.sh: error: EXTRA's --lr would replace the learning rates LR_SCALE=$LR_SCALE scales;" \
+                     "drop one of them" >&2
+                exit 2
+            fi ;;
+    esac
+done
+case $LR_SCALE in
+    none|linear) ;;
+    *) echo "LR_SCALE must be none or linear, got $LR_SCALE" >&2; exit 2 ;;
+esac
 case $MODE in
     paper) MODE_FLAGS=(--hi_lora_mode paper --bridge_attention per_sample) ;;
     official) MODE_FLAGS=(--hi_lora_mode official --bridge_attention official) ;;
@@ -54,9 +88,11 @@ case $SETTING in
                  BRIDGE=(--mixup_pretrain --no-enable_adaptive_weights); EVAL_B=64 ;;
     *) echo "unknown setting $SETTING (base, large, mixup_base, mixup_large)" >&2; exit 2 ;;
 esac
+E0=${EPOCHS0:-$E0} EL=${EPOCHS_LORA:-$EL}
 EVAL_DATA=(--dataset "$DATASET")
 [ "$DATASET" = mixup ] && EVAL_DATA=(--dataset unc unc+ gref_umd referit flickr)
 
+WORLD=$(( NGPU * NNODES ))
 LAUNCH=(--nproc_per_node "$NGPU")
 if [ "$NNODES" -gt 1 ]; then
     LAUNCH+=(--nnodes "$NNODES" --node_rank "${NODE_RANK:-0}" --rdzv_backend c10d
@@ -69,34 +105,62 @@ run() {
     if [ "${DRY_RUN:-0}" = 1 ]; then echo "torchrun ${LAUNCH[*]} $*"; else "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" "$@"; fi
 }
 
-# stage NAME FLAGS...: skipped when done, resumed when interrupted, else run from the start.
+# stage NAME AUTHORS_BATCH AUTHORS_LR FLAGS...: skipped when done, resumed when interrupted, else run from the start
+# at BATCH per GPU (default AUTHORS_BATCH) and the learning rate LR_SCALE gives.
 stage() {
-    local dir=$OUT/$1; shift
+    local dir=$OUT/$1 authors_batch=$2 authors_lr=$3; shift 3
     echo "==================== $SETTING $DATASET $(basename "$dir") ===================="
     if [ -f "$dir/DONE" ]; then
         echo "finished earlier ($dir/DONE): skipped"
+        return
     elif [ -f "$dir/checkpoint.pth" ]; then
-        run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS"
+        run train_hivg.py --resume "$dir/checkpoint.pth" --num_workers "$WORKERS" "${EXTRA[@]}"
     else  # no checkpoint.pth: whatever an interrupted start left there is replaced
-        run train_hivg.py "$@" --output_dir "$dir" --overwrite
+        local batch=${BATCH:-$authors_batch} lr=$authors_lr rule="the authors'" accum=""
+        local global=$(( WORLD * batch * ACCUM )) authors=$(( AUTHORS_GPUS * authors_batch ))
+        if [ "$LR_SCALE" = linear ]; then
+            lr=$(awk -v lr="$authors_lr" -v g="$global" -v a="$authors" 'BEGIN { printf "%.4g", lr * g / a }')
+            rule="$authors_lr x $global/$authors (LR_SCALE=linear)"
+        elif [ "$global" != "$authors" ]; then
+            rule="the authors', not scaled (LR_SCALE=linear would scale it by $global/$authors)"
+        fi
+        [ "$ACCUM" = 1 ] || accum=" x $ACCUM accumulation steps"
+        echo "global batch $global = $WORLD GPUs x $batch per GPU$accum" \
+             "(the authors: $authors = $AUTHORS_GPUS GPUs x $authors_batch); learning rate $lr: $rule"
+        run train_hivg.py "$@" --lr "$lr" --batch_size "$batch" --output_dir "$dir" --overwrite "${EXTRA[@]}"
     fi
-    [ "${DRY_RUN:-0}" = 1 ] || touch "$dir/DONE"
+    if [ "${DRY_RUN:-0}" != 1 ]; then mark_done "$dir"; fi
 }
 
-COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${EXTRA[@]}")
+# mark_done DIR: DONE only once checkpoint.pth has reached the stage's --epochs (--run_epochs stops a run earlier).
+mark_done() {
+    local progress trained epochs
+    progress=$("$PYTHON" -c 'import sys, torch
+ckpt = torch.load(sys.argv[1], map_location="cpu", weights_only=True, mmap=True)
+print(ckpt["resume_at"][0], ckpt["args"]["epochs"])' "$1/checkpoint.pth")
+    read -r trained epochs <<< "$progress"
+    if [ "$trained" -lt "$epochs" ]; then
+        echo "recipe.sh: $SETTING $DATASET $(basename "$1") stopped with $trained of its $epochs epochs trained;" \
+             "run the same command again to continue it from $1/checkpoint.pth" >&2
+        exit 3
+    fi
+    touch "$1/DONE"
+}
+
+# MODE on every stage: a Hi LoRA stage refuses a mode other than its checkpoint's (a rerun with another MODE)
+COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${MODE_FLAGS[@]}")
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
-             --max_query_len 77 --normalize_before "${BRIDGE[@]}" "${MODE_FLAGS[@]}" --use_contrastive_loss
-             --use_rtcc_constrain_loss --use_mask_loss)
+             --max_query_len 77 --normalize_before "${BRIDGE[@]}" --use_contrastive_loss --use_rtcc_constrain_loss
+             --use_mask_loss)
 START=(--clip_model "$CLIP")
 if [ -n "$WARM" ]; then
-    stage warmup "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM" --lr 2.5e-4 \
-        --batch_size 32
+    stage warmup 32 2.5e-4 "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM"
     START=(--retrain "$OUT/warmup/best_checkpoint.pth")
 fi
-stage stage0 "${COMMON[@]}" "${MODEL_FLAGS[@]}" "${START[@]}" --epochs "$E0" --lr 2.5e-4 --batch_size "$B0"
+stage stage0 "$B0" 2.5e-4 "${COMMON[@]}" "${MODEL_FLAGS[@]}" "${START[@]}" --epochs "$E0"
 for k in 1 2 3; do
-    stage "stage$k" "${COMMON[@]}" --hi_lora_retrain "$OUT/stage$(( k - 1 ))/best_checkpoint.pth" --epochs "$EL" \
-        --lr "${LRS[k-1]}" --batch_size "${BL[k-1]}"
+    stage "stage$k" "${BL[k-1]}" "${LRS[k-1]}" "${COMMON[@]}" \
+        --hi_lora_retrain "$OUT/stage$(( k - 1 ))/best_checkpoint.pth" --epochs "$EL"
 done
 for dir in stage0 stage1 stage2 stage3; do
     run eval.py --num_workers "$WORKERS" --batch_size "$EVAL_B" --eval_model "$OUT/$dir/best_checkpoint.pth" \

@@ -9,6 +9,8 @@ LAST_STAGE = 3
 # What a resumed run may change: where and how it runs, not what it trains.
 RESUMABLE = ("resume", "output_dir", "overwrite", "run_epochs", "device", "num_workers", "print_freq", "data_root",
              "split_root", "eval_batch_size", "compile", "tf32")
+# What a Hi LoRA stage keeps from the stage it inherits: the adapter layout and bridge its weights were trained with.
+STAGE_MODE = ("hi_lora_mode", "bridge_attention")
 
 _NOT_GIVEN = object()
 
@@ -43,9 +45,23 @@ def inherit_flags(defaults: dict, given: dict, previous: dict, kind: str, checkp
     elif stage >= LAST_STAGE and "hi_lora_stage" not in given:
         raise ValueError(f"{checkpoint} is from the last Hi LoRA stage ({LAST_STAGE}); nothing follows it")
     else:
+        check_stage_mode(given, previous, checkpoint)
         merged["hi_lora_stage"] = stage + 1
     merged.update(given)
     if "output_dir" not in given:
         folder = Path(checkpoint).parent
         merged["output_dir"] = str(folder if kind == "resume" else folder / f"hi_lora_stage{merged['hi_lora_stage']}")
     return merged
+
+
+def check_stage_mode(given: dict, previous: dict, checkpoint: str) -> None:
+    """A Hi LoRA stage trains in the mode of the checkpoint it inherits: another --hi_lora_mode or
+    --bridge_attention would go on training weights made for one model as another."""
+    changed = [k for k in STAGE_MODE if k in given and k in previous and given[k] != previous[k]]
+    if changed:
+        was = " ".join(f"--{k} {previous[k]}" for k in changed)
+        asked = " ".join(f"--{k} {given[k]}" for k in changed)
+        flags = " and ".join(f"--{k}" for k in changed)
+        raise ValueError(f"--hi_lora_retrain {checkpoint} was trained with {was}, this run gives {asked}; a Hi LoRA "
+                         f"stage keeps the mode of the stage it inherits: drop {flags}, or train from stage 0 in the "
+                         "new mode (recipe scripts: MODE=official or MODE=paper)")
