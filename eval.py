@@ -10,6 +10,7 @@ writable) before evaluating and replaced atomically, so an earlier file is never
 """
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -139,6 +140,7 @@ def check_results_file(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out.parent) as f:   # what the atomic write needs: a new file there
             f.write(b"{}\n")
             f.flush()
+            os.fsync(f.fileno())                            # a full disk fails here, not after evaluating
     except OSError as e:
         raise UserError(f"results file {out} cannot be written ({e.strerror or e}); {fix}") from None
 

@@ -162,7 +162,8 @@ def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_ov
                          "its training run ('args'), which define its architecture (--model, --dataset, --imsize, "
                          "--hi_lora_stage, ...); add them to the file: ckpt['args'] = {'model': 'ViT-B/16', "
                          "'dataset': 'unc', 'imsize': 224, 'hi_lora_stage': 1, ...} as in its training command, "
-                         f"then torch.save(ckpt, ...); for a CLIP that is none of our --model configs also {HF_CLIP_FIX}")
+                         "then torch.save(ckpt, ...); for a CLIP that is none of our --model configs also "
+                         f"{HF_CLIP_FIX}")
     if isinstance(inner, dict) and any(".lora_A." in k for k in inner):
         state = convert_official_state_dict(inner)
         clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
@@ -204,8 +205,8 @@ def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], over
                          f"{fusion}, but {clip} is {config.clip['embed_dim']} wide; {fix}")
     out_of_range = config_layers_out_of_range(config)
     if out_of_range:
-        raise ValueError(f"{what} {path}: its flags' --model {flags.get('model', config.name)} selects blocks {clip} does not "
-                         f"have: {out_of_range}; {fix}")
+        raise ValueError(f"{what} {path}: its flags' --model {flags.get('model', config.name)} selects blocks "
+                         f"{clip} does not have: {out_of_range}; {fix}")
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         expected = HiVG.from_config(config).state_dict()
     try:

@@ -226,8 +226,9 @@ def test_blocks_beyond_the_clip_name_the_checkpoint_and_the_flags(tmp_path, caps
             "[1, 3, 5] out of range for the 3-layer vision tower"
     image = tmp_path / "a.png"
     Image.new("RGB", (32, 24)).save(image)
-    for prog, main, flag, extra in (("eval.py", eval_main, "--eval_model", []),
-                                    ("predict.py", predict_main, "--checkpoint", ["--image", str(image), "--text", "x"])):
+    tools = (("eval.py", eval_main, "--eval_model", []),
+             ("predict.py", predict_main, "--checkpoint", ["--image", str(image), "--text", "x"]))
+    for prog, main, flag, extra in tools:
         assert main([flag, str(legacy), *extra]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"{prog}: error: {flag} {legacy}{found}") and err.count("\n") == 1, err
