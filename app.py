@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 from PIL import Image, UnidentifiedImageError
 
 from datasets.refer import IMAGE_DIRS, split_path
-from datasets.splitfile import load_pickled_list
+from datasets.splitfile import UNSAFE_FLAG, load_pickled_list
 from datasets.tokens import CONTEXT_LENGTH, clip_token_count
 from models.api import Grounder, Prepared
 from utils.cli import load_grounder
@@ -80,7 +80,12 @@ def example_rows(folder: Optional[Path], scratch: str) -> List[List[str]]:
     try:
         samples = load_pickled_list(str(split))
     except ValueError as e:
-        raise UserError(f"the examples file {split} cannot be read ({e})") from None
+        # The page never unpickles without restrictions, so the loader's advice (a flag of the training and
+        # evaluation tools) does not apply here: the fix is another folder.
+        why = "holds objects besides plain types and was not loaded, since unpickling them can run code" \
+            if UNSAFE_FLAG in str(e) else f"cannot be read ({e})"
+        raise UserError(f"--examples {folder}: the examples file {split} {why}; regenerate the folder with "
+                        f"python -m datasets.synthetic --out DIR and pass --examples DIR") from None
     images = folder / IMAGE_DIRS["synthref"]
     return [[str(images / s[0]), s[3]] for s in samples[:NUM_EXAMPLES] if (images / s[0]).is_file()]
 
@@ -222,7 +227,10 @@ def serve(opts) -> None:
 
 @reports_errors(PROG)
 def main(argv=None) -> int:
-    serve(get_args_parser().parse_args(argv))
+    opts = get_args_parser().parse_args(argv)
+    if not 1 <= opts.port <= 65535:
+        raise UserError(f"--port {opts.port} is not a port number: give one in 1-65535 (default 7860)")
+    serve(opts)
     return 0
 
 

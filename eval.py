@@ -5,25 +5,29 @@
 
 The checkpoint defines the model (ours, or the authors' converted on load); the data flags default to the
 ones of the run that wrote it. Results are added to eval_<checkpoint stem>.json beside the checkpoint (or
-in --output_dir), keyed by dataset and split; other entries of that file are kept.
+in --output_dir), keyed by dataset and split; other entries of that file are kept. That file is checked (readable,
+writable) before evaluating and replaced atomically, so an earlier file is never lost.
 """
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATASETS, TRAIN_SPLITS, UNSAFE_FLAG
+from datasets.refer import DATASETS, TRAIN_SPLITS, UNSAFE_FLAG, check_dataset_split
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
-from utils.errors import reports_errors
+from utils.checkpoint import write_atomically
+from utils.errors import UserError, reports_errors
 from utils.visualize import save_eval_pictures
 
 PROG = "eval.py"
@@ -32,7 +36,7 @@ DEFAULT_DATASET = "referit"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("HiVG evaluation", allow_abbrev=False,
+    parser = argparse.ArgumentParser(PROG, description="HiVG evaluation", allow_abbrev=False,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--eval_model", required=True, help="checkpoint to evaluate")
     parser.add_argument("--eval_set", nargs="+", default=["test"],
@@ -111,13 +115,70 @@ def warn_about_batching(config, batch_size: int, world_size: int) -> None:
               file=sys.stderr, flush=True)
 
 
+def check_counts(parser: argparse.ArgumentParser, opts) -> None:
+    for flag, least in (("batch_size", 1), ("num_workers", 0), ("visualize", 0)):
+        if getattr(opts, flag) < least:
+            parser.error(f"--{flag} must be at least {least}, got {getattr(opts, flag)}")
+
+
+def read_results(out: Path) -> dict:
+    """The results an earlier evaluation wrote to `out` ({} when none), or a UserError that leaves it as it is."""
+    if not out.exists():
+        return {}
+    keep = f"it was left as it is: move it aside (mv {out} {out}.corrupt) or pass another --output_dir"
+    try:
+        previous = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"results file {out} cannot be read ({e}); {keep}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"results file {out} is not valid JSON ({e}; an earlier write was cut off?); {keep}") from None
+    if not isinstance(previous, dict) or not all(isinstance(v, dict) for v in previous.values()):
+        raise UserError(f"results file {out} does not hold results keyed by dataset and split; {keep}")
+    return previous
+
+
+def check_results_file(out: Path) -> None:
+    """Before evaluating: the earlier results can be read and a new file can be written beside them."""
+    fix = "pass --output_dir DIR, a folder you can write to"
+    if out.is_dir():
+        raise UserError(f"results file {out} is a folder; move it away or {fix}")
+    read_results(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent) as f:   # what the atomic write needs: a new file there
+            f.write(b"{}\n")
+            f.flush()
+            os.fsync(f.fileno())                            # a full disk fails here, not after evaluating
+    except OSError as e:
+        raise UserError(f"results file {out} cannot be written ({e.strerror or e}); {fix}") from None
+
+
 def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> None:
-    """Merge into out[dataset][split]; entries of other datasets and splits stay."""
-    previous = json.loads(out.read_text()) if out.is_file() else {}
+    """Merge into out[dataset][split], atomically; entries of other datasets and splits stay."""
+    previous = read_results(out)
     entry = previous.setdefault(dataset, {})
     entry.update({split: dict(r, checkpoint=checkpoint) for split, r in results.items()})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(previous, indent=2) + "\n")
+    text = json.dumps(previous, indent=2) + "\n"
+    try:
+        write_atomically(out, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise UserError(f"results file {out} cannot be written ({e.strerror or e}); the earlier file is kept; "
+                        "pass --output_dir DIR, a folder you can write to") from None
+
+
+def read_groups(args, split: str) -> list:
+    """The synthetic set's expression group of every sample of `split`, read before evaluating."""
+    check_dataset_split(args.dataset, split)
+    try:
+        return expression_groups(args.split_root, split)
+    except FileNotFoundError as e:
+        raise UserError(f"{e.filename} does not exist: the synthetic set's expression groups of split {split} "
+                        f"(--split_root {args.split_root}); regenerate the set with python -m datasets.synthetic "
+                        f"--out {args.split_root}") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"synthref/synthref_{split}_scenes.json under --split_root {args.split_root} cannot be "
+                        f"read ({type(e).__name__}: {e}); regenerate the set with python -m datasets.synthetic "
+                        f"--out {args.split_root}") from None
 
 
 def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -> dict:
@@ -126,18 +187,19 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
     `net` runs the evaluation (the compiled model with --compile; default `model`); the pictures use `model`.
     """
     collate, net = Collate(model.context_length), model if net is None else net
+    grouped = args.dataset == "synthref"
+    groups = {split: read_groups(args, split) for split in splits} if grouped else {}
     results = {}
     for split in splits:
         dataset = build_dataset(split, args)
         loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
                                              num_workers=opts.num_workers)
-        grouped = args.dataset == "synthref"
         results[split] = evaluate(net, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
                                   info.is_main and sys.stderr.isatty(), f"eval {args.dataset} {split}",
                                   return_ious=opts.visualize > 0 or grouped)
         ious = results[split].pop("ious", None)
         if grouped:
-            results[split]["acc_by_group"] = accuracy_by_group(ious, expression_groups(args.split_root, split))
+            results[split]["acc_by_group"] = accuracy_by_group(ious, groups[split])
         if info.is_main:
             print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
             for group, r in results[split].get("acc_by_group", {}).items():
@@ -151,7 +213,9 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
 
 @reports_errors(PROG)
 def main(argv=None) -> int:
-    opts = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    opts = parser.parse_args(argv)
+    check_counts(parser, opts)
     info = du.init_distributed(opts.device)
     set_tf32(info.device, opts.tf32)
     try:
@@ -166,6 +230,15 @@ def main(argv=None) -> int:
             warn_about_batching(model.config, opts.batch_size, info.world_size)
         out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
+        error = None
+        if info.is_main:
+            try:
+                check_results_file(out)
+            except UserError as e:
+                error = str(e)
+        error = du.all_gather_object(error)[0]   # every rank stops, so none waits for the others
+        if error:
+            raise UserError(error)
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
             args = data_args(opts, run_args, model.image_size, name)
             results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir, net)

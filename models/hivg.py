@@ -45,6 +45,21 @@ def text_length(eot_pos: torch.Tensor) -> int:
     return int(eot_pos.max()) + 1
 
 
+def layers_out_of_range(clip_cfg: dict, bridge_layers: Sequence[int], extract_layers: Sequence[int],
+                        text_layers: Sequence[int]) -> str:
+    """'' when every selected block exists in the towers `clip_cfg` describes, else what does not (one line)."""
+    towers = {"vision": clip_cfg["vision_cfg"].get("layers", 12), "text": clip_cfg["text_cfg"].get("layers", 12)}
+    return "; ".join(f"{name} layers {list(layers)} out of range for the {towers[tower]}-layer {tower} tower"
+                     for name, layers, tower in (("bridge", bridge_layers, "vision"),
+                                                 ("extract", extract_layers, "vision"), ("text", text_layers, "text"))
+                     if any(not 0 <= i < towers[tower] for i in layers))
+
+
+def config_layers_out_of_range(cfg: HiVGConfig) -> str:
+    """`layers_out_of_range` of the blocks `cfg` selects in its own CLIP."""
+    return layers_out_of_range(cfg.clip, cfg.bridge_layers, cfg.extract_layers, cfg.text_layers)
+
+
 class HiVG(nn.Module):
     """Visual grounding on CLIP with multi-layer adaptive cross-modal bridges and Hi LoRA.
 
@@ -73,15 +88,13 @@ class HiVG(nn.Module):
         if not adaptive_weights and not mixup:
             raise ValueError("without --enable_adaptive_weights the bridge takes the projected text of "
                              "--mixup_pretrain; pass --enable_adaptive_weights for fine-tuning")
+        out_of_range = layers_out_of_range(clip_cfg, bridge_layers, extract_layers, text_layers)
+        if out_of_range:
+            raise ValueError(out_of_range)
         self.clip = build_clip(clip_cfg)
         vis, txt = self.clip.visual, self.clip.transformer
         d_v, d_t = vis.transformer.width, txt.width
         D = clip_cfg["embed_dim"]
-        n_vis, n_txt = len(vis.transformer.resblocks), len(txt.resblocks)
-        for name, layers, n in (("bridge", bridge_layers, n_vis), ("extract", extract_layers, n_vis),
-                                ("text", text_layers, n_txt)):
-            if any(not 0 <= i < n for i in layers):
-                raise ValueError(f"{name} layers {list(layers)} out of range for a {n}-layer tower")
         if context_length > self.clip.context_length:
             raise ValueError(f"--max_query_len {context_length} exceeds CLIP's context length "
                              f"{self.clip.context_length}")
@@ -261,7 +274,17 @@ def add_model_args(parser: argparse.ArgumentParser, shared: bool = True) -> argp
 def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
     """The model the flags describe, with random CLIP weights (callers load weights afterwards, see
     models.weights). `clip_cfg` replaces the JSON config's open_clip kwargs (a CLIP from an HF config)."""
-    return HiVG.from_config(build_config(args, clip_cfg), grad_checkpointing=args.grad_checkpointing)
+    config = build_config(args, clip_cfg)
+    out_of_range = config_layers_out_of_range(config)
+    if out_of_range and clip_cfg is not None:
+        start = next((f"--{flag} {getattr(args, flag)}" for flag in ("retrain", "hi_lora_retrain")
+                      if getattr(args, flag, "")), "the checkpoint this run starts from")
+        raise ValueError(f"--model {args.model} selects blocks its CLIP, that of {start}, does not have: "
+                         f"{out_of_range}; pass the --model that checkpoint was trained with")
+    if out_of_range:
+        raise ValueError(f"--model {args.model}: its config selects blocks its own CLIP does not have: "
+                         f"{out_of_range}; fix the config's bridge_layers / extract_layers")
+    return HiVG.from_config(config, grad_checkpointing=args.grad_checkpointing)
 
 
 def config_from_flags(flags: dict, clip_cfg: Optional[dict] = None) -> HiVGConfig:

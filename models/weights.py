@@ -27,12 +27,14 @@ from torch import Tensor
 from datasets.splitfile import torch_format
 
 from .config import HiVGConfig
-from .convert import check_state_dict, convert_official_state_dict, key_mismatch, official_config
+from .convert import canonical_key, check_state_dict, convert_official_state_dict, key_mismatch, official_config
 from .convert_clip import HF_TOWER_PREFIXES, hf_to_open_clip
-from .hivg import HiVG, config_from_flags
+from .hivg import HiVG, config_from_flags, config_layers_out_of_range
 from .lora import merge_lora, merge_lora_state_dict
 
 ADAPTER_KEYS = (".lora_in.lora_", ".lora_out.lora_")
+OFFICIAL_HEADS = ("bbox_embed.", "vl_transformer.")   # the authors' box head and fusion encoder: a HiVG model
+HF_CLIP_FIX = "pass its architecture as an HF CLIPConfig JSON with --hf_clip_config"
 
 
 @dataclass
@@ -131,8 +133,18 @@ def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint"
         raise ValueError(f"{what} {path} is not a checkpoint this project can read ({type(err).__name__}: "
                          f"{err}); pass a checkpoint written by train_hivg.py, an authors' HiVG checkpoint or "
                          "CLIP weights") from None
+    check_finite(weights.state, f"{what} {path}")
     weights.what = what
     return weights
+
+
+def check_finite(state: Dict[str, Tensor], what: str) -> None:
+    """Refuse NaN or infinite weights by name: a model holding them predicts NaN boxes (not even valid JSON)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"{what}: tensor {bad[0]}{more} holds NaN or infinite values, so every prediction would "
+                         "be NaN; the run that wrote it diverged or the file was damaged: pick an earlier checkpoint")
 
 
 def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_overrides: Optional[dict]) -> Weights:
@@ -145,6 +157,13 @@ def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_ov
     inner = raw.get("model") if isinstance(raw, dict) else None
     if isinstance(inner, dict) and "args" in raw:
         return _official_hivg(path, inner, raw["args"], clip_cfg, official_overrides, what)
+    if isinstance(inner, dict) and any(canonical_key(k).startswith(OFFICIAL_HEADS) for k in inner):
+        raise ValueError(f"{what} {path} holds an authors' HiVG model ({len(inner)} tensors) but not the flags of "
+                         "its training run ('args'), which define its architecture (--model, --dataset, --imsize, "
+                         "--hi_lora_stage, ...); add them to the file: ckpt['args'] = {'model': 'ViT-B/16', "
+                         "'dataset': 'unc', 'imsize': 224, 'hi_lora_stage': 1, ...} as in its training command, "
+                         "then torch.save(ckpt, ...); for a CLIP that is none of our --model configs also "
+                         f"{HF_CLIP_FIX}")
     if isinstance(inner, dict) and any(".lora_A." in k for k in inner):
         state = convert_official_state_dict(inner)
         clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
@@ -156,9 +175,18 @@ def _ours(path: Path, raw: dict, what: str) -> Weights:
     if not isinstance(raw.get("model"), dict):
         raise ValueError(f"{what} {path} has no 'model' state dict")
     if "config" in raw:
-        return Weights(path, "hivg", raw["model"], HiVGConfig.from_dict(raw["config"]), 0, raw, raw.get("args"))
-    config = config_from_flags(raw["args"], raw["clip_cfg"])
-    return Weights(path, "hivg-flags", raw["model"], config, 0, raw, raw["args"])
+        weights = Weights(path, "hivg", raw["model"], HiVGConfig.from_dict(raw["config"]), 0, raw, raw.get("args"))
+        why = "the file was edited or mixed up with another model's"
+    else:
+        weights = Weights(path, "hivg-flags", raw["model"], config_from_flags(raw["args"], raw["clip_cfg"]), 0, raw,
+                          raw["args"])
+        why = "that config changed since the run: restore the models/configs file it was trained with"
+    out_of_range = config_layers_out_of_range(weights.config)
+    if out_of_range:
+        model = (weights.run_args or {}).get("model", weights.config.name)
+        raise ValueError(f"{what} {path}: the blocks its run's --model {model} selects are not all in the CLIP "
+                         f"stored with it: {out_of_range}; {why}")
+    return weights
 
 
 def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], overrides: Optional[dict],
@@ -166,13 +194,26 @@ def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], over
     flags = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(flags, dict):
         raise ValueError(f"{what} {path}: 'args' is neither an argparse.Namespace nor a dict: not a HiVG checkpoint")
-    config = official_config(flags, clip_cfg, **(overrides or {}))
+    # The authors set the fusion width by hand; ours is the CLIP's, so a width that differs means another CLIP.
+    fusion = flags.get("vl_hidden_dim")
+    config = official_config({k: v for k, v in flags.items() if k != "vl_hidden_dim"}, clip_cfg, **(overrides or {}))
+    clip = "the CLIP of --hf_clip_config" if clip_cfg else f"the CLIP of its --model {config.name}"
+    fix = "pass the HF CLIPConfig JSON of this checkpoint's CLIP" if clip_cfg else \
+        f"its CLIP is none of our --model configs: {HF_CLIP_FIX}"
+    if fusion not in (None, config.clip["embed_dim"]):
+        raise ValueError(f"{what} {path}: the authors' flags stored in it give a fusion width (vl_hidden_dim) of "
+                         f"{fusion}, but {clip} is {config.clip['embed_dim']} wide; {fix}")
+    out_of_range = config_layers_out_of_range(config)
+    if out_of_range:
+        raise ValueError(f"{what} {path}: its flags' --model {flags.get('model', config.name)} selects blocks "
+                         f"{clip} does not have: {out_of_range}; {fix}")
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         expected = HiVG.from_config(config).state_dict()
     try:
         converted = convert_official_state_dict(state, expected=expected)
     except ValueError as err:
-        raise ValueError(f"{what} {path}: {err}") from None
+        hint = "" if clip_cfg else f"; if its CLIP is none of our --model configs, {HF_CLIP_FIX}"
+        raise ValueError(f"{what} {path}: {err}{hint}") from None
     return Weights(path, "official-hivg", converted, config, len(converted), run_args=flags)
 
 
@@ -210,7 +251,8 @@ def load_model(source, device="cpu", merge: bool = True, clip_cfg: Optional[dict
     """
     weights = source if isinstance(source, Weights) else read_weights(source, clip_cfg)
     if not weights.is_hivg:
-        raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model")
+        raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model; "
+                         "pass a HiVG checkpoint (CLIP weights start a training run: train_hivg.py --clip_model)")
     model = HiVG.from_config(weights.config.replace(**config_changes))
     load_strict(model, weights.state, f"{weights.what} {weights.path}")
     if merge:

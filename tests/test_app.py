@@ -166,6 +166,33 @@ def test_a_checkpoint_that_fails_to_load_stops_the_server(tmp_path):
     assert "Traceback" not in err + out
 
 
+def test_a_port_out_of_range_is_one_line(tiny):
+    proc = app("--checkpoint", tiny[0], "--device", "cpu", "--port", "-1", stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in out + err
+    assert err == "app.py: error: --port -1 is not a port number: give one in 1-65535 (default 7860)\n", err
+
+
+def test_an_examples_file_refused_unread_names_the_apps_own_flag(tmp_path):
+    from app import example_rows
+    from tests.conftest import Payload
+    from utils.errors import UserError
+
+    generate(str(tmp_path), num_train=1, num_val=1, num_test=1, imsize=64)
+    split = tmp_path / "synthref" / "synthref_test.pth"
+    torch.save([Payload(tmp_path / "ran")], split)
+    with pytest.raises(UserError) as refused:
+        example_rows(tmp_path, str(tmp_path / "scratch"))
+    message = str(refused.value)
+    assert message.startswith(f"--examples {tmp_path}: the examples file {split} holds objects besides plain types")
+    assert "--allow_unsafe_pickle" not in message and "--examples DIR" in message
+    assert not (tmp_path / "ran").exists()
+
+
 def test_browser_grounds_an_example_and_an_upload(server, tiny, examples, tmp_path, capsys):
     sync_api = need("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):

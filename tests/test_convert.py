@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from models.convert import canonical_key, convert_official_state_dict
 from tests.conftest import FIXTURES
@@ -97,3 +98,41 @@ def test_checkpoint_with_a_foreign_key_is_refused(tmp_path, model):
                            "config": model.config.to_dict(), "args": {}})
     with pytest.raises(ValueError, match="extra.weight"):
         load_model(path)
+
+
+def authors_files(folder):
+    """The fixture's weights as the authors' format without its flags ({"model": state}, as the fixture holds
+    them) and with its flags but without its CLIP, none of our --model configs (a 32-wide tiny CLIP)."""
+    state = torch.load(FIXTURE / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+    flags = json.loads((FIXTURE / "config.json").read_text())["hivg_args"]
+    bare, flagged = folder / "bare.pth", folder / "flagged.pth"
+    torch.save({"model": state}, bare)
+    torch.save({"model": state, "args": argparse.Namespace(**flags)}, flagged)
+    return bare, flagged
+
+
+def test_authors_checkpoint_without_flags_or_clip_config_says_what_was_found_and_what_to_add(tmp_path, capsys):
+    from eval import main as eval_main
+    from predict import main as predict_main
+    from train_hivg import resolve_args
+
+    bare, flagged = authors_files(tmp_path)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 24)).save(image)
+    tools = (("eval.py", eval_main, "--eval_model", []),
+             ("predict.py", predict_main, "--checkpoint", ["--image", str(image), "--text", "x"]))
+    for prog, main, flag, extra in tools:
+        assert main([flag, str(bare), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prog}: error: {flag} {bare} holds an authors' HiVG model (795 tensors) but not "
+                              "the flags of its training run ('args')") and err.count("\n") == 1, err
+        assert "ckpt['args'] = " in err and "--hf_clip_config" in err and "CLIP weights" not in err
+        assert main([flag, str(flagged), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prog}: error: {flag} {flagged}: the authors' flags stored in it give a fusion "
+                              "width (vl_hidden_dim) of 32, but the CLIP of its --model ViT-B-16 is 512 wide") and \
+            "with --hf_clip_config" in err and "omit the flag" not in err, err
+    with pytest.raises(ValueError, match=r"--retrain .*bare\.pth holds an authors' HiVG model"):
+        resolve_args(["--retrain", str(bare)])
+    with pytest.raises(ValueError, match=r"--retrain .*flagged\.pth: the authors' flags .* --hf_clip_config"):
+        resolve_args(["--retrain", str(flagged)])

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from datasets.synthetic import main as make_synthetic
 from eval import main as eval_main
@@ -200,7 +201,7 @@ def test_damaged_image_names_the_image_and_the_split_file(setup, tmp_path, capsy
     """Read by DataLoader workers, which hand the error back with their traceback as its text: still one line."""
     root, ckpt = setup
     copy = tmp_path / "data"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("*.json"))
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval_*.json"))
     image = copy / "synthref" / "images" / torch.load(copy / "synthref" / "synthref_val.pth", weights_only=True)[2][0]
     image.write_bytes(b"")
     assert eval_main(["--eval_model", str(ckpt), "--eval_set", "val", "--data_root", str(copy), "--split_root",
@@ -209,3 +210,90 @@ def test_damaged_image_names_the_image_and_the_split_file(setup, tmp_path, capsy
     assert err.startswith(f"eval.py: error: image {image} (synthref val sample 2, split file "
                           f"{copy / 'synthref' / 'synthref_val.pth'}) cannot be read") and err.count("\n") == 1, err
     assert "python -m datasets.verify" in err
+
+
+def test_blocks_beyond_the_clip_name_the_checkpoint_and_the_flags(tmp_path, capsys):
+    from models.configs import load_model_config
+    from predict import main as predict_main
+    from train_hivg import resolve_args
+
+    # Written before checkpoints carried their config: its layers come from its --model's config file today,
+    # here tiny's bridges [1, 3, 5] over a stored 3-layer CLIP.
+    tiny_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--imsize", "64"])
+    legacy = tmp_path / "legacy.pth"
+    save_checkpoint(legacy, {"model": {}, "args": vars(tiny_args), "clip_cfg": load_model_config("demo")["clip"]})
+    found = ": the blocks its run's --model tiny selects are not all in the CLIP stored with it: bridge layers " \
+            "[1, 3, 5] out of range for the 3-layer vision tower"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 24)).save(image)
+    tools = (("eval.py", eval_main, "--eval_model", []),
+             ("predict.py", predict_main, "--checkpoint", ["--image", str(image), "--text", "x"]))
+    for prog, main, flag, extra in tools:
+        assert main([flag, str(legacy), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{prog}: error: {flag} {legacy}{found}") and err.count("\n") == 1, err
+    for flag in ("resume", "hi_lora_retrain", "retrain"):
+        with pytest.raises(ValueError) as refused:
+            resolve_args([f"--{flag}", str(legacy)])
+        assert str(refused.value).startswith(f"--{flag} {legacy}{found}")
+    # A run starting from a 3-layer model's checkpoint with another --model
+    demo_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "demo", "--imsize", "64"])
+    demo = build_model(demo_args)
+    start_from = tmp_path / "demo.pth"
+    save_checkpoint(start_from, {"model": demo.state_dict(), "config": demo.config.to_dict(), "args": vars(demo_args)})
+    for flag in ("hi_lora_retrain", "retrain"):
+        args, start = resolve_args([f"--{flag}", str(start_from), "--model", "tiny", "--hi_lora_stage", "1"])
+        with pytest.raises(ValueError) as refused:
+            build_model(args, clip_cfg=start.config.clip)     # as train_hivg.build_run_model
+        assert str(refused.value) == (f"--model tiny selects blocks its CLIP, that of --{flag} {start_from}, does not "
+                                      "have: bridge layers [1, 3, 5] out of range for the 3-layer vision tower; "
+                                      "extract layers [1, 3, 5] out of range for the 3-layer vision tower; "
+                                      "pass the --model that checkpoint was trained with")
+
+
+def test_results_file_problems_are_refused_before_evaluating_and_nothing_is_lost(setup, tmp_path, capsys):
+    _, ckpt = setup
+    argv = ["--eval_model", str(ckpt), "--eval_set", "test", "--num_workers", "0"]
+    out = tmp_path / "eval_best_checkpoint.json"
+    truncated = '{"unc": {"val": {"acc": 0.5}}, "synthref": {"val"'
+    out.write_text(truncated)
+    assert eval_main([*argv, "--output_dir", str(tmp_path)]) == 2
+    printed, err = capsys.readouterr()
+    assert err.startswith(f"eval.py: error: results file {out} is not valid JSON") and err.count("\n") == 1, err
+    assert f"mv {out} {out}.corrupt" in err and "--output_dir" in err
+    assert "Acc@0.5" not in printed and out.read_text() == truncated
+    unwritable = tmp_path / "a_file" / "out"           # a folder no one can create, root included
+    (tmp_path / "a_file").write_text("")
+    assert eval_main([*argv, "--output_dir", str(unwritable)]) == 2
+    printed, err = capsys.readouterr()
+    assert err == (f"eval.py: error: results file {unwritable / out.name} cannot be written (Not a directory); "
+                   "pass --output_dir DIR, a folder you can write to\n") and "Acc@0.5" not in printed
+    out.write_text(json.dumps({"unc": {"val": {"acc": 0.5}}}))
+    before = out.stat().st_ino
+    assert eval_main([*argv, "--output_dir", str(tmp_path)]) == 0
+    results = json.loads(out.read_text())
+    assert results["unc"] == {"val": {"acc": 0.5}} and results["synthref"]["test"]["count"] == 7
+    assert out.stat().st_ino != before                 # replaced by a rename, never rewritten in place
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_synthetic_set_without_its_scenes_file_is_refused_before_evaluating(setup, tmp_path, capsys):
+    root, ckpt = setup
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    scenes = copy / "synthref" / "synthref_test_scenes.json"
+    scenes.unlink()
+    assert eval_main(["--eval_model", str(ckpt), "--eval_set", "test", "--num_workers", "0", "--data_root",
+                      str(copy), "--split_root", str(copy), "--output_dir", str(tmp_path)]) == 2
+    printed, err = capsys.readouterr()
+    assert err.startswith(f"eval.py: error: {scenes} does not exist") and err.count("\n") == 1, err
+    assert f"python -m datasets.synthetic --out {copy}" in err and "Acc@0.5" not in printed
+
+
+@pytest.mark.parametrize("flag,value,least", [("--visualize", "-2", 0), ("--batch_size", "0", 1),
+                                              ("--num_workers", "-1", 0)])
+def test_counts_out_of_range_are_refused(tmp_path, capsys, flag, value, least):
+    with pytest.raises(SystemExit) as refused:
+        eval_main(["--eval_model", str(tmp_path / "missing.pth"), flag, value])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith(f"eval.py: error: {flag} must be at least {least}, got {value}\n")

@@ -363,3 +363,19 @@ def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
         assert pic.width == 640 and pic.height > 480                      # not enlarged
         x, y, w, h = TARGET_XYWH                                   # ground truth drawn in original pixels
         assert tuple(np.asarray(pic)[int(y + h / 2), int(x)]) == vis.GREEN
+
+
+def test_non_finite_weights_are_refused_at_load_naming_the_tensor_and_the_file(tiny, tmp_path, capsys):
+    """A diverged run's weights would print "box_xyxy": [NaN, ...], which is not JSON."""
+    content = torch.load(tiny[0], map_location="cpu", weights_only=True)
+    content["model"] = {k: v.clone() for k, v in content["model"].items()}
+    content["model"]["box_head.layers.0.weight"].fill_(float("nan"))
+    path = tmp_path / "diverged.pth"
+    torch.save(content, path)
+    image = noise_image(tmp_path / "a.png", (64, 48))
+    rc, lines, err = run_main(["--checkpoint", path, "--image", image, "--text", "x"], capsys)
+    assert rc == 2 and not lines, lines
+    assert err.startswith(f"predict.py: error: --checkpoint {path}: tensor box_head.layers.0.weight holds NaN or "
+                          "infinite values") and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match="tensor box_head.layers.0.weight holds NaN"):
+        load_model(path)

@@ -11,6 +11,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -20,7 +21,12 @@ from models.weights import load_model, read_weights
 
 
 def save_checkpoint(path, obj) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save, atomically (`write_atomically`)."""
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_atomically(path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` to a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems. The file
     gets the mode of any new file under the user's umask (mkstemp's private 0600 would keep a cluster group out).
@@ -32,7 +38,7 @@ def save_checkpoint(path, obj) -> None:
     try:
         os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
