@@ -32,15 +32,13 @@ class LoRA(nn.Module):
 
     lora_A: [groups * r, in_features]   (kaiming-uniform, a = sqrt(5), as peft / microsoft LoRA)
     lora_B: [groups, out_features, r]   (zeros: a fresh adapter is the identity update)
-    shared_dropout: one input dropout mask for all groups (one GEMM) instead of one mask per group, as
-        peft's separate q/k/v adapters draw.
+    In training each group draws its own input dropout mask, as peft's separate q/k/v adapters do.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1,
-                 rank: int = RANK, alpha: float = ALPHA, dropout: float = DROPOUT, shared_dropout: bool = False):
+                 rank: int = RANK, alpha: float = ALPHA, dropout: float = DROPOUT):
         super().__init__()
         self.groups, self.rank, self.scale = groups, rank, alpha / rank
-        self.shared_dropout = shared_dropout
         self.lora_A = nn.Parameter(torch.empty(groups * rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(groups, out_features, rank))
         for a in self.lora_A.view(groups, rank, in_features):
@@ -54,9 +52,9 @@ class LoRA(nn.Module):
         if groups is not None:
             a, b = a[groups], b[groups]
         n = a.shape[0]
-        if n > 1 and not self.shared_dropout and self.training and isinstance(self.dropout, Dropout):
+        if n > 1 and self.training and getattr(self.dropout, "p", 0) > 0:
             h = torch.stack([F.linear(self.dropout(x), a_g) for a_g in a], dim=-2)   # a mask per group
-        else:
+        else:   # no dropout: one GEMM for every group
             h = F.linear(self.dropout(x), a.reshape(n * self.rank, -1)).unflatten(-1, (n, self.rank))
         out = torch.einsum("...gr,gor->...go", h, b) * self.scale
         return out.flatten(-2)
@@ -67,10 +65,10 @@ class LoRA(nn.Module):
         return (torch.bmm(self.lora_B, a) * self.scale).flatten(0, 1)
 
 
-def add_attention_lora(host: Attention, dropout: float = DROPOUT, shared_dropout: bool = False) -> None:
+def add_attention_lora(host: Attention, dropout: float = DROPOUT) -> None:
     """Give an attention host a fresh q/k/v adapter (`lora_in`) and an output adapter (`lora_out`)."""
     d = host.in_proj_weight.shape[1]
-    host.lora_in = LoRA(d, d, groups=3, dropout=dropout, shared_dropout=shared_dropout)
+    host.lora_in = LoRA(d, d, groups=3, dropout=dropout)
     host.lora_out = LoRA(d, d, dropout=dropout)
 
 
