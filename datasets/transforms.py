@@ -106,8 +106,8 @@ class RandomSizeCrop:
     """Crop a random region of side [min_size, max_size]; up to ``max_try`` draws.
 
     Which draw is kept (``rule``, docs/method.md):
-      official: the box's centre x lies below the crop's top and its centre y right of the crop's left,
-                as the authors' code compares them (x with the top, y with the left);
+      official: the box's centre x exceeds the crop's top (a row) and its centre y the crop's left (a
+                column): the authors' code compares x with the top and y with the left;
       box:      the crop's origin lies strictly above-left of the box's top-left corner.
     The box is clipped to the crop; when no draw qualifies the record is returned unchanged.
     """
