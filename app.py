@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -35,7 +36,7 @@ from utils.visualize import PALETTE, draw_boxes, heat_pictures
 PROG = "app.py"
 DEMO_DATA = Path(__file__).resolve().parent / "outputs" / "demo" / "data"   # demo.sh's default
 MAX_EXPRESSIONS = 8
-MAX_SIDE = 4096            # a larger image is downscaled to this long side before grounding
+MAX_SIDE = 4096            # a larger image is shown downscaled to this long side
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS   # PIL's decompression-bomb limit: a larger image is refused undecoded
 MIN_DRAW_SIDE = 640        # smaller pictures are enlarged so boxes and captions stay readable
 NUM_EXAMPLES = 8
@@ -93,9 +94,9 @@ def example_rows(folder: Optional[Path], scratch: str) -> List[List[str]]:
 # ----------------------------------------------------------------------------------------- inputs
 
 def read_image(grounder: Grounder, path: Optional[str]) -> Tuple[Prepared, Image.Image, Tuple[float, float], str]:
-    """The uploaded file as the model's input and as the RGB picture to draw on, downscaled when its long
-    side is over MAX_SIDE: (input, picture, x and y scales from the original to the picture, a note for
-    the page). A UserError with the message to show when it is no usable image."""
+    """The uploaded file as the model's input (decoded fully, as predict.py) and as the RGB picture to draw
+    on, downscaled when its long side is over MAX_SIDE: (input, picture, x and y scales from the original to
+    the picture, a note for the page). A UserError with the message to show when it is no usable image."""
     if not path:
         raise UserError("Upload an image or pick an example first.")
     try:
@@ -104,14 +105,7 @@ def read_image(grounder: Grounder, path: Optional[str]) -> Tuple[Prepared, Image
             if w * h > MAX_PIXELS:
                 raise UserError(f"The image is {w}x{h} pixels ({w * h / 1e6:.0f} M), over the page's limit of "
                                 f"{MAX_PIXELS / 1e6:.0f} M: downscale it before uploading.")
-            if max(w, h) <= MAX_SIDE:   # the undecoded file, as predict.py passes it (a JPEG may use a draft)
-                prepared = grounder.prepare(img)
-                with Image.open(path) as again:
-                    return prepared, again.convert("RGB"), (1.0, 1.0), ""
-            scale = MAX_SIDE / max(w, h)
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            img.draft("RGB", size)    # a JPEG decodes straight at a reduced size
-            small = img.convert("RGB").resize(size, Image.BICUBIC)
+            rgb = img.convert("RGB")
     except Image.DecompressionBombError:   # PIL refuses twice its limit when opening
         raise UserError(f"The image is over the page's limit of {MAX_PIXELS / 1e6:.0f} M pixels: downscale it "
                         "before uploading.") from None
@@ -120,9 +114,14 @@ def read_image(grounder: Grounder, path: Optional[str]) -> Tuple[Prepared, Image
             from None
     except (OSError, ValueError) as e:
         raise UserError(f"The image cannot be decoded ({e}): it may be truncated or damaged.") from None
-    note = (f"The image is {w}x{h}, larger than {MAX_SIDE} pixels on its long side: it was downscaled to "
-            f"{size[0]}x{size[1]} for grounding; the boxes below are in pixels of the original.")
-    return grounder.prepare(small), small, (size[0] / w, size[1] / h), note
+    prepared = grounder.prepare(rgb)
+    if max(w, h) <= MAX_SIDE:
+        return prepared, rgb, (1.0, 1.0), ""
+    scale = MAX_SIDE / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    note = (f"The image is {w}x{h}, larger than {MAX_SIDE} pixels on its long side: it is shown downscaled to "
+            f"{size[0]}x{size[1]}; the boxes below are in pixels of the original.")
+    return prepared, rgb.resize(size, Image.BICUBIC), (size[0] / w, size[1] / h), note
 
 
 def read_expressions(text: Optional[str], context_length: int) -> List[str]:
@@ -152,13 +151,14 @@ def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], h
     except UserError as e:
         return None, [], "", f"**{e}**"
     hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap)
+    drawn = [replace(hit, box_xyxy=[c * scale[i % 2] for i, c in enumerate(hit.box_xyxy)]) for hit in hits]
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(hits))]
-    picture = draw_boxes(image, [hit.box_xyxy for hit in hits], texts, colours, MIN_DRAW_SIDE)
-    heat = [(heat_pictures(image, hit, t, c, MIN_DRAW_SIDE)["attn"], t) for hit, t, c in zip(hits, texts, colours)] \
+    picture = draw_boxes(image, [hit.box_xyxy for hit in drawn], texts, colours, MIN_DRAW_SIDE)
+    heat = [(heat_pictures(image, hit, t, c, MIN_DRAW_SIDE)["attn"], t) for hit, t, c in zip(drawn, texts, colours)] \
         if heatmap else []
     boxes = []
     for t, hit in zip(texts, hits):
-        entry = {"text": t, "box_xyxy": [round(c / scale[i % 2], 2) for i, c in enumerate(hit.box_xyxy)]}
+        entry = {"text": t, "box_xyxy": [round(c, 2) for c in hit.box_xyxy]}
         if hit.score is not None:
             entry["score"] = round(hit.score, 4)
         boxes.append(entry)

@@ -41,7 +41,7 @@ from utils.errors import UserError
 
 from .masks import box_to_mask, polygons_to_mask
 from .splitfile import UNSAFE_FLAG, load_pickled_list
-from .transforms import Record, build_transforms
+from .transforms import CROP_RULES, Record, build_transforms
 
 IMAGE_DIRS = {
     "coco": os.path.join("other", "images", "mscoco", "images", "train2014"),
@@ -313,7 +313,7 @@ def build_dataset(split: str, args) -> GroundingDataset:
     """The dataset of ``args.dataset``/``split`` with the train or eval transform.
 
     Reads args.dataset, data_root, split_root, use_seg_mask, allow_unsafe_pickle, allow_outside_paths and the
-    transform fields (imsize, aug_scale, aug_crop, aug_blur, aug_translate).
+    transform fields (imsize, aug_scale, aug_crop, aug_blur, aug_translate, crop_rule, fast_jpeg).
     """
     check_dataset_split(args.dataset, split)
     refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=getattr(args, "allow_unsafe_pickle", False),
@@ -355,6 +355,13 @@ def add_data_args(parser):
         ("--aug_crop", dict(action="store_true", help="random resize+crop augmentation (p 0.5)")),
         ("--aug_scale", dict(action="store_true", help="multi-scale augmentation")),
         ("--aug_translate", dict(action="store_true", help="random padding offset")),
+        ("--crop_rule", dict(default="official", choices=CROP_RULES,
+                             help="which random crop --aug_crop keeps: 'official', the authors' test (box centre "
+                                  "against the crop's corner, x and y crossed); 'box', the crop's corner above-left "
+                                  "of the box's (docs/method.md)")),
+        ("--fast_jpeg", dict(action="store_true",
+                             help="training split only: decode large JPEGs at reduced size (DCT draft) before "
+                                  "resizing; faster, but other pixels than the authors' loader")),
         ("--use_seg_mask", dict(action="store_true",
                                 help="supervise masks with the COCO polygons instead of the filled box")),
     ]

@@ -12,9 +12,10 @@ seeds differently in every worker. Pixel work is done in numpy (single-threaded)
 turned into tensors at the end, so loading in the main process does not compete with
 the training step for torch's intra-op threads.
 
-JPEG images may arrive not yet decoded: the first resize then asks the decoder
-for a reduced-size draft (DCT scaling by 1/2, 1/4 or 1/8, never below the target
-size) before resizing, so a large photo is never fully decoded for a small input.
+Images are decoded fully before the first resize, as the authors' loader does. With
+``fast_jpeg`` (training only, ``--fast_jpeg``) a JPEG that arrives not yet decoded is
+instead decoded as a reduced-size draft (DCT scaling by 1/2, 1/4 or 1/8, never below
+the target size): faster, but other pixels than the authors' (docs/method.md).
 """
 import random
 from dataclasses import dataclass
@@ -49,9 +50,10 @@ class Record:
     image_file: str = ""
 
 
-def resize_image(img: Image.Image, size_wh) -> Image.Image:
-    """Bilinear resize to (w, h) as torchvision does for PIL images, decoding a JPEG in draft mode first."""
-    if img.format == "JPEG" and getattr(img, "tile", None):    # not decoded yet
+def resize_image(img: Image.Image, size_wh, fast_jpeg: bool = False) -> Image.Image:
+    """Bilinear resize to (w, h) as torchvision does for PIL images. With `fast_jpeg` a JPEG not yet decoded
+    is decoded in draft mode, which changes `img` itself: only for images the caller opened for this."""
+    if fast_jpeg and img.format == "JPEG" and getattr(img, "tile", None):    # not decoded yet
         img.draft("RGB", tuple(size_wh))
     return img.convert("RGB").resize(tuple(size_wh), Image.BILINEAR)
 
@@ -77,46 +79,66 @@ class Compose:
 class RandomResize:
     """Resize so that the long (or short) side equals a size drawn from ``sizes``.
 
-    ratio = size / side, new size (round(w * ratio), round(h * ratio)), box * ratio.
+    ratio = size / side, new size (round(w * ratio), round(h * ratio)), box * ratio. `fast_jpeg`: see
+    resize_image.
     """
 
-    def __init__(self, sizes, long_side: bool = True):
+    def __init__(self, sizes, long_side: bool = True, fast_jpeg: bool = False):
         self.sizes = list(sizes)
         self.long_side = long_side
+        self.fast_jpeg = fast_jpeg
 
     def __call__(self, record: Record) -> Record:
         w, h = record.image.size
         size = random.choice(self.sizes)
         ratio = size / float(max(h, w) if self.long_side else min(h, w))
         new_w, new_h = round(w * ratio), round(h * ratio)
-        record.image = resize_image(record.image, (new_w, new_h))
+        record.image = resize_image(record.image, (new_w, new_h), self.fast_jpeg)
         record.box = record.box * ratio
         record.obj_mask = resize_mask(record.obj_mask, (new_h, new_w))
         return record
 
 
+CROP_RULES = ("official", "box")
+
+
 class RandomSizeCrop:
     """Crop a random region of side [min_size, max_size]; up to ``max_try`` draws.
 
-    A draw is kept when the crop's origin lies strictly above-left of the box's
-    top-left corner (the official code compares the box's x with the crop's top and
-    its y with the crop's left; this follows the stated intent). The box is clipped
-    to the crop; when no draw qualifies the record is returned unchanged.
+    Which draw is kept (``rule``, docs/method.md):
+      official: the box's centre x exceeds the crop's top (a row) and its centre y the crop's left (a
+                column): the authors' code compares x with the top and y with the left;
+      box:      the crop's origin lies strictly above-left of the box's top-left corner.
+    The box is clipped to the crop; when no draw qualifies the record is returned unchanged.
     """
 
-    def __init__(self, min_size: int, max_size: int, max_try: int = 20):
+    def __init__(self, min_size: int, max_size: int, max_try: int = 20, rule: str = "official"):
+        if rule not in CROP_RULES:
+            raise ValueError(f"crop rule must be one of {', '.join(CROP_RULES)}, got {rule!r}")
         self.min_size = min_size
         self.max_size = max_size
         self.max_try = max_try
+        self.rule = rule
+
+    def draw_region(self, img_w: int, img_h: int) -> Tuple[int, int, int, int]:
+        """(top, left, h, w) of one candidate crop."""
+        w = random.randint(self.min_size, min(img_w, self.max_size))
+        h = random.randint(self.min_size, min(img_h, self.max_size))
+        top = random.randint(0, img_h - h)
+        left = random.randint(0, img_w - w)
+        return top, left, h, w
+
+    def accepts(self, box: torch.Tensor, top: int, left: int) -> bool:
+        if self.rule == "official":
+            centre = (box[:2] + box[2:]) / 2.0     # float32, as the authors compute it
+            return float(centre[0]) > top and float(centre[1]) > left
+        return float(box[0]) > left and float(box[1]) > top
 
     def __call__(self, record: Record) -> Record:
         img_w, img_h = record.image.size
         for _ in range(self.max_try):
-            w = random.randint(self.min_size, min(img_w, self.max_size))
-            h = random.randint(self.min_size, min(img_h, self.max_size))
-            top = random.randint(0, img_h - h)
-            left = random.randint(0, img_w - w)
-            if float(record.box[0]) > left and float(record.box[1]) > top:
+            top, left, h, w = self.draw_region(img_w, img_h)
+            if self.accepts(record.box, top, left):
                 record.image = record.image.crop((left, top, left + w, top + h))
                 box = record.box - torch.tensor([left, top, left, top], dtype=torch.float32)
                 box = torch.min(box.reshape(2, 2), torch.tensor([w, h], dtype=torch.float32))
@@ -214,23 +236,25 @@ class NormalizeAndPad:
 
 
 def make_transforms(imsize: int, train: bool, aug_scale: bool = False, aug_crop: bool = False,
-                    aug_blur: bool = False, aug_translate: bool = False) -> Compose:
+                    aug_blur: bool = False, aug_translate: bool = False, crop_rule: str = "official",
+                    fast_jpeg: bool = False) -> Compose:
     """The official pipelines.
 
     Train: [long side to imsize - 32 i (i = 0..6 with aug_scale, sizes <= 0 dropped; else imsize)] or, with p = 0.5
     when aug_crop and never for spatial phrases, [short side to 400/500/600, random crop of side
-    384-600, long side as before]; colour jitter (p 0.8); Gaussian blur (p 0.5 with aug_blur);
-    normalise and pad (random offset with aug_translate). No horizontal flip.
-    Eval: long side to imsize, normalise, centred pad.
+    384-600 kept by `crop_rule`, long side as before]; colour jitter (p 0.8); Gaussian blur (p 0.5 with
+    aug_blur); normalise and pad (random offset with aug_translate). No horizontal flip. `fast_jpeg`: JPEG
+    draft decoding (resize_image).
+    Eval: long side to imsize, normalise, centred pad; images always decoded fully.
     """
     if not train:
         return Compose([RandomResize([imsize]), NormalizeAndPad(imsize)])
     scales = [imsize - 32 * i for i in range(7) if imsize - 32 * i > 0] if aug_scale else [imsize]
     return Compose([
         RandomSelect(
-            RandomResize(scales),
-            Compose([RandomResize([400, 500, 600], long_side=False),
-                     RandomSizeCrop(384, 600),
+            RandomResize(scales, fast_jpeg=fast_jpeg),
+            Compose([RandomResize([400, 500, 600], long_side=False, fast_jpeg=fast_jpeg),
+                     RandomSizeCrop(384, 600, rule=crop_rule),
                      RandomResize(scales)]),
             p=0.5 if aug_crop else 0.0),
         ColorJitter(0.4, 0.4, 0.4),
@@ -240,9 +264,12 @@ def make_transforms(imsize: int, train: bool, aug_scale: bool = False, aug_crop:
 
 
 def build_transforms(args, train: bool) -> Compose:
-    """make_transforms from args.imsize, aug_scale, aug_crop, aug_blur and aug_translate."""
+    """make_transforms from args.imsize, aug_scale, aug_crop, aug_blur, aug_translate, crop_rule and (train
+    only) fast_jpeg; a run saved before crop_rule existed gets the default."""
     return make_transforms(args.imsize, train, aug_scale=args.aug_scale, aug_crop=args.aug_crop,
-                           aug_blur=args.aug_blur, aug_translate=args.aug_translate)
+                           aug_blur=args.aug_blur, aug_translate=args.aug_translate,
+                           crop_rule=getattr(args, "crop_rule", "official"),
+                           fast_jpeg=train and getattr(args, "fast_jpeg", False))
 
 
 @dataclass(frozen=True)

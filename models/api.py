@@ -52,8 +52,8 @@ class Grounding:
 
 
 def prepare(image: Image.Image, size: int) -> Prepared:
-    """The eval transform of an RGB-convertible PIL image. Consumes `image`: a JPEG may be decoded in draft
-    (reduced) mode; reopen the file to draw on it."""
+    """The eval transform of an RGB-convertible PIL image, decoded fully as the authors' loader does; `image`
+    itself is left unchanged."""
     w, h = image.size
     record = Record(image=image, box=torch.zeros(4), phrase="", obj_mask=np.zeros((h, w), dtype=bool))
     record = make_transforms(size, train=False)(record)

@@ -32,6 +32,7 @@ class LoRA(nn.Module):
 
     lora_A: [groups * r, in_features]   (kaiming-uniform, a = sqrt(5), as peft / microsoft LoRA)
     lora_B: [groups, out_features, r]   (zeros: a fresh adapter is the identity update)
+    In training each group draws its own input dropout mask, as peft's separate q/k/v adapters do.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1,
@@ -51,8 +52,10 @@ class LoRA(nn.Module):
         if groups is not None:
             a, b = a[groups], b[groups]
         n = a.shape[0]
-        h = F.linear(self.dropout(x), a.reshape(n * self.rank, -1))
-        h = h.unflatten(-1, (n, self.rank))
+        if n > 1 and self.training and getattr(self.dropout, "p", 0) > 0:
+            h = torch.stack([F.linear(self.dropout(x), a_g) for a_g in a], dim=-2)   # a mask per group
+        else:   # no dropout: one GEMM for every group
+            h = F.linear(self.dropout(x), a.reshape(n * self.rank, -1)).unflatten(-1, (n, self.rank))
         out = torch.einsum("...gr,gor->...go", h, b) * self.scale
         return out.flatten(-2)
 

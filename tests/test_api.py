@@ -8,6 +8,7 @@ from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
 from models.api import box_score, prepare
 from models.hivg import patch_padding_mask
+from tests.data_helpers import draw_scene
 
 # non-square sizes (w, h), odd and even pads, both orientations, one smaller than the input side
 SIZES = [(640, 480), (480, 640), (333, 101), (101, 333), (65, 17), (17, 65), (50, 30), (64, 64), (1000, 251)]
@@ -61,6 +62,18 @@ def test_predictions_do_not_depend_on_the_batch(grounder):
         alone = grounder.ground_prepared([p[i]], [texts[i]], heatmap=True)[0]
         assert np.allclose(alone.box_xyxy, together[i].box_xyxy, atol=1e-4)
         assert np.allclose(alone.attention, together[i].attention, atol=1e-5)
+
+
+def test_ground_leaves_its_image_unchanged_and_decodes_it_fully(grounder, tmp_path):
+    """One Image.open JPEG grounded twice: the same boxes both times, its size untouched, and the input the
+    eval transform of the fully decoded image (the authors' pixels)."""
+    draw_scene(str(tmp_path / "a.jpg"))                        # 640 x 480
+    img = Image.open(tmp_path / "a.jpg")
+    first, second = grounder.ground([img, img], ["the red box", "the red box"])
+    assert img.size == (640, 480)
+    assert second.box_xyxy == pytest.approx(first.box_xyxy, abs=1e-4)
+    full = prepare(Image.open(tmp_path / "a.jpg").convert("RGB"), 64)
+    assert torch.equal(prepare(img, 64).image, full.image)
 
 
 def test_score_is_the_mean_alignment_probability_inside_the_box():

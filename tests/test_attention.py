@@ -1,4 +1,6 @@
 """models.attention.Attention: the one attention of the CLIP towers, the bridges and the fusion encoder."""
+from types import SimpleNamespace
+
 import open_clip
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from models.attention import Attention
 from models.backbone import build_clip
 from models.configs import load_model_config
-from models.lora import add_attention_lora, merge_lora
+from models.lora import add_attention_lora, apply_hi_lora, merge_lora
 
 D, H = 16, 4
 
@@ -72,6 +74,23 @@ def test_shared_inputs_share_one_gemm_and_compute_the_same(monkeypatch, lora):
     assert rows == [3 * D, 2 * D, D, D, 2 * D]
     for name, out in shared.items():
         torch.testing.assert_close(out, separate[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_q_k_v_adapters_draw_independent_dropout_masks(mode):
+    """As peft's separate adapters in the authors' model: with equal q, k and v adapters the three updates
+    differ in training (one mask each) and agree in eval mode."""
+    blocks = [SimpleNamespace(attn=random_attention(seed)[1]) for seed in range(3)]
+    apply_hi_lora(blocks, [], [], stage=3, mode=mode)
+    lora = blocks[0].attn.lora_in
+    with torch.no_grad():
+        lora.lora_A.copy_(lora.lora_A[:lora.rank].repeat(3, 1))
+        lora.lora_B.copy_(torch.randn(1, D, lora.rank).expand(3, -1, -1))
+    x = torch.randn(2, 50, D)
+    q, k, v = lora.train()(x).chunk(3, dim=-1)
+    assert not torch.equal(q, k) and not torch.equal(k, v) and not torch.equal(q, v)
+    q, k, v = lora.eval()(x).chunk(3, dim=-1)
+    assert torch.equal(q, k) and torch.equal(k, v)
 
 
 def test_adapters_are_declared_children_with_the_checkpoint_names():
