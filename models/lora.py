@@ -32,13 +32,14 @@ class LoRA(nn.Module):
 
     lora_A: [groups * r, in_features]   (kaiming-uniform, a = sqrt(5), as peft / microsoft LoRA)
     lora_B: [groups, out_features, r]   (zeros: a fresh adapter is the identity update)
-    In training each group draws its own input dropout mask, as peft's separate q/k/v adapters do.
+    `shared_dropout`: the groups share one input dropout mask (one GEMM; paper mode, docs/benchmarks.md);
+    otherwise each group draws its own, as peft's separate q/k/v adapters do in the authors' model.
     """
 
     def __init__(self, in_features: int, out_features: int, groups: int = 1,
-                 rank: int = RANK, alpha: float = ALPHA, dropout: float = DROPOUT):
+                 rank: int = RANK, alpha: float = ALPHA, dropout: float = DROPOUT, shared_dropout: bool = False):
         super().__init__()
-        self.groups, self.rank, self.scale = groups, rank, alpha / rank
+        self.groups, self.rank, self.scale, self.shared_dropout = groups, rank, alpha / rank, shared_dropout
         self.lora_A = nn.Parameter(torch.empty(groups * rank, in_features))
         self.lora_B = nn.Parameter(torch.zeros(groups, out_features, rank))
         for a in self.lora_A.view(groups, rank, in_features):
@@ -52,7 +53,7 @@ class LoRA(nn.Module):
         if groups is not None:
             a, b = a[groups], b[groups]
         n = a.shape[0]
-        if n > 1 and self.training and getattr(self.dropout, "p", 0) > 0:
+        if n > 1 and self.training and getattr(self.dropout, "p", 0) > 0 and not self.shared_dropout:
             h = torch.stack([F.linear(self.dropout(x), a_g) for a_g in a], dim=-2)   # a mask per group
         else:   # no dropout: one GEMM for every group
             h = F.linear(self.dropout(x), a.reshape(n * self.rank, -1)).unflatten(-1, (n, self.rank))
@@ -65,10 +66,10 @@ class LoRA(nn.Module):
         return (torch.bmm(self.lora_B, a) * self.scale).flatten(0, 1)
 
 
-def add_attention_lora(host: Attention, dropout: float = DROPOUT) -> None:
+def add_attention_lora(host: Attention, dropout: float = DROPOUT, shared_dropout: bool = False) -> None:
     """Give an attention host a fresh q/k/v adapter (`lora_in`) and an output adapter (`lora_out`)."""
     d = host.in_proj_weight.shape[1]
-    host.lora_in = LoRA(d, d, groups=3, dropout=dropout)
+    host.lora_in = LoRA(d, d, groups=3, dropout=dropout, shared_dropout=shared_dropout)
     host.lora_out = LoRA(d, d, dropout=dropout)
 
 
@@ -119,13 +120,15 @@ def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], 
     official: every attention of both towers and of the bridges carries one adapter, kept across
               stages; text adapters train in stages >= 1, vision adapters of the first
               OFFICIAL_VISION_LAYERS_PER_STAGE[stage] layers train, bridge adapters always train.
+    The q, k and v adapters share one dropout mask in paper mode (faster) and draw one each in official mode,
+    as the authors' peft adapters do.
     """
     if stage not in OFFICIAL_VISION_LAYERS_PER_STAGE:
         raise ValueError(f"--hi_lora_stage must be one of {sorted(OFFICIAL_VISION_LAYERS_PER_STAGE)}, got {stage}")
     if mode == "paper":
         for i in paper_stage_layers(len(vision_blocks), stage):
             if not vision_blocks[i].attn.has_lora:
-                add_attention_lora(vision_blocks[i].attn, dropout)
+                add_attention_lora(vision_blocks[i].attn, dropout, shared_dropout=True)
             _set_lora_trainable(vision_blocks[i].attn, True)
     elif mode == "official":
         hosts = [b.attn for b in vision_blocks + text_blocks + bridges]
