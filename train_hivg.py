@@ -172,7 +172,7 @@ def build_run_model(args, start, say) -> HiVG:
         fresh = load_previous_stage(model, start)
         new_bridges = any(k.startswith("bridges.") for k in fresh)
         say(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
-                  f"for Hi LoRA stage {args.hi_lora_stage}")
+            f"for Hi LoRA stage {args.hi_lora_stage}")
     elif args.clip_model:
         load_clip(model, read_weights(args.clip_model, what="--clip_model"))
         say(f"loaded CLIP weights from {args.clip_model}")
