@@ -28,7 +28,7 @@ from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
                           train_one_epoch)
-from utils.errors import UserError, reports_errors
+from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
@@ -78,7 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/; one run "
                    "at a time, and a folder holding an earlier run is refused unless --resume continues it")
     g.add_argument("--overwrite", action="store_true", help="start afresh in an --output_dir that holds an earlier "
-                   "run: delete its checkpoints, log.txt, args.json and tensorboard/ first")
+                   "run: once every input is checked and the model built, delete its checkpoints, log.txt, args.json, "
+                   "tensorboard/ and eval.py's results for its checkpoints (eval_checkpoint.json, vis_checkpoint/, "
+                   "eval_best_checkpoint.json, vis_best_checkpoint/); refused when the run reads one of them "
+                   "(--retrain, --hi_lora_retrain, --clip_model) or when one is a symbolic link")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
     g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
@@ -183,9 +186,9 @@ def lr_lambda(args):
     return lambda e: 0.1 ** (e // args.lr_drop)
 
 
-def build_run_model(args, start, log) -> HiVG:
+def build_run_model(args, start, say) -> HiVG:
     """The network of this run with its starting weights: the resumed checkpoint's exactly, the previous
-    stage's (--hi_lora_retrain, --retrain), CLIP weights (--clip_model) or random."""
+    stage's (--hi_lora_retrain, --retrain), CLIP weights (--clip_model) or random; `say` prints a line."""
     if args.resume:
         model = HiVG.from_config(start.config, grad_checkpointing=args.grad_checkpointing)
         load_strict(model, start.state, f"--resume {start.path}")
@@ -194,13 +197,13 @@ def build_run_model(args, start, log) -> HiVG:
     if start:
         fresh = load_previous_stage(model, start)
         new_bridges = any(k.startswith("bridges.") for k in fresh)
-        log.print(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
-                  f"for Hi LoRA stage {args.hi_lora_stage}")
+        say(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
+            f"for Hi LoRA stage {args.hi_lora_stage}")
     elif args.clip_model:
         load_clip(model, read_weights(args.clip_model, what="--clip_model"))
-        log.print(f"loaded CLIP weights from {args.clip_model}")
+        say(f"loaded CLIP weights from {args.clip_model}")
     elif names_pretrained_clip(args.model):
-        log.print(f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP")
+        say(f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP")
     return model
 
 
@@ -238,12 +241,17 @@ class StopFlag:
 
 @reports_errors(PROG)
 def main(argv=None) -> int:
-    args, start = resolve_args(argv)
-    info = du.init_distributed(args.device)
+    with alike_on_every_rank():
+        args, start = resolve_args(argv)
+        info = du.init_distributed(args.device)
+    reads = {flag: getattr(args, flag) for flag in ("resume", "retrain", "hi_lora_retrain", "clip_model",
+                                                      "hf_clip_config")}
     stop = StopFlag()
     try:
-        with claimed(Path(args.output_dir), args.resume, args.overwrite, info.is_main):
-            return Trainer(args, start, info).fit(stop)
+        with claimed(Path(args.output_dir), args.resume, args.overwrite, reads, info.is_main) as begin_writing:
+            with alike_on_every_rank():
+                trainer = Trainer(args, start, info, begin_writing)
+            return trainer.fit(stop)
     finally:
         stop.close()
         du.cleanup()
@@ -252,22 +260,38 @@ def main(argv=None) -> int:
 class Trainer:
     """One training run: model, optimizer, data, checkpoints; `fit` runs the epochs."""
 
-    def __init__(self, args, start, info):
+    def __init__(self, args, start, info, begin_writing):
+        """Builds what checks the inputs (model, weights, data) first; then `begin_writing` clears the output
+        folder (--overwrite) and the log opens there, so that a refused run leaves the folder as it was."""
         self.args, self.info, self.device = args, info, info.device
         set_tf32(self.device, args.tf32)
         seed = args.seed + info.rank
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        self.log = RunLogger(args.output_dir, info.is_main, vars(args))
-        self.model = build_run_model(args, start, self.log)
+        notes = []   # printed once the log is open
+        self.model = build_run_model(args, start, notes.append)
         self.model.freeze_heads_without_loss()
         self.model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.log.print(f"Hi LoRA stage {args.hi_lora_stage} ({args.hi_lora_mode}): {sum(p.numel() for p in params):,} "
-                       f"trainable of {sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
-                       f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
-                       f"{info.world_size * args.batch_size * args.accum_steps}")
+        notes.append(f"Hi LoRA stage {args.hi_lora_stage} ({args.hi_lora_mode}): {sum(p.numel() for p in params):,} "
+                     f"trainable of {sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
+                     f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
+                     f"{info.world_size * args.batch_size * args.accum_steps}")
+        self.train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args),
+                                     args.seed)
+        self.val_set = build_dataset("val", args)
+        self.micro = args.batch_size * args.accum_steps
+        self.sampler = ShardSampler(len(self.train_set), info.rank, info.world_size, shuffle=True, seed=args.seed,
+                                    batch_size=self.micro, drop_last=True, epoch_samples=args.epoch_samples)
+        if len(self.sampler) == 0:
+            raise ValueError(f"the training split has {len(self.train_set)} samples (--epoch_samples "
+                             f"{args.epoch_samples}), fewer than one global batch ({info.world_size} x {self.micro}); "
+                             "lower --batch_size")
+        begin_writing()
+        self.log = RunLogger(args.output_dir, info.is_main, vars(args))
+        for note in notes:
+            self.log.print(note)
         self.net = self.model
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -279,16 +303,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args))
         self.scaler = loss_scaler(args.amp, self.device)
         self.criterion = build_criterion(args)
-        self.train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args),
-                                     args.seed)
-        self.val_set = build_dataset("val", args)
-        self.micro = args.batch_size * args.accum_steps
-        self.sampler = ShardSampler(len(self.train_set), info.rank, info.world_size, shuffle=True, seed=args.seed,
-                                    batch_size=self.micro, drop_last=True, epoch_samples=args.epoch_samples)
-        if len(self.sampler) == 0:
-            raise ValueError(f"the training split has {len(self.train_set)} samples (--epoch_samples "
-                             f"{args.epoch_samples}), fewer than one global batch ({info.world_size} x {self.micro}); "
-                             "lower --batch_size")
         self.start = start
         self.best_acc = -1.0
         # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
@@ -317,9 +331,8 @@ class Trainer:
                 "stage_end_step": self.global_step(self.args.epochs, 0)}
 
     def save(self, name: str, obj: dict) -> None:
-        if self.info.is_main:
-            save_checkpoint(Path(self.args.output_dir) / name, obj)
-        du.barrier()
+        """Rank 0 writes; every rank raises its error (a full disk), so none waits for it."""
+        du.on_main_rank(lambda: save_checkpoint(Path(self.args.output_dir) / name, obj), self.info.is_main)
 
     def restore(self):
         """(start epoch, start step): from the resumed checkpoint, or (0, 0) after evaluating the inherited

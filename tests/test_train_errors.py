@@ -2,15 +2,19 @@
 and keeps its last good checkpoint."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_hivg
 from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
-from tests.test_train import data, flags, run_script, stage0  # noqa: F401 (data, stage0: fixtures)
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from tests.test_train import REPO, data, flags, run_script, stage0  # noqa: F401 (data, stage0: fixtures)
+from utils.checkpoint import leftover_temporaries, load_checkpoint, save_checkpoint
+from utils.errors import UserError, reports_errors
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
@@ -152,3 +156,34 @@ def test_out_of_range_flags_one_line_naming_the_valid_values(data, tmp_path, cap
     err = capsys.readouterr().err
     assert one_error_line(err, expect), err
     assert not list(tmp_path.rglob("*.pth"))
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoints(data, tmp_path):
+    """`ulimit -f` below a checkpoint's size: the write fails as on a full disk (Python ignores SIGXFSZ, so
+    the write gets EFBIG), and torch.save reports it as "unexpected pos", naming no file."""
+    run = tmp_path / "run"
+    assert train_hivg.main(flags(data, run, "--epochs", "2", "--run_epochs", "1", "--epoch_samples", "8")) == 0
+    kept = {name: (run / name).read_bytes() for name in ("checkpoint.pth", "best_checkpoint.pth")}
+    limit_kb = len(kept["checkpoint.pth"]) // 2048
+    proc = subprocess.run(["bash", "-c", f'ulimit -f {limit_kb} && exec "$0" train_hivg.py --resume "$1"',
+                           sys.executable, str(run / "checkpoint.pth")], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert one_error_line(proc.stderr, f"no space left writing {run}/"), proc.stderr
+    assert "checkpoint.pth (File too large); the previous " in proc.stderr and "checkpoint.pth is kept" in proc.stderr
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+    assert not [t for name in kept for t in leftover_temporaries(run / name)]
+
+
+def test_under_torchrun_an_error_all_ranks_raise_is_reported_by_rank_0_alone(monkeypatch, capsys):
+    @reports_errors("tool")
+    def fails(error):
+        raise error
+
+    monkeypatch.setenv("RANK", "1")
+    assert fails(UserError("the same on every rank", every_rank=True)) == 2
+    assert fails(ValueError("this rank's own")) == 2
+    assert capsys.readouterr().err == "tool: error: rank 1: this rank's own\n"
+    monkeypatch.setenv("RANK", "0")
+    assert fails(UserError("the same on every rank", every_rank=True)) == 2
+    assert capsys.readouterr().err == "tool: error: the same on every rank\n"

@@ -6,6 +6,7 @@ states, and the converter command for the authors' checkpoints.
 Reading any weights file (ours or foreign) goes through models.weights.read_weights.
 """
 import argparse
+import errno
 import os
 import random
 import sys
@@ -18,6 +19,9 @@ import torch
 
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
+from utils.errors import UserError
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # EFBIG: past the file-size limit (ulimit -f)
 
 
 def save_checkpoint(path, obj) -> None:
@@ -30,6 +34,7 @@ def write_atomically(path, write: Callable[[BinaryIO], None]) -> None:
 
     A crash mid-write leaves the previous file intact: the rename is atomic on POSIX file systems. The file
     gets the mode of any new file under the user's umask (mkstemp's private 0600 would keep a cluster group out).
+    A full disk is a UserError naming `path`; the temporary file goes in every case.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,10 +47,24 @@ def write_atomically(path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        full = disk_full(e)
+        if full:
+            kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+            raise UserError(f"no space left writing {path} ({full.strerror}); {kept}; free some space") from e
         raise
+
+
+def disk_full(error: BaseException):
+    """The OSError of a full disk behind `error`, or None. torch.save reports a failed write of the file
+    object as RuntimeError("... unexpected pos ..."), raised while handling the OSError of the write."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def temporary_affixes(path: Path):

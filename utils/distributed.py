@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -75,6 +77,21 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main_rank(fn, is_main: bool):
+    """fn() on rank 0 (None on the other ranks); a UserError it raises is raised on every rank, so that no
+    rank goes on to wait for the others, and reported once (`every_rank`)."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    error = all_gather_object(error)[0]
+    if error:
+        raise UserError(error, every_rank=True)
+    return result
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,15 @@
 Code that knows which file or flag is at fault raises UserError (or the ValueError / FileNotFoundError the
 library raises for a bad file) with a message naming it and the fix; `reports_errors` turns it into
 `prog: error: ...`. Anything else is a bug and keeps its traceback.
+
+Under torchrun every rank runs the tool: an error that all ranks raise alike (`every_rank`) is reported by
+rank 0 alone; any other is reported by the rank that raised it, named in the line when it is not rank 0.
 """
 import functools
+import os
 import sys
 import traceback
+from contextlib import contextmanager
 
 USER_ERRORS_EXIT = 2
 
@@ -14,12 +19,22 @@ USER_ERRORS_EXIT = 2
 class UserError(Exception):
     """A problem with the inputs: reported as one line, exit status 2, no traceback."""
 
-    def __init__(self, message: str = ""):
+    def __init__(self, message: str = "", every_rank: bool = False):
         # Raised in a DataLoader worker, torch re-raises it in the main process as UserError(text of the
         # worker's traceback); the last line of that text is this class's name and the original message.
         tail = message.rstrip().rsplit("\n", 1)[-1]
         prefix = f"{__name__}.{UserError.__qualname__}: "
         super().__init__(tail[len(prefix):] if "\n" in message.rstrip() and tail.startswith(prefix) else message)
+        self.every_rank = every_rank
+
+
+@contextmanager
+def alike_on_every_rank():
+    """For code that reads only what every rank reads (flags, files): its user errors are every rank's."""
+    try:
+        yield
+    except (UserError, ValueError, FileNotFoundError) as e:
+        raise UserError(str(e), every_rank=True) from None
 
 
 def reports_errors(prog: str):
@@ -31,7 +46,9 @@ def reports_errors(prog: str):
             try:
                 return main(argv)
             except (UserError, ValueError, FileNotFoundError) as e:
-                print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+                rank = int(os.environ.get("RANK", "0"))   # set by torchrun, before any process group exists
+                if rank == 0 or not getattr(e, "every_rank", False):
+                    print(f"{prog}: error: {f'rank {rank}: ' if rank else ''}{e}", file=sys.stderr, flush=True)
                 # An error re-raised from DataLoader workers sits in a reference cycle (torch's re-raise keeps it
                 # in its frame) holding the loader's iterator. Clearing the frames frees the iterator now, which
                 # stops its workers; otherwise the exit handlers send SIGTERM to workers that ignore it
