@@ -27,7 +27,7 @@ from models.weights import load_model, read_weights
 from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
 from utils.checkpoint import write_atomically
-from utils.errors import UserError, reports_errors
+from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.visualize import save_eval_pictures
 
 PROG = "eval.py"
@@ -219,9 +219,10 @@ def main(argv=None) -> int:
     info = du.init_distributed(opts.device)
     set_tf32(info.device, opts.tf32)
     try:
-        clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
-        weights = read_weights(opts.eval_model, clip_cfg, what="--eval_model")
-        model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
+        with alike_on_every_rank():
+            clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
+            weights = read_weights(opts.eval_model, clip_cfg, what="--eval_model")
+            model = load_model(weights, info.device, bridge_attention=opts.bridge_attention)
         net = torch.compile(model) if opts.compile else model
         run_args = weights.run_args or {}
         if info.is_main:
@@ -230,15 +231,7 @@ def main(argv=None) -> int:
             warn_about_batching(model.config, opts.batch_size, info.world_size)
         out_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.eval_model).parent
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
-        error = None
-        if info.is_main:
-            try:
-                check_results_file(out)
-            except UserError as e:
-                error = str(e)
-        error = du.all_gather_object(error)[0]   # every rank stops, so none waits for the others
-        if error:
-            raise UserError(error)
+        du.on_main_rank(lambda: check_results_file(out), info.is_main)
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
             args = data_args(opts, run_args, model.image_size, name)
             results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir, net)
