@@ -10,7 +10,6 @@ checkpoint describes.
 """
 import argparse
 import math
-import os
 import random
 import signal
 import sys
@@ -35,6 +34,7 @@ from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
 from utils.run_flags import given_flags, inherit_flags
+from utils.stop_flag import StopFlag
 
 PROG = "train_hivg.py"
 # What checkpoint.pth carries beyond the model for --resume (model-only files, e.g. from utils.checkpoint, lack it).
@@ -211,29 +211,6 @@ def make_loader(dataset, sampler, batch_size, args, device, seed: int):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask the training loop to save and stop at its next check (`signum`: the first signal).
-    A second Ctrl-C (SIGINT after either) stops at once, nothing saved, with the shell's exit status 130."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def close(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum and signum == signal.SIGINT:
-            print(f"{PROG}: second interrupt: stopping at once, without saving", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(128 + signum)  # no exit handlers: they would wait for the loader workers
-        self.signum = self.signum or signum
-
-    def __call__(self) -> bool:
-        return self.signum != 0
 
 
 @reports_errors(PROG)
