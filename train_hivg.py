@@ -333,7 +333,7 @@ class Trainer:
     def fit(self, stop) -> int:
         """Train to --epochs (or --run_epochs more); 0 when done, 1 on a non-finite loss, 128 + signal."""
         try:
-            return self.train(stop)
+            return self.train_epochs(stop)
         except BaseException as e:
             # The traceback's frames hold the DataLoader iterators, whose workers ignore SIGTERM
             # (ignore_stop_signals): kept until exit, multiprocessing's exit handler would wait for them forever.
@@ -341,7 +341,7 @@ class Trainer:
             traceback.clear_frames(e.__traceback__)
             raise
 
-    def train(self, stop) -> int:
+    def train_epochs(self, stop) -> int:
         args = self.args
         start_epoch, start_step, resumed_losses = self.restore()
         end_epoch = args.epochs if not args.run_epochs else min(args.epochs, start_epoch + args.run_epochs)
@@ -400,10 +400,11 @@ class Trainer:
         """128 + the signal that stopped the run, the same on every rank; rank 0 says which and whose."""
         signums = du.all_gather_object(stop.signum)
         rank = next(r for r, s in enumerate(signums) if s)
-        self.log.print(f"stopped by signal {signums[rank]} ({signal.Signals(signums[rank]).name}, rank {rank}) {where}: "
+        signum = signums[rank]
+        self.log.print(f"stopped by signal {signum} ({signal.Signals(signum).name}, rank {rank}) {where}: "
                        f"saved {self.args.output_dir}/checkpoint.pth (continue with --resume)")
         self.log.close()
-        return 128 + signums[rank]
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -5,17 +5,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_hivg
-from tests.test_train import data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
+from tests.test_train import REPO, data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.losses import GroundingCriterion
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 epochs of 3 optimizer steps (24 samples, batch 8)
 SHORT = ["--epochs", "2", "--epoch_samples", "24", "--vl_dim_feedforward", "64"]
 UNTIMED = ("time_s", "train_samples_per_s")
@@ -106,26 +104,33 @@ def scalar_events(run_dir):
     return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-KILLED_IN_EPOCH = """
+SIGNAL_IN_MICRO_BATCH = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import train_hivg
 from utils.losses import GroundingCriterion
 real, calls = GroundingCriterion.forward, []
-def forward(self, outputs, targets):  # killed (no chance to save) in micro-batch {at}
+def forward(self, outputs, targets):  # {signal} to rank {rank} alone, in its micro-batches {at}
     calls.append(1)
-    if len(calls) == {at}:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if len(calls) in {at} and os.environ.get("RANK", "0") == "{rank}":
+        os.kill(os.getpid(), signal.{signal})
     return real(self, outputs, targets)
 GroundingCriterion.forward = forward
-sys.exit(train_hivg.main())
+code = train_hivg.main()
+print(f"rank {{os.environ.get('RANK', '0')}} exits {{code}}", flush=True)
+sys.exit(code)
 """
 
 
+def signal_script(tmp_path, signal_name: str, at: tuple, rank: int = 0):
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNAL_IN_MICRO_BATCH.format(repo=REPO, signal=signal_name, at=at, rank=rank))
+    return str(script)
+
+
 def test_tensorboard_shows_each_step_once_after_a_resume_replays_steps(data, tmp_path):
-    script, run = tmp_path / "killed.py", tmp_path / "run"
-    script.write_text(KILLED_IN_EPOCH.format(repo=REPO, at=5))      # epoch 1, step 2, after its check at step 1
-    killed = run_script([str(script), *flags(data, run, *SHORT, "--print_freq", "1")])
+    run = tmp_path / "run"     # killed (nothing saved) in epoch 1, step 2, after its check at step 1
+    killed = run_script([signal_script(tmp_path, "SIGKILL", (5,)), *flags(data, run, *SHORT, "--print_freq", "1")])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert train_hivg.main(["--resume", str(run / "checkpoint.pth")]) == 0   # replays epoch 1 from its start
     steps = scalar_events(run)
@@ -133,32 +138,15 @@ def test_tensorboard_shows_each_step_once_after_a_resume_replays_steps(data, tmp
     assert all(len(s) == len(set(s)) for s in steps.values()), steps
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-SIGNAL_TO_RANK = """
-import os, signal, sys
-sys.path.insert(0, {repo!r})
-import train_hivg
-from utils.losses import GroundingCriterion
-real, calls = GroundingCriterion.forward, []
-def forward(self, outputs, targets):  # rank {rank} alone is signalled, in its micro-batch {at}
-    calls.append(1)
-    if len(calls) == {at} and os.environ["RANK"] == "{rank}":
-        os.kill(os.getpid(), signal.{signal})
-    return real(self, outputs, targets)
-GroundingCriterion.forward = forward
-code = train_hivg.main()
-print(f"rank {{os.environ['RANK']}} exits {{code}}", flush=True)
-sys.exit(code)
-"""
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_cleanly(data, tmp_path):
     """Rank 1 alone gets SIGTERM after the last check of epoch 0 (print_freq 2, 3 steps): both ranks validate
     epoch 0, save, and exit 143, and rank 0 says which signal of which rank stopped the run."""
-    script, run = tmp_path / "signal_to_rank.py", tmp_path / "run"
-    script.write_text(SIGNAL_TO_RANK.format(repo=REPO, rank=1, at=3, signal="SIGTERM"))
-    proc = run_script([*TORCHRUN[1:], str(script), *flags(data, run, *SHORT, "--batch_size", "4",
-                                                              "--print_freq", "2")], timeout=400)
+    run = tmp_path / "run"
+    proc = run_script([*TORCHRUN, signal_script(tmp_path, "SIGTERM", (3,), rank=1),
+                       *flags(data, run, *SHORT, "--batch_size", "4", "--print_freq", "2")], timeout=400)
     out = proc.stdout + proc.stderr
     assert "stopped by signal 15 (SIGTERM, rank 1) after epoch 0" in proc.stdout, out
     assert "rank 0 exits 143" in proc.stdout and "rank 1 exits 143" in proc.stdout, out
@@ -166,26 +154,10 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_cleanly(data, tmp_p
     assert log_epochs(run) == [0] and load_checkpoint(run / "checkpoint.pth")["resume_at"] == (1, 0)
 
 
-SECOND_INTERRUPT = """
-import os, signal, sys
-sys.path.insert(0, {repo!r})
-import train_hivg
-from utils.losses import GroundingCriterion
-real, calls = GroundingCriterion.forward, []
-def forward(self, outputs, targets):  # Ctrl-C in micro-batch 1 and again in micro-batch 2
-    calls.append(1)
-    if len(calls) in (1, 2):
-        os.kill(os.getpid(), signal.SIGINT)
-    return real(self, outputs, targets)
-GroundingCriterion.forward = forward
-sys.exit(train_hivg.main())
-"""
-
-
 def test_a_second_ctrl_c_stops_at_once_with_status_130(data, tmp_path):
-    script, run = tmp_path / "second_interrupt.py", tmp_path / "run"
-    script.write_text(SECOND_INTERRUPT.format(repo=REPO))
-    proc = run_script([str(script), *flags(data, run, *SHORT, "--print_freq", "100")], timeout=600)
+    run = tmp_path / "run"     # Ctrl-C in micro-batch 1, and again in micro-batch 2: no check between them
+    proc = run_script([signal_script(tmp_path, "SIGINT", (1, 2)), *flags(data, run, *SHORT, "--print_freq", "100")],
+                      timeout=600)
     assert proc.returncode == 130, proc.stderr
     assert "second interrupt: stopping at once" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (run / "checkpoint.pth").exists()        # the first one alone would have saved at the epoch's end
