@@ -13,6 +13,7 @@ import math
 import random
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,14 @@ from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
-from utils.engine import (EpochSeeded, NonFiniteLossError, ShardSampler, evaluate, loss_scaler, set_tf32,
-                          train_one_epoch)
+from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
+                          set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
 from utils.run_flags import given_flags, inherit_flags
+from utils.stop_flag import StopFlag
 
 PROG = "train_hivg.py"
 # What checkpoint.pth carries beyond the model for --resume (model-only files, e.g. from utils.checkpoint, lack it).
@@ -169,8 +171,27 @@ def resolve_args(argv=None):
         defaults = vars(parser.parse_args([]))
         merged = inherit_flags(defaults, given_flags(get_args_parser, argv), previous, flag, getattr(args, flag))
         args = argparse.Namespace(**merged)
+    if flag == "resume":
+        refuse_rewinding(start, Path(args.output_dir) / "checkpoint.pth")
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args, start
+
+
+def refuse_rewinding(start, latest: Path) -> None:
+    """A resume rewrites its folder's checkpoint.pth and log.txt from its resume point: refuse a resume from
+    another file (best_checkpoint.pth, a copy) when `latest` is further on, rather than discard that progress."""
+    if not latest.is_file() or latest.resolve() == start.path.resolve():
+        return
+    try:
+        later = tuple(torch.load(latest, map_location="cpu", weights_only=True, mmap=True)["resume_at"])
+    except Exception:  # unreadable (a damaged file): nothing there to continue, resuming from another file recovers
+        return
+    at = tuple(start.checkpoint["resume_at"])
+    if later > at:
+        raise UserError(f"--resume {start.path} would rewind the run: {latest} is further on (epoch {later[0]}, "
+                        f"step {later[1]} against epoch {at[0]}, step {at[1]}) and would be overwritten, and "
+                        f"log.txt cut; continue with --resume {latest}, or start a new run from {start.path} with "
+                        "--retrain and another --output_dir")
 
 
 def lr_lambda(args):
@@ -219,24 +240,6 @@ def make_loader(dataset, sampler, batch_size, args, device, seed: int):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
-
-
-class StopFlag:
-    """SIGTERM / SIGINT ask the training loop to save and stop after the current optimizer step."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def close(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __call__(self) -> bool:
-        return self.signum != 0
 
 
 @reports_errors(PROG)
@@ -288,8 +291,14 @@ class Trainer:
             raise ValueError(f"the training split has {len(self.train_set)} samples (--epoch_samples "
                              f"{args.epoch_samples}), fewer than one global batch ({info.world_size} x {self.micro}); "
                              "lower --batch_size")
+        # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
+        self.steps_per_epoch = len(self.sampler) // args.batch_size // args.accum_steps
+        previous = start.checkpoint if start is not None and start.checkpoint is not None else {}
+        self.step_base = previous.get("step_base" if args.resume else "stage_end_step", 0)
+        # A resumed run writes the steps after its checkpoint's again: TensorBoard forgets the earlier events.
+        purge_step = self.global_step(*previous["resume_at"]) + 1 if args.resume else None
         begin_writing()
-        self.log = RunLogger(args.output_dir, info.is_main, vars(args))
+        self.log = RunLogger(args.output_dir, info.is_main, vars(args), purge_step=purge_step)
         for note in notes:
             self.log.print(note)
         self.net = self.model
@@ -305,10 +314,6 @@ class Trainer:
         self.criterion = build_criterion(args)
         self.start = start
         self.best_acc = -1.0
-        # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
-        self.steps_per_epoch = len(self.sampler) // args.batch_size // args.accum_steps
-        previous = start.checkpoint if start is not None and start.checkpoint is not None else {}
-        self.step_base = previous.get("step_base" if args.resume else "stage_end_step", 0)
 
     def global_step(self, epoch: int, step: int) -> int:
         """Optimizer steps since the first stage of the recipe, at `step` of `epoch` of this run."""
@@ -335,8 +340,8 @@ class Trainer:
         du.on_main_rank(lambda: save_checkpoint(Path(self.args.output_dir) / name, obj), self.info.is_main)
 
     def restore(self):
-        """(start epoch, start step): from the resumed checkpoint, or (0, 0) after evaluating the inherited
-        weights of a new stage (they are the best so far)."""
+        """(start epoch, start step, LossMeter of that epoch's steps before it): from the resumed checkpoint,
+        or (0, 0, empty) after evaluating the inherited weights of a new stage (they are the best so far)."""
         if self.args.resume:
             ckpt = self.start.checkpoint
             try:
@@ -353,24 +358,37 @@ class Trainer:
             self.best_acc = ckpt["best_acc"]
             self.log.keep_epochs_through(ckpt["epoch"])
             self.log.print(f"resumed {self.args.resume} at epoch {ckpt['resume_at'][0]}, step {ckpt['resume_at'][1]}")
-            return tuple(ckpt["resume_at"])
+            sums = ckpt.get("epoch_losses") or []   # per rank; on other ranks' counts, rank 0 takes them all
+            mine = [sums[self.info.rank]] if len(sums) == self.info.world_size else sums if self.info.is_main else []
+            return (*ckpt["resume_at"], LossMeter.from_states(mine, self.device))
         if self.start is not None:
             stats = self.validate("val (inherited)")
             self.best_acc = stats["acc"]
             self.log.print(f"inherited model: val Acc@0.5 {self.best_acc:.4f}, mIoU {stats['miou']:.4f}")
             self.log.scalars({"val/acc": self.best_acc, "val/miou": stats["miou"]}, self.step_base)
             self.save("best_checkpoint.pth", self.state(-1, (0, 0), self.best_acc))
-        return 0, 0
+        return 0, 0, LossMeter()
 
     def fit(self, stop) -> int:
         """Train to --epochs (or --run_epochs more); 0 when done, 1 on a non-finite loss, 128 + signal."""
+        try:
+            return self.train_epochs(stop)
+        except BaseException as e:
+            # The traceback's frames hold the DataLoader iterators, whose workers ignore SIGTERM
+            # (ignore_stop_signals): kept until exit, multiprocessing's exit handler would wait for them forever.
+            # Freed now, they shut their workers down; the traceback keeps its lines.
+            traceback.clear_frames(e.__traceback__)
+            raise
+
+    def train_epochs(self, stop) -> int:
         args = self.args
-        start_epoch, start_step = self.restore()
+        start_epoch, start_step, resumed_losses = self.restore()
         end_epoch = args.epochs if not args.run_epochs else min(args.epochs, start_epoch + args.run_epochs)
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
             loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device, args.seed + epoch)
+            losses = resumed_losses if epoch == start_epoch else LossMeter()
             try:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
@@ -380,13 +398,14 @@ class Trainer:
                                         print_freq=args.print_freq, log=self.log.print,
                                         on_check=lambda step, means: self.log.scalars(
                                             {f"train_step/{k}": v for k, v in means.items() if k.startswith("loss")},
-                                            self.global_step(epoch, step)))
+                                            self.global_step(epoch, step)),
+                                        meter=losses)
             except NonFiniteLossError as e:
                 self.log.print(f"{PROG}: error: {e}; stopping: {self.kept_checkpoints()} (lower --lr, or set "
                                "--clip_max_norm)")
                 return 1
-            if stats["interrupted"] or stop():
-                return self.stop_early(epoch, stats, stop.signum)
+            if stats["interrupted"]:
+                return self.stop_early(epoch, int(stats["steps"]), losses, stop)
             self.scheduler.step()
             val = self.validate(f"val {epoch}")
             self.log.epoch(epoch, stats, val, self.global_step(epoch + 1, 0))
@@ -396,6 +415,9 @@ class Trainer:
             if is_best:  # first: a run killed between the two writes replays this epoch and writes it again
                 self.save("best_checkpoint.pth", obj)
             self.save("checkpoint.pth", obj)
+            # A stop asked for at the epoch's last step or later: the epoch is validated and saved, as if whole.
+            if epoch + 1 < end_epoch and du.any_rank(stop(), self.device):
+                return self.stopped(stop, f"after epoch {epoch}")
         self.log.print(f"done: best val Acc@0.5 {self.best_acc:.4f} -> {args.output_dir}/best_checkpoint.pth")
         self.log.close()
         return 0
@@ -406,14 +428,21 @@ class Trainer:
                 if p.is_file()]
         return f"the last good checkpoints are kept ({', '.join(kept)})" if kept else "no checkpoint was written yet"
 
-    def stop_early(self, epoch: int, stats: dict, signum: int) -> int:
-        """Save where a signal stopped the run (inside the epoch, or after it) so that --resume continues."""
-        inside = bool(stats["interrupted"])
-        resume_at = (epoch, int(stats["steps"])) if inside else (epoch + 1, 0)
-        if not inside:
-            self.scheduler.step()
-        self.save("checkpoint.pth", self.state(epoch - 1 + (not inside), resume_at, None))
-        self.log.print(f"stopped by signal {signum}: saved {self.args.output_dir}/checkpoint.pth (continue with --resume)")
+    def stop_early(self, epoch: int, step: int, losses: LossMeter, stop) -> int:
+        """Save where a signal stopped the run inside an epoch, with the epoch's loss sums so far, so that
+        --resume continues it and logs the epoch's means over all its steps."""
+        obj = self.state(epoch - 1, (epoch, step), None)
+        self.save("checkpoint.pth", dict(obj, epoch_losses=du.all_gather_object(losses.state())))
+        return self.stopped(stop, f"at epoch {epoch}, step {step} of {self.steps_per_epoch}")
+
+    def stopped(self, stop, where: str) -> int:
+        """128 + the signal that stopped the run, the same on every rank; rank 0 says which and whose."""
+        signums = du.all_gather_object(stop.signum)
+        rank = next(r for r, s in enumerate(signums) if s)
+        signum = signums[rank]
+        self.log.print(f"stopped by signal {signum} ({signal.Signals(signum).name}, rank {rank}) {where}: "
+                       f"saved {self.args.output_dir}/checkpoint.pth (continue with --resume)")
+        self.log.close()
         return 128 + signum
 
 

@@ -95,6 +95,20 @@ class LossMeter:
     def __init__(self):
         self.keys, self.sums, self.count = None, None, 0
 
+    def state(self) -> dict:
+        """This rank's sums as plain values, for a checkpoint written inside an epoch."""
+        return {"keys": self.keys, "sums": None if self.sums is None else self.sums.tolist(), "count": self.count}
+
+    @classmethod
+    def from_states(cls, states: List[dict], device: torch.device) -> "LossMeter":
+        """A meter holding the sums of `states` added up (one rank's state, or all ranks' on a single rank)."""
+        meter = cls()
+        for state in (s for s in states if s["sums"] is not None):
+            sums = torch.tensor(state["sums"], dtype=torch.float64, device=device)
+            meter.keys, meter.sums = state["keys"], sums if meter.sums is None else meter.sums + sums
+            meter.count += state["count"]
+        return meter
+
     def add(self, losses: Dict[str, torch.Tensor], total: torch.Tensor) -> None:
         values = torch.stack([v.detach().float() for v in losses.values()] + [total.detach().float()])
         if self.sums is None:
@@ -136,22 +150,27 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
                     accum_steps: int = 1, max_norm: float = 0.0, start_step: int = 0,
                     stop_requested: Callable[[], bool] = lambda: False, desc: str = "",
                     show_progress: bool = True, print_freq: int = 0, log: Callable[[str], None] = print,
-                    on_check: Optional[Callable[[int, Dict[str, float]], None]] = None) -> Dict[str, float]:
+                    on_check: Optional[Callable[[int, Dict[str, float]], None]] = None,
+                    meter: Optional[LossMeter] = None) -> Dict[str, float]:
     """One pass over `loader` (micro-batches), an optimizer step every `accum_steps` micro-batches.
 
     Returns the mean of each loss term (over ranks), `samples_per_s`, `steps` (optimizer steps done in this
-    epoch, counting `start_step`) and `interrupted` (1.0 when `stop_requested` was true on any rank at a check).
+    epoch, counting `start_step`) and `interrupted` (1.0 when `stop_requested` was true on any rank at a check
+    before the epoch's last step). `meter` adds up the losses: pass the one holding the sums of the steps before
+    `start_step` (resuming inside an epoch) so that the means cover the whole epoch; it is left holding them.
 
     No host sync per step: the loss sums stay on the device and every rank reads them, with the stop
     requests of all ranks, at a check every `print_freq` optimizer steps (every step with 0) and at the end.
     A check raises NonFiniteLossError when any loss since the epoch began was not finite (the weights in
     memory may then be non-finite too; nothing is saved), or ends the loop right after that optimizer step
-    when a stop was requested: every rank stops at the same step. Without a progress bar, a check also logs
+    when a stop was requested: every rank stops at the same step. A stop requested at the last step, or
+    later, is left to the caller, as the epoch is then complete. Without a progress bar, a check also logs
     one plain line when `print_freq` > 0; `on_check(steps, means)` receives the loss means of every check.
     """
     model.train()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    meter, n_samples, steps, interrupted = LossMeter(), 0, start_step, False
+    meter = LossMeter() if meter is None else meter
+    n_samples, steps, interrupted = 0, start_step, False
     start, total_steps = time.time(), start_step + len(loader) // accum_steps
     for i, batch in enumerate(tqdm(loader, desc=desc, disable=not show_progress, dynamic_ncols=True, leave=False)):
         batch = batch.to(device, non_blocking=True)
@@ -170,7 +189,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
         steps += 1
         if (steps - start_step) % max(print_freq, 1) == 0:
             means = meter.means(device, n_samples, stop=stop_requested())
-            interrupted = means.pop("stop") > 0
+            interrupted = means.pop("stop") > 0 and steps < total_steps
             if on_check is not None:
                 on_check(steps, means)
             if not show_progress and print_freq > 0:

@@ -9,7 +9,9 @@ from pathlib import Path
 class RunLogger:
     """Every method is a no-op on ranks other than 0 (`enabled` False)."""
 
-    def __init__(self, output_dir: str, enabled: bool, args: dict):
+    def __init__(self, output_dir: str, enabled: bool, args: dict, purge_step=None):
+        """`purge_step`: a resumed run replays the steps from there on; TensorBoard hides the events the
+        interrupted run wrote for them, so that no step shows twice."""
         self.enabled = enabled
         self.progress = enabled and sys.stderr.isatty()
         self.dir = Path(output_dir)
@@ -19,7 +21,7 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+        self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
         self.start = time.time()
 
     def print(self, msg: str) -> None:
@@ -44,7 +46,8 @@ class RunLogger:
         scal.update({"train/lr": train["lr"], "train/samples_per_s": train["samples_per_s"],
                      "val/acc": val["acc"], "val/miou": val["miou"]})
         self.scalars(scal, global_step)
-        self.print(f"epoch {epoch}: loss {train['loss']:.4f}  lr {train['lr']:.2e}  "
+        loss = f"{train['loss']:.4f}" if "loss" in train else "n/a (resumed after its last step)"
+        self.print(f"epoch {epoch}: loss {loss}  lr {train['lr']:.2e}  "
                    f"{train['samples_per_s']:.1f} samples/s  val Acc@0.5 {val['acc']:.4f}  mIoU {val['miou']:.4f}  "
                    f"[{record['time_s']:.0f}s]")
 
