@@ -1,0 +1,24 @@
+"""Tolerance of fp32 results compared with values recorded on another machine (tests/fixtures, tests/checkpoints).
+
+Another CPU runs other kernels (PyTorch picks them by ATEN_CPU_CAPABILITY: default, avx2, avx512; other BLAS
+blockings and thread counts too): the same sums in another order. Each rounding moves a result by at most one
+fp32 ulp of the values summed (eps = 2**-23 relative), a dot product by a few, and a layer passes its error on to
+the next one, so after `depth` layers an output whose values are up to |v| may move by about ULPS * eps * depth
+* |v|, with |v| the largest magnitude of the compared tensor (the rounding of a sum scales with its largest terms,
+not with a result that cancels to near zero). Measured on the legacy checkpoint's outputs (8 layers): at most
+7.5 ulps of |v| under the three capabilities, against the 32 allowed here.
+"""
+import torch
+
+EPS = torch.finfo(torch.float32).eps     # 2**-23
+ULPS = 4                                 # rounding of one layer: a few ulps of its largest values
+
+
+def fp32_atol(expected: torch.Tensor, depth: int) -> float:
+    """Absolute tolerance of an fp32 result of `depth` layers (or accumulated operations) recorded as `expected`."""
+    return ULPS * EPS * depth * expected.detach().abs().max().item()
+
+
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, depth: int, name: str):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=fp32_atol(expected, depth),
+                               msg=lambda report: f"{name} (depth {depth}): {report}")
