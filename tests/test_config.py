@@ -16,7 +16,7 @@ from datasets.tokens import tokenize
 from models.config import HiVGConfig
 from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_model, read_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, is_project_source
 from tests.tolerance import assert_close_fp32
 from utils.checkpoint import save_checkpoint
 from utils.run_flags import given_flags, inherit_flags
@@ -90,11 +90,20 @@ def test_every_format_goes_through_one_reader(tmp_path):
         load_model(tmp_path / "clip.pth")
     with pytest.raises(ValueError, match="drop --hf_clip_config"):
         read_weights(tmp_path / "ours.pth", clip_cfg=model.config.clip)
-    sources = [p.read_text() for p in REPO.glob("**/*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    sources = [p.read_text() for p in REPO.glob("**/*.py") if is_project_source(p)]
     calls = sum(len(re.findall(r"torch\.load\(", s)) for s in sources)
     split_files = sum(len(re.findall(r"torch\.load\(", (REPO / f).read_text()))
                       for f in ("datasets/splitfile.py", "datasets/synthetic.py"))
     assert calls - split_files == 1                                 # models/weights.py:read_file
+
+
+def test_source_filters_look_below_the_repository_only(tmp_path):
+    clone = tmp_path / "tests" / "hivg"                        # a clone inside a folder named tests
+    assert is_project_source(clone / "train_hivg.py", root=clone)
+    assert is_project_source(clone / "models" / "weights.py", root=clone)
+    assert not is_project_source(clone / "tests" / "test_config.py", root=clone)
+    assert not is_project_source(clone / ".venv" / "lib" / "torch" / "serialization.py", root=clone)
+    assert not is_project_source(tmp_path / "tests" / "other.py", root=clone)
 
 
 def readme_api_block() -> str:

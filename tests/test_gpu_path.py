@@ -72,7 +72,7 @@ def our_frame(frame):
     """The innermost frame of this repository's code (not its tests, not the venv) on the stack, or None."""
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if path.is_relative_to(REPO) and not path.is_relative_to(REPO / ".venv") and path.parts[-2] != "tests":
+        if is_project_source(path):
             return frame
         frame = frame.f_back
     return None
