@@ -27,6 +27,7 @@ def random_attention(seed=0, lora=False):
     return mha, attn.eval()
 
 
+@pytest.mark.recorded
 def test_self_attention_equals_nn_multihead_attention():
     mha, attn = random_attention()
     x = torch.randn(2, 7, D)
@@ -61,6 +62,7 @@ def _in_projection_rows(monkeypatch, attn):
     return rows
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("lora", [False, True])
 def test_shared_inputs_share_one_gemm_and_compute_the_same(monkeypatch, lora):
     _, attn = random_attention(lora=lora)
@@ -74,6 +76,7 @@ def test_shared_inputs_share_one_gemm_and_compute_the_same(monkeypatch, lora):
         torch.testing.assert_close(out, separate[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.recorded
 def test_adapters_are_declared_children_with_the_checkpoint_names():
     _, attn = random_attention()
     assert not attn.has_lora and attn.lora_in is None and attn.lora_out is None

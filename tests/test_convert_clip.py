@@ -207,6 +207,7 @@ def merged_text_tower(raw):
     return text
 
 
+@pytest.mark.recorded
 def test_converted_text_tower_reproduces_official_features(fixture_clip_raw, clip_cfg):
     """The official text encoder (no bridge inside) equals open_clip's on the converted weights."""
     model = open_clip.model.CLIP(**clip_cfg).eval()

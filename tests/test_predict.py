@@ -159,6 +159,7 @@ def test_overlay_puts_a_hot_patch_where_it_is_in_the_original_image():
 
 # ----------------------------------------------------------------------------------------- authors' checkpoints
 
+@pytest.mark.recorded
 def test_official_checkpoint_is_converted_on_load_and_matches_the_official_model(tmp_path, capsys):
     config = json.loads((OFFICIAL / "config.json").read_text())
     state = torch.load(OFFICIAL / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]

@@ -133,6 +133,7 @@ def test_epoch_samples_draws_a_fresh_subset_each_epoch():
     assert len(sampler(epoch_samples=500)) == 48                     # capped by the split (then cut to batches)
 
 
+@pytest.mark.recorded
 def test_resume_is_exact(data, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     short = ["--epochs", "2", "--epoch_samples", "16", "--vl_dim_feedforward", "64"]
@@ -160,6 +161,7 @@ sys.exit(train_hivg.main())
 """
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_resume_inside_an_epoch_is_exact(data, tmp_path, ranks):
     """With dropout on, a run stopped by SIGTERM inside an epoch and resumed ends with the very weights of a
@@ -224,6 +226,7 @@ def test_killed_write_keeps_the_previous_checkpoint(tmp_path):
     assert torch.equal(read_file(path)["model"]["w"], torch.ones(3))
 
 
+@pytest.mark.recorded
 def test_two_rank_gloo_run_equals_one_rank(data, tmp_path):
     common = ["--epochs", "1", "--vl_dropout", "0"]
     one = run_script(["train_hivg.py", *flags(data, tmp_path / "one", *common)])
@@ -264,6 +267,7 @@ def assert_same_weights(path_a, path_b):
         assert beyond <= 1e-3 * a.numel(), f"{k}: {beyond} of {a.numel()} weights differ by more than {atol:.2e}"
 
 
+@pytest.mark.recorded
 def test_accumulated_micro_batches_equal_one_batch(data, tmp_path):
     common = ["--epochs", "1", "--vl_dropout", "0"]
     assert train_hivg.main(flags(data, tmp_path / "one", *common)) == 0
