@@ -8,7 +8,7 @@ import torch
 from models.weights import load_model
 from tests import test_config, test_model, test_train
 from tests.conftest import REPO
-from tests.tolerance import EPS, fp32_atol
+from tests.tolerance import EPS, fp32_atol, model_depth
 
 
 def test_tolerance_is_a_few_ulps_of_the_largest_value_per_layer():
@@ -28,9 +28,9 @@ def test_the_legacy_tolerance_still_sees_a_missing_adapter():
             if "lora_B" in name:
                 p.zero_()
         out = model(io["images"], io["pixel_mask"], io["ids"], outputs=list(model.config.outputs))
-    depth = model.config.clip["vision_cfg"]["layers"] + model.config.fusion_layers + 1
+    assert model_depth(model.config) == 8                       # 6 vision blocks (text: 4), 1 fusion block, a head
     for key in ("pred_box", "logits_per_text", "token_map", "seg_map"):
-        assert (out[key] - io["outputs"][key]).abs().max() > fp32_atol(io["outputs"][key], depth), key
+        assert (out[key] - io["outputs"][key]).abs().max() > fp32_atol(io["outputs"][key], depth=8), key
 
 
 def test_ci_runs_the_recorded_tests_again_on_the_portable_kernels():

@@ -19,6 +19,13 @@ def fp32_atol(expected: torch.Tensor, depth: int) -> float:
     return ULPS * EPS * depth * expected.detach().abs().max().item()
 
 
+def model_depth(config) -> int:
+    """Layers on the longest path of a HiVG forward (a HiVGConfig): the CLIP tower blocks (the text tower runs
+    beside the vision tower, into its bridges), the fusion blocks and a head."""
+    towers = config.clip["vision_cfg"]["layers"], config.clip["text_cfg"]["layers"]
+    return max(towers) + config.fusion_layers + 1
+
+
 def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, depth: int, name: str):
     torch.testing.assert_close(actual, expected, rtol=0, atol=fp32_atol(expected, depth),
                                msg=lambda report: f"{name} (depth {depth}): {report}")
