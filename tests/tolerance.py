@@ -1,12 +1,12 @@
 """Tolerance of fp32 results compared with values recorded on another machine (tests/fixtures, tests/checkpoints).
 
 Another CPU runs other kernels (PyTorch picks them by ATEN_CPU_CAPABILITY: default, avx2, avx512; other BLAS
-blockings and thread counts too): the same sums in another order. Each rounding moves a result by at most one
-fp32 ulp of the values summed (eps = 2**-23 relative), a dot product by a few, and a layer passes its error on to
-the next one, so after `depth` layers an output whose values are up to |v| may move by about ULPS * eps * depth
-* |v|, with |v| the largest magnitude of the compared tensor (the rounding of a sum scales with its largest terms,
-not with a result that cancels to near zero). Measured on the legacy checkpoint's outputs (8 layers): at most
-7.5 ulps of |v| under the three capabilities, against the 32 allowed here.
+blockings and thread counts too): the same sums in another order. Each rounding is at most half an ulp (eps =
+2**-23 relative), so a sum or dot product taken in another order differs by a few ulps of its largest terms, and
+each layer passes the difference on to the next: after `depth` layers an output whose values are up to |v| may
+move by about ULPS * eps * depth * |v|, with |v| the largest magnitude of the compared tensor (the rounding
+scales with the largest terms, not with a result that cancels to near zero). Measured on the legacy
+checkpoint's outputs (8 layers): at most 7.5 ulps of |v| under the three capabilities, against the 32 allowed.
 """
 import torch
 
