@@ -64,7 +64,6 @@ def test_compiled_forward_equals_eager():
     assert counters["stats"]["unique_graphs"] == 3   # towers; fusion and heads; the same at a symbolic length
 
 
-@pytest.mark.recorded
 def test_compiled_training_run_equals_eager(data, tmp_path):
     common = ["--epochs", "1", "--vl_dropout", "0"]   # 2 steps of 8 samples, no random masks
     assert train_hivg.main(flags(data, tmp_path / "eager", *common)) == 0
@@ -75,7 +74,6 @@ def test_compiled_training_run_equals_eager(data, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-@pytest.mark.recorded
 def test_eval_compile_flag_evaluates_through_the_compiled_model(data, tmp_path, monkeypatch):
     """The wiring of eval.py --compile; dynamo's eager backend keeps it quick (inductor is checked above)."""
     assert train_hivg.main(flags(data, tmp_path / "run", "--epochs", "1")) == 0
