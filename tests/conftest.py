@@ -9,6 +9,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+def is_project_source(path: Path, root: Path = REPO) -> bool:
+    """A file of the project under `root`, outside its tests and its .venv; judged by the parts of the path
+    below `root`, so a clone that lives inside a folder named `tests` is still the project."""
+    path = Path(path)
+    return path.is_relative_to(root) and path.relative_to(root).parts[0] not in ("tests", ".venv")
+
+
 sys.path.insert(0, str(REPO))
 
 from models.api import Grounder  # noqa: E402

@@ -38,6 +38,7 @@ def test_boxes_outside_the_image_are_clipped_to_it():
 
 
 
+@pytest.mark.recorded
 def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
     _, model = tiny
     assert not any("lora" in k for k in tiny_loaded.state_dict())
@@ -54,6 +55,7 @@ def test_lora_is_merged_and_the_function_unchanged(tiny, tiny_loaded):
     assert torch.allclose(a["reg_attention"], b["reg_attention"], atol=1e-5)
 
 
+@pytest.mark.recorded
 def test_predictions_do_not_depend_on_the_batch(grounder):
     p = [prepare(Image.fromarray(np.full((40 + 10 * i, 64, 3), 30 * i, np.uint8)), 64) for i in range(3)]
     texts = ["one", "the second thing", "three"]

@@ -117,6 +117,7 @@ def assert_same_boxes(page, expected):
         assert b["score"] == pytest.approx(e["score"], abs=1e-4)
 
 
+@pytest.mark.recorded
 def test_api_boxes_are_predict_py_boxes(client, tiny, examples, tmp_path, capsys):
     (image, first), (_, second) = examples[1][:2]
     picture, heat, boxes, message = ground(client, image, f"{first}\n\n  {second}  \n", heatmap=True)

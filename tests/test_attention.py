@@ -29,6 +29,7 @@ def random_attention(seed=0, lora=False):
     return mha, attn.eval()
 
 
+@pytest.mark.recorded
 def test_self_attention_equals_nn_multihead_attention():
     mha, attn = random_attention()
     x = torch.randn(2, 7, D)
@@ -63,6 +64,7 @@ def _in_projection_rows(monkeypatch, attn):
     return rows
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("lora", [False, True])
 def test_shared_inputs_share_one_gemm_and_compute_the_same(monkeypatch, lora):
     _, attn = random_attention(lora=lora)
@@ -98,6 +100,7 @@ def test_q_k_v_adapters_draw_the_dropout_masks_of_their_mode(mode):
     assert torch.equal(q, k) and torch.equal(k, v)
 
 
+@pytest.mark.recorded
 def test_adapters_are_declared_children_with_the_checkpoint_names():
     _, attn = random_attention()
     assert not attn.has_lora and attn.lora_in is None and attn.lora_out is None

@@ -37,6 +37,7 @@ def graph_breaks():
     return [reason.splitlines()[0] for reason in counters["graph_break"]]
 
 
+@pytest.mark.recorded
 def test_compiled_forward_equals_eager():
     torch.manual_seed(0)
     args = add_model_args(argparse.ArgumentParser()).parse_args(

@@ -16,7 +16,8 @@ from datasets.tokens import tokenize
 from models.config import HiVGConfig
 from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_model, read_weights
-from tests.conftest import REPO
+from tests.conftest import REPO, is_project_source
+from tests.tolerance import assert_close_fp32, model_depth
 from utils.checkpoint import save_checkpoint
 from utils.run_flags import given_flags, inherit_flags
 
@@ -44,6 +45,7 @@ def test_config_round_trips_through_plain_types(tmp_path):
     assert isinstance(torch.load(path, weights_only=True)["config"], dict)
 
 
+@pytest.mark.recorded
 def test_legacy_checkpoint_loads_and_gives_the_same_outputs():
     weights = read_weights(LEGACY / "checkpoint.pth")
     assert weights.kind == "hivg-flags"
@@ -55,7 +57,7 @@ def test_legacy_checkpoint_loads_and_gives_the_same_outputs():
         out = model(io["images"], io["pixel_mask"], io["ids"], outputs=["box", "contrastive", "token_map",
                                                                          "seg_map", "reg_attention"])
     for key, value in io["outputs"].items():
-        torch.testing.assert_close(out[key], value, rtol=0, atol=1e-6, msg=key)
+        assert_close_fp32(out[key], value, depth=model_depth(model.config), name=key)
 
 
 def test_editing_a_json_config_does_not_change_what_a_checkpoint_builds(tmp_path, monkeypatch):
@@ -86,11 +88,20 @@ def test_every_format_goes_through_one_reader(tmp_path):
         load_model(tmp_path / "clip.pth")
     with pytest.raises(ValueError, match="drop --hf_clip_config"):
         read_weights(tmp_path / "ours.pth", clip_cfg=model.config.clip)
-    sources = [p.read_text() for p in REPO.glob("**/*.py") if ".venv" not in p.parts and "tests" not in p.parts]
+    sources = [p.read_text() for p in REPO.glob("**/*.py") if is_project_source(p)]
     calls = sum(len(re.findall(r"torch\.load\(", s)) for s in sources)
     split_files = sum(len(re.findall(r"torch\.load\(", (REPO / f).read_text()))
                       for f in ("datasets/splitfile.py", "datasets/synthetic.py"))
     assert calls - split_files == 1                                 # models/weights.py:read_file
+
+
+def test_source_filters_look_below_the_repository_only(tmp_path):
+    clone = tmp_path / "tests" / "hivg"                        # a clone inside a folder named tests
+    assert is_project_source(clone / "train_hivg.py", root=clone)
+    assert is_project_source(clone / "models" / "weights.py", root=clone)
+    assert not is_project_source(clone / "tests" / "test_config.py", root=clone)
+    assert not is_project_source(clone / ".venv" / "lib" / "torch" / "serialization.py", root=clone)
+    assert not is_project_source(tmp_path / "tests" / "other.py", root=clone)
 
 
 def readme_api_block() -> str:

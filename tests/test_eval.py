@@ -43,8 +43,9 @@ def run(args, nproc=1):
 
 
 def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
-    """Batch 1 per rank keeps each sample's arithmetic identical (batched CPU kernels round
-    differently with the batch's size); every sample is counted once on both sides."""
+    """Batch 1 per rank keeps each sample's arithmetic identical, on any CPU: the same kernels at the same
+    shapes on both sides (batched CPU kernels round differently with the batch's size); every sample is
+    counted once on both sides."""
     _, ckpt = setup
     results = []
     for nproc in (1, 2):

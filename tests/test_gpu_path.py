@@ -22,7 +22,7 @@ from datasets.collate import Batch
 from datasets.synthetic import main as make_synthetic
 from datasets.tokens import tokenize
 from models.hivg import add_model_args, build_model, text_length
-from tests.conftest import REPO
+from tests.conftest import REPO, is_project_source
 from tests.test_train import assert_same_weights, flags
 from utils.checkpoint import load_checkpoint
 from utils.engine import LossMeter, NonFiniteLossError, ShardSampler, set_tf32, train_one_epoch
@@ -72,7 +72,7 @@ def our_frame(frame):
     """The innermost frame of this repository's code (not its tests, not the venv) on the stack, or None."""
     while frame is not None:
         path = Path(frame.f_code.co_filename)
-        if path.is_relative_to(REPO) and not path.is_relative_to(REPO / ".venv") and path.parts[-2] != "tests":
+        if is_project_source(path):
             return frame
         frame = frame.f_back
     return None

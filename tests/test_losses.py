@@ -54,6 +54,7 @@ def full_criterion():
     return GroundingCriterion(aux_losses=AUX_LOSSES)
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("run_name", ["bool_mask", "collate_int32_mask"])
 @pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
 def test_matches_official_fixture(folder, run_name):

@@ -42,6 +42,7 @@ def randomize_lora(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("folder", FIXTURE_DIRS, ids=lambda p: p.name)
 def test_parity_with_official_fixture(folder, capsys):
     assert parity.check_folder(folder), capsys.readouterr().out
@@ -64,6 +65,7 @@ def test_parity_detects_a_wrong_model(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.recorded
 def test_per_sample_bridge_equals_running_each_sample_alone():
     model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
     randomize_lora(model)
@@ -82,6 +84,7 @@ def test_per_sample_bridge_equals_running_each_sample_alone():
     assert (mixed["pred_box"] - together["pred_box"]).abs().max() > 1e-6, "official mode must mix the batch"
 
 
+@pytest.mark.recorded
 @pytest.mark.parametrize("mode", ["paper", "official"])
 def test_merged_lora_matches_unmerged(mode):
     model = build_model(tiny_args("--hi_lora_stage", "3", "--hi_lora_mode", mode)).eval()
@@ -97,6 +100,7 @@ def test_merged_lora_matches_unmerged(mode):
         assert (value - after[key]).abs().max() <= 1e-5, key
 
 
+@pytest.mark.recorded
 def test_merge_lora_state_dict_equals_module_merge():
     model = build_model(tiny_args("--hi_lora_stage", "2")).eval()
     randomize_lora(model)
@@ -191,6 +195,7 @@ def test_text_layers_per_dataset():
     assert select_text_layers("flickr", 12) == [11]
 
 
+@pytest.mark.recorded
 def test_patch_mask_rounds_like_the_official_int32_path():
     folder = FIXTURES / "hivg_tiny_unc_stage1"  # the fixture that records intermediates
     inputs = torch.load(folder / "inputs.pth", weights_only=True)
@@ -291,6 +296,7 @@ def test_every_registered_config_resolves(name):
     assert cfg["clip"]["quick_gelu"] is True
 
 
+@pytest.mark.recorded
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     plain = build_model(tiny_args("--hi_lora_stage", "1", "--vl_dropout", "0"))
@@ -323,6 +329,7 @@ def test_backward_reaches_exactly_the_trainable_parameters():
     assert with_grad == trainable
 
 
+@pytest.mark.recorded
 def test_eager_reference_attention_matches_sdpa():
     from models.attention import eager_attention
     model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
