@@ -33,7 +33,7 @@ from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
-from utils.run_flags import given_flags, inherit_flags
+from utils.run_flags import check_ranges, given_flags, inherit_flags
 from utils.stop_flag import StopFlag
 
 PROG = "train_hivg.py"
@@ -94,36 +94,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# flag -> (test, the valid values in words). NaN fails every comparison, so it is refused with the rest.
-RANGES = {
-    "epochs": (lambda v: v >= 1, "at least 1"),
-    "run_epochs": (lambda v: v >= 0, "0 (every epoch of --epochs) or more"),
-    "epoch_samples": (lambda v: v >= 0, "0 (the whole split) or more"),
-    "batch_size": (lambda v: v >= 1, "at least 1"),
-    "accum_steps": (lambda v: v >= 1, "at least 1"),
-    "eval_batch_size": (lambda v: v >= 0, "0 (--batch_size) or more"),
-    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
-    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
-    "lr_drop": (lambda v: v >= 1, "at least 1 (epochs between drops)"),
-    "lr_power": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
-    "lr_exponential": (lambda v: 0 < v < math.inf, "a finite number above 0"),
-    "clip_max_norm": (lambda v: 0 <= v < math.inf, "0 (no clipping) or a finite positive number"),
-    "imsize": (lambda v: v >= 1, "a positive multiple of the model's patch size, e.g. 224"),
-    "max_query_len": (lambda v: v >= 2, "at least 2 (start and end of text) and at most CLIP's context length (77)"),
-    "vl_nheads": (lambda v: v >= 1, "at least 1"),
-    "vl_enc_layers": (lambda v: v >= 0, "0 or more"),
-    "vl_dim_feedforward": (lambda v: v >= 1, "at least 1"),
-    "vl_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-    "num_workers": (lambda v: v >= 0, "0 (load in the main process) or more"),
-    "print_freq": (lambda v: v >= 0, "0 (no progress lines) or more"),
-    "seed": (lambda v: 0 <= v < 2 ** 32, "from 0 to 2**32 - 1"),
-}
-
-
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag, (valid, values) in RANGES.items():
-        if not valid(getattr(args, flag)):
-            raise UserError(f"--{flag} must be {values}, got {getattr(args, flag)}")
+    check_ranges(vars(args))
     if not args.output_dir.strip():
         raise UserError("--output_dir is empty; give the folder for this run's checkpoints and log")
     if args.hf_clip_config and not (args.hi_lora_retrain or args.retrain):

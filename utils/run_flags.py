@@ -1,6 +1,10 @@
-"""The flags of a run that starts from a checkpoint (--resume, --hi_lora_retrain), over plain dicts."""
+"""The flags of a training run over plain dicts: their valid values, and what a run that starts from a
+checkpoint (--resume, --hi_lora_retrain) inherits."""
+import math
 from pathlib import Path
 from typing import Callable
+
+from utils.errors import UserError
 
 # Flags that describe one run, never inherited from the checkpoint a run starts from.
 RUN_ONLY = ("output_dir", "resume", "retrain", "hi_lora_retrain", "hi_lora_clip", "clip_model", "hf_clip_config",
@@ -13,6 +17,38 @@ RESUMABLE = ("resume", "output_dir", "overwrite", "run_epochs", "device", "num_w
 STAGE_MODE = ("hi_lora_mode", "bridge_attention")
 
 _NOT_GIVEN = object()
+
+# flag -> (test, the valid values in words). NaN fails every comparison, so it is refused with the rest.
+RANGES = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "run_epochs": (lambda v: v >= 0, "0 (every epoch of --epochs) or more"),
+    "epoch_samples": (lambda v: v >= 0, "0 (the whole split) or more"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "accum_steps": (lambda v: v >= 1, "at least 1"),
+    "eval_batch_size": (lambda v: v >= 0, "0 (--batch_size) or more"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "lr_drop": (lambda v: v >= 1, "at least 1 (epochs between drops)"),
+    "lr_power": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
+    "lr_exponential": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "clip_max_norm": (lambda v: 0 <= v < math.inf, "0 (no clipping) or a finite positive number"),
+    "imsize": (lambda v: v >= 1, "a positive multiple of the model's patch size, e.g. 224"),
+    "max_query_len": (lambda v: v >= 2, "at least 2 (start and end of text) and at most CLIP's context length (77)"),
+    "vl_nheads": (lambda v: v >= 1, "at least 1"),
+    "vl_enc_layers": (lambda v: v >= 0, "0 or more"),
+    "vl_dim_feedforward": (lambda v: v >= 1, "at least 1"),
+    "vl_dropout": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "num_workers": (lambda v: v >= 0, "0 (load in the main process) or more"),
+    "print_freq": (lambda v: v >= 0, "0 (no progress lines) or more"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "from 0 to 2**32 - 1"),
+}
+
+
+def check_ranges(flags: dict) -> None:
+    """A UserError naming the first flag of RANGES whose value is outside its valid values."""
+    for flag, (valid, values) in RANGES.items():
+        if not valid(flags[flag]):
+            raise UserError(f"--{flag} must be {values}, got {flags[flag]}")
 
 
 def given_flags(make_parser: Callable, argv) -> dict:
