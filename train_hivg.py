@@ -24,7 +24,7 @@ from datasets import Collate, add_data_args, build_dataset
 from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
 from models.hivg import HiVG, add_model_args, build_model
-from models.weights import load_clip, load_previous_stage, load_strict, read_weights
+from models.weights import load_clip, load_previous_stage, load_strict, read_file, read_weights
 from utils import distributed as du
 from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
@@ -155,8 +155,8 @@ def refuse_rewinding(start, latest: Path) -> None:
     if not latest.is_file() or latest.resolve() == start.path.resolve():
         return
     try:
-        later = tuple(torch.load(latest, map_location="cpu", weights_only=True, mmap=True)["resume_at"])
-    except Exception:  # unreadable (a damaged file): nothing there to continue, resuming from another file recovers
+        later = tuple(read_file(latest)["resume_at"])
+    except (ValueError, KeyError, TypeError):  # damaged or no run's checkpoint: resuming from another file recovers
         return
     at = tuple(start.checkpoint["resume_at"])
     if later > at:

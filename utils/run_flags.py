@@ -26,7 +26,7 @@ RANGES = {
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "accum_steps": (lambda v: v >= 1, "at least 1"),
     "eval_batch_size": (lambda v: v >= 0, "0 (--batch_size) or more"),
-    "lr": (lambda v: 0 < v < math.inf, "a finite number above 0"),
+    "lr": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
     "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
     "lr_drop": (lambda v: v >= 1, "at least 1 (epochs between drops)"),
     "lr_power": (lambda v: 0 <= v < math.inf, "a finite number, 0 or more"),
