@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATASETS, TRAIN_SPLITS, UNSAFE_FLAG, check_dataset_split
+from datasets.refer import DATASETS, TRAIN_SPLITS, add_split_file_args, check_dataset_split
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
@@ -46,8 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "default: the checkpoint's")
     parser.add_argument("--data_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["data_root"])
     parser.add_argument("--split_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["split_root"])
-    parser.add_argument(UNSAFE_FLAG, action="store_true",
-                        help="unpickle split files without restrictions (can run code; trusted files only)")
+    add_split_file_args(parser)
     parser.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES,
                         help="default: what the checkpoint was trained with (official for the authors' checkpoints)")
     parser.add_argument("--hf_clip_config", help="an authors' checkpoint whose CLIP is none of our --model configs: "
@@ -81,7 +80,8 @@ def format_table(dataset: str, results: dict) -> str:
 def data_args(opts, run_args: dict, image_size: int, dataset: str) -> argparse.Namespace:
     """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
     values = {k: getattr(opts, k) or run_args.get(k) or default for k, default in DATA_DEFAULTS.items()}
-    return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False, allow_unsafe_pickle=opts.allow_unsafe_pickle,
+    return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False,
+                              allow_unsafe_pickle=opts.allow_unsafe_pickle, allow_outside_paths=opts.allow_outside_paths,
                               aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)
 
 

@@ -298,3 +298,12 @@ def test_counts_out_of_range_are_refused(tmp_path, capsys, flag, value, least):
         eval_main(["--eval_model", str(tmp_path / "missing.pth"), flag, value])
     assert refused.value.code == 2
     assert capsys.readouterr().err.endswith(f"eval.py: error: {flag} must be at least {least}, got {value}\n")
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_split_file_opt_ins_reach_the_dataset(given):
+    """--allow_outside_paths and --allow_unsafe_pickle are eval.py's too (one definition, datasets.refer)."""
+    import eval as eval_tool
+    flags = ["--eval_model", "m.pth"] + (["--allow_outside_paths", "--allow_unsafe_pickle"] if given else [])
+    args = eval_tool.data_args(eval_tool.get_args_parser().parse_args(flags), {}, 64, "unc")
+    assert args.allow_outside_paths is given and args.allow_unsafe_pickle is given
