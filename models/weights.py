@@ -168,6 +168,11 @@ def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_ov
         state = convert_official_state_dict(inner)
         clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
         return Weights(path, "official-clip", clip_state, converted=len(clip_state))
+    if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+        raise ValueError(f"{what} {path} holds a 'model' state dict ({len(inner)} tensors) but neither the 'config' "
+                         "that this project's checkpoints carry nor the authors' training flags ('args'), so its "
+                         "architecture is unknown; pass the file as train_hivg.py wrote it (checkpoint.pth, "
+                         "best_checkpoint.pth), or add the flags of its training run: ckpt['args'] = {...}")
     return _clip(path, raw, what)
 
 

@@ -136,3 +136,12 @@ def test_authors_checkpoint_without_flags_or_clip_config_says_what_was_found_and
         resolve_args(["--retrain", str(bare)])
     with pytest.raises(ValueError, match=r"--retrain .*flagged\.pth: the authors' flags .* --hf_clip_config"):
         resolve_args(["--retrain", str(flagged)])
+
+
+def test_our_model_state_without_its_config_says_what_is_missing(tmp_path, tiny):
+    """{'model': state} of this project's model, the config dropped: named as such, not as 'no CLIP weights'."""
+    path = tmp_path / "model_only.pth"
+    torch.save({"model": tiny[1].state_dict()}, path)
+    with pytest.raises(ValueError, match=r"model_only\.pth holds a 'model' state dict \(\d+ tensors\) but neither "
+                                         r"the 'config' .* nor the authors' training flags"):
+        load_model(path)
