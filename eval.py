@@ -10,9 +10,7 @@ writable) before evaluating and replaced atomically, so an earlier file is never
 """
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
-from utils.checkpoint import write_atomically
+from utils.checkpoint import check_can_write, write_atomically
 from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.visualize import save_eval_pictures
 
@@ -144,11 +142,7 @@ def check_results_file(out: Path) -> None:
         raise UserError(f"results file {out} is a folder; move it away or {fix}")
     read_results(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent) as f:   # what the atomic write needs: a new file there
-            f.write(b"{}\n")
-            f.flush()
-            os.fsync(f.fileno())                            # a full disk fails here, not after evaluating
+        check_can_write(out.parent)
     except OSError as e:
         raise UserError(f"results file {out} cannot be written ({e.strerror or e}); {fix}") from None
 

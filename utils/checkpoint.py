@@ -57,6 +57,16 @@ def write_atomically(path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+def check_can_write(folder) -> None:
+    """Create `folder` if needed and write, sync and drop a new file in it, as write_atomically will: an OSError
+    (read-only, no permission, full disk) now rather than after the work whose result is to be written."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as f:
+        f.write(b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def disk_full(error: BaseException):
     """The OSError of a full disk behind `error`, or None. torch.save reports a failed write of the file
     object as RuntimeError("... unexpected pos ..."), raised while handling the OSError of the write."""

@@ -9,12 +9,11 @@ only once the run has checked all its inputs and is about to write its first fil
 import fcntl
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from utils import distributed as du
-from utils.checkpoint import leftover_temporaries
+from utils.checkpoint import check_can_write, leftover_temporaries
 from utils.errors import UserError
 
 LOCK = ".lock"
@@ -72,8 +71,7 @@ def begin_writing(path: Path, resume: str, overwrite: bool) -> None:
 def lock(path: Path) -> int:
     """Create `path` if needed, check that files can be created in it, and take its lock."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # what a checkpoint write needs: a new file in the folder
+        check_can_write(path)  # what a checkpoint write needs: a new file in the folder
         fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     except FileExistsError:
         raise UserError(f"--output_dir {path} is a file, not a folder; {FIX}") from None
