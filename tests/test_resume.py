@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -136,6 +137,23 @@ def test_tensorboard_shows_each_step_once_after_a_resume_replays_steps(data, tmp
     steps = scalar_events(run)
     assert steps["train_step/loss"] == [1, 2, 3, 4, 5, 6] and steps["val/acc"] == [3, 6], steps
     assert all(len(s) == len(set(s)) for s in steps.values()), steps
+
+
+def test_a_resume_within_the_second_of_the_interrupted_runs_events_still_replaces_them(tmp_path):
+    """The interrupted run's event file is named in this very second and by a host that sorts last: the
+    resumed run's file must still sort after it, or TensorBoard reads the purge first and shows steps twice."""
+    from utils.logger import RunLogger
+    first = RunLogger(str(tmp_path), True, {})
+    first.scalars({"loss": 1.0}, 1)
+    first.scalars({"loss": 2.0}, 2)
+    first.close()
+    (old,) = (tmp_path / "tensorboard").iterdir()
+    old.rename(old.with_name(f"events.out.tfevents.{int(time.time()):010d}.~.0.0"))
+    resumed = RunLogger(str(tmp_path), True, {}, purge_step=2)
+    resumed.scalars({"loss": 3.0}, 2)
+    resumed.scalars({"loss": 4.0}, 3)
+    resumed.close()
+    assert scalar_events(tmp_path) == {"loss": [1, 2, 3]}
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -21,6 +21,8 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True) + "\n")
         from torch.utils.tensorboard import SummaryWriter
+        if purge_step is not None:
+            _wait_to_sort_last(self.dir / "tensorboard")
         self.writer = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge_step)
         self.start = time.time()
 
@@ -65,6 +67,16 @@ class RunLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def _wait_to_sort_last(tensorboard_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name starts with the second it was
+    made: a resume within the second of the interrupted run's file could sort first, and the purge it
+    writes would then hide nothing. Wait (at most a second) until a new file sorts after every other."""
+    fields = [p.name.split(".") for p in tensorboard_dir.glob("events.out.tfevents.*")]
+    seconds = [int(f[3]) for f in fields if len(f) > 3 and f[3].isdigit()]
+    if seconds and max(seconds) >= int(time.time()):   # a clock set back is not waited for
+        time.sleep(min(1.0, max(seconds) + 1 - time.time()))
 
 
 def _epoch(line: str) -> float:
