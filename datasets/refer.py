@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.errors import UserError
-
+from .errors import UserError
 from .masks import box_to_mask, polygons_to_mask
 from .splitfile import UNSAFE_FLAG, load_pickled_list
 from .transforms import CROP_RULES, Record, build_transforms

@@ -28,8 +28,7 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from utils.errors import reports_errors
-
+from .errors import reports_errors
 from .refer import (DATASETS, IMAGE_DIRS, GroundingDataset, add_split_file_args, blank_phrases, is_degenerate, listed,
                     load_refs, outside, split_files)
 from .tokens import CONTEXT_LENGTH, is_truncated
