@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATASETS, TRAIN_SPLITS, add_split_file_args, check_dataset_split
+from datasets.refer import DATA_DEFAULTS, add_split_file_args
+from datasets.registry import DATASETS, TRAIN_SPLITS, check_dataset_split
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
@@ -29,7 +30,6 @@ from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.visualize import save_eval_pictures
 
 PROG = "eval.py"
-DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
 DEFAULT_DATASET = "referit"
 
 
@@ -87,7 +87,7 @@ def eval_splits(dataset: str, requested) -> list:
     """The splits to evaluate: as given, or with 'all' every split of the dataset that is not for training."""
     if list(requested) != ["all"]:
         return list(requested)
-    return [s for s in DATASETS[dataset][2] if s not in TRAIN_SPLITS]
+    return [s for s in DATASETS[dataset].splits if s not in TRAIN_SPLITS]
 
 
 def authors_eval_batch(config) -> int:

@@ -1,25 +1,9 @@
 """Referring-expression datasets in the official split-file layouts.
 
-Split files live at ``<split_root>/<dataset>/<dataset>_<split>.pth`` (see
-:mod:`datasets.splitfile`); images under ``<data_root>``:
-
-    other/images/mscoco/images/train2014   COCO 2014 (unc, unc+, gref, gref_umd, mixup COCO_* files)
-    referit/images                         ReferItGame (referit, mixup 'referit')
-    Flickr30k/flickr30k-images             Flickr30k Entities (flickr, mixup 'flickr')
-    synthref/images                        the embedded synthetic set (python -m datasets.synthetic)
-
-Tuple layouts:
-
-    coco     (unc, unc+, gref, gref_umd, synthref): (file, {'height', 'width'}, [x, y, w, h], phrase, polygons)
-    referit  (file, unused, [x0, y0, x1, y1], phrase, unused)
-    flickr   (file, [x0, y0, x1, y1], phrase)
-    mixup    (file, size dict | 'flickr' | 'referit', [x, y, w, h], phrase, polygons or unused)
-
-In ``mixup`` a file whose name starts with ``COCO_`` is a COCO image and every box
-is xywh, as the official loader reads it. Boxes are truncated to integers before any
-transform (x0 = int(x), x1 = x0 + int(w) for xywh), the object mask is rasterised
-from the original float box or, with ``--use_seg_mask`` and a COCO image, from the
-polygons.
+Split files live at ``<split_root>/<dataset>/<dataset>_<split>.pth`` (see :mod:`datasets.splitfile`);
+each dataset's layout parser, image folder under ``<data_root>`` and splits: :mod:`datasets.registry`,
+the layouts themselves: :mod:`datasets.formats`. The object mask is rasterised from the original float
+box or, with ``--use_seg_mask`` and a COCO image, from the polygons.
 
 Zero-area boxes (after the truncation) and boxes wholly outside their image: skipped in
 training splits (their count is printed); kept in evaluation splits with a printed
@@ -31,53 +15,20 @@ path that leads outside its image folder (absolute, or with '..') is refused unl
 """
 import os
 from pathlib import PurePath
-from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .errors import UserError
+from .formats.fields import Ref, Where
 from .masks import box_to_mask, polygons_to_mask
+from .registry import DATASETS, IMAGE_DIRS, TRAIN_SPLITS, check_dataset_split, dataset_spec
 from .splitfile import UNSAFE_FLAG, load_pickled_list
 from .transforms import CROP_RULES, Record, build_transforms
 
-IMAGE_DIRS = {
-    "coco": os.path.join("other", "images", "mscoco", "images", "train2014"),
-    "referit": os.path.join("referit", "images"),
-    "flickr": os.path.join("Flickr30k", "flickr30k-images"),
-    "synthref": os.path.join("synthref", "images"),
-}
-
-_UNC = ("train", "val", "testA", "testB")
-_TVT = ("train", "val", "test")
-_EXTRA = ("trainval", "train_pseudo")
-# dataset -> (tuple layout, image folder, splits)
-DATASETS = {
-    "unc": ("coco", "coco", _UNC + _EXTRA),
-    "unc+": ("coco", "coco", _UNC + _EXTRA),
-    "gref": ("coco", "coco", ("train", "val") + _EXTRA),
-    "gref_umd": ("coco", "coco", _TVT + _EXTRA),
-    "referit": ("referit", "referit", _TVT + _EXTRA),
-    "flickr": ("flickr", "flickr", _TVT + _EXTRA),
-    "mixup": ("mixup", None, _TVT + _EXTRA),
-    "synthref": ("coco", "synthref", _TVT),
-}
-TRAIN_SPLITS = ("train", "trainval", "train_pseudo")
 OUTSIDE_FLAG = "--allow_outside_paths"
-
-
-class Ref(NamedTuple):
-    """One parsed split-file entry."""
-    image: str                        # file name inside its image folder
-    folder: str                       # key of IMAGE_DIRS
-    box_xyxy: tuple                   # 4 ints, pixels of the original image
-    box_xywh: tuple                   # 4 floats as stored (for the box mask)
-    phrase: str
-    size_hw: Optional[tuple]          # (h, w) from the size dict, None when it comes from the image
-    polygons: object                  # COCO polygon list or None
-    source: str = ""                  # the split file it comes from, for messages
-    entry: int = -1                   # its index in that file
+DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
 
 
 def split_path(split_root: str, dataset: str, split: str) -> str:
@@ -91,78 +42,23 @@ def split_files(split_root: str, dataset: str, split: str) -> list:
     return [split_path(split_root, dataset, split)]
 
 
-def check_dataset_split(dataset: str, split: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset '{dataset}' (--dataset); choose one of {', '.join(DATASETS)}")
-    splits = DATASETS[dataset][2]
-    if split not in splits:
-        raise ValueError(f"dataset '{dataset}' has no split '{split}'; its splits are {', '.join(splits)}")
-
-
-def _box4(value, where: str):
-    try:
-        box = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        box = ()
-    if len(box) != 4 or not all(abs(v) < float("inf") for v in box):
-        raise ValueError(f"{where}: the box must be 4 finite numbers, got {value!r}")
-    return box
-
-
 def leaves_folder(image: str) -> bool:
     """True for an image path that can lead outside its image folder: absolute, or with a '..' part."""
     return os.path.isabs(image) or os.pardir in PurePath(image).parts
 
 
 def parse_entry(entry, dataset: str, source: str, index: int, allow_outside: bool = False) -> Ref:
-    """Turn entry ``index`` of split file ``source`` (a raw tuple of ``dataset``'s layout) into a Ref; ValueError
-    naming the file and entry otherwise. An image path leading outside its image folder is refused unless
-    ``allow_outside``."""
-    where = f"split file {source}, entry {index}"
-    layout, folder = DATASETS[dataset][:2]
-    n = 3 if layout == "flickr" else 5
-    if not isinstance(entry, (tuple, list)) or len(entry) != n:
-        got = f"a {len(entry)}-tuple" if isinstance(entry, (tuple, list)) else type(entry).__name__
-        raise ValueError(f"{where}: expected a {n}-tuple in the '{dataset}' layout, got {got}. "
-                         f"Check --dataset and --split_root.")
-    if layout == "flickr":
-        image, box, phrase = entry
-        size, polygons = None, None
-    else:
-        image, size, box, phrase, polygons = entry
-    if not isinstance(image, str) or not isinstance(phrase, str):
-        raise ValueError(f"{where}: the image file and phrase must be strings, got {entry[0]!r}, {phrase!r}")
-    box = _box4(box, where)
-    size_hw = None
-    if layout == "mixup":
-        if image.split("_")[0] == "COCO":
-            folder = "coco"
-        elif isinstance(size, str) and size in ("flickr", "referit"):
-            folder, polygons = size, None
-        else:
-            raise ValueError(f"{where}: mixup entry {image!r} is neither a COCO_* file nor marked "
-                             f"'flickr'/'referit' (second field {size!r})")
-    if layout in ("coco", "mixup") and isinstance(size, dict):
-        try:
-            size_hw = (int(size["height"]), int(size["width"]))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: the size dict needs integer 'height' and 'width', got {size!r}") from None
-    elif layout == "coco":
-        raise ValueError(f"{where}: expected a size dict {{'height', 'width'}}, got {size!r}")
-    if layout in ("coco", "mixup"):
-        x0, y0 = int(box[0]), int(box[1])
-        xyxy = (x0, y0, x0 + int(box[2]), y0 + int(box[3]))
-        xywh = box
-    else:
-        xyxy = tuple(int(v) for v in box)
-        xywh = (box[0], box[1], box[2] - box[0], box[3] - box[1])
-    if layout == "referit":
-        polygons = None
-    if not allow_outside and leaves_folder(image):
-        raise ValueError(f"{where}: the image path {image!r} leads outside the image folder <data_root>/"
-                         f"{IMAGE_DIRS[folder]} (absolute, or with a '..' part); fix the split file, or pass "
+    """Turn entry ``index`` of split file ``source`` (a raw entry of ``dataset``'s layout) into a Ref with the
+    dataset's parser; ValueError naming the file and entry otherwise. An image path leading outside its image
+    folder is refused unless ``allow_outside``."""
+    spec = dataset_spec(dataset)
+    where = Where(dataset=dataset, folder=spec.folder, source=source, index=index)
+    ref = spec.parser(entry, where)
+    if not allow_outside and leaves_folder(ref.image):
+        raise ValueError(f"{where}: the image path {ref.image!r} leads outside the image folder <data_root>/"
+                         f"{IMAGE_DIRS[ref.folder]} (absolute, or with a '..' part); fix the split file, or pass "
                          f"{OUTSIDE_FLAG} if you trust it")
-    return Ref(image, folder, xyxy, xywh, phrase, size_hw, polygons, source, index)
+    return ref
 
 
 def is_degenerate(ref: Ref) -> bool:
@@ -202,7 +98,8 @@ def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = Fa
             raise FileNotFoundError(f"split file {path} not found (--split_root {split_root}, --dataset "
                                     f"{dataset}, split {split}); {hint}")
         raw = load_pickled_list(path, allow_unsafe=allow_unsafe)
-        refs += [parse_entry(e, dataset, path, i, allow_outside) for i, e in enumerate(raw)]
+        refs += [parse_entry(e, dataset, source=path, index=i, allow_outside=allow_outside)
+                 for i, e in enumerate(raw)]
     return refs
 
 
@@ -324,8 +221,9 @@ def build_dataset(split: str, args) -> GroundingDataset:
     train = split in TRAIN_SPLITS
     refs = screen_boxes(refs, name, train)
     if not refs:
-        raise ValueError(f"{name} has no usable samples (files: {', '.join(split_files(args.split_root, args.dataset, split))}); "
-                         f"check --split_root / --dataset or regenerate the split files")
+        files = ", ".join(split_files(args.split_root, args.dataset, split))
+        raise ValueError(f"{name} has no usable samples (files: {files}); check --split_root / --dataset or "
+                         f"regenerate the split files")
     for folder in sorted({r.folder for r in refs}):
         root = os.path.join(args.data_root, IMAGE_DIRS[folder])
         if not os.path.isdir(root):
@@ -344,9 +242,9 @@ def add_data_args(parser):
     flags = [
         ("--dataset", dict(default="referit", type=str, choices=list(DATASETS),
                            help="dataset name; 'synthref' is the embedded synthetic set")),
-        ("--data_root", dict(default="./data/image_data/", type=str,
+        ("--data_root", dict(default=DATA_DEFAULTS["data_root"], type=str,
                              help="folder holding the image folders (other/, referit/, Flickr30k/, synthref/)")),
-        ("--split_root", dict(default="./data/pseudo_samples/", type=str,
+        ("--split_root", dict(default=DATA_DEFAULTS["split_root"], type=str,
                               help="folder holding <dataset>/<dataset>_<split>.pth")),
         ("--imsize", dict(default=224, type=int, help="input side S of the padded square image")),
         ("--max_query_len", dict(default=77, type=int, help="text context length in tokens")),

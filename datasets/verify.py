@@ -29,8 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import reports_errors
-from .refer import (DATASETS, IMAGE_DIRS, GroundingDataset, add_split_file_args, blank_phrases, is_degenerate, listed,
-                    load_refs, outside, split_files)
+from .refer import (GroundingDataset, add_split_file_args, blank_phrases, is_degenerate, listed, load_refs, outside,
+                    split_files)
+from .registry import DATASETS, IMAGE_DIRS
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
 
@@ -95,9 +96,10 @@ def leaks(split_root: str, train_refs, allow_unsafe: bool = False, allow_outside
     found = {}
     for dataset in LEAK_DATASETS:
         for split in EVAL_SPLITS:
-            if split not in DATASETS[dataset][2] or not all(map(os.path.isfile, split_files(split_root, dataset, split))):
+            files = split_files(split_root, dataset, split)
+            if split not in DATASETS[dataset].splits or not all(map(os.path.isfile, files)):
                 continue
-            refs = load_refs(split_root, dataset, split, allow_unsafe, allow_outside)
+            refs = load_refs(split_root, dataset, split, allow_unsafe=allow_unsafe, allow_outside=allow_outside)
             shared = train_images & {(r.folder, r.image) for r in refs}
             if shared:
                 found[f"{dataset} {split}"] = sorted(f"{IMAGE_DIRS[f]}/{i}" for f, i in shared)
@@ -135,6 +137,34 @@ def report_split(split: str, refs, sizes: dict, log) -> bool:
     return not refs or "wholly" in kinds
 
 
+def load_splits(args, log) -> tuple:
+    """({split: refs} of the splits to check that could be read, whether a needed one is missing or unreadable):
+    --split alone, else every split of the dataset but trainval whose files exist; val and a training split
+    must."""
+    splits = [args.split] if args.split else [s for s in DATASETS[args.dataset].splits if s != "trainval"]
+    failed, loaded = False, {}
+    for split in splits:
+        files = split_files(args.split_root, args.dataset, split)
+        if not args.split and not all(map(os.path.isfile, files)):
+            needed = split == "val"
+            print(f"{split}: {'ERROR ' if needed else ''}no split file ({', '.join(files)})"
+                  f"{'; training validates on it' if needed else ''}", file=log)
+            failed |= needed
+            continue
+        try:
+            loaded[split] = load_refs(args.split_root, args.dataset, split, allow_unsafe=args.allow_unsafe_pickle,
+                                      allow_outside=args.allow_outside_paths)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{split}: ERROR {e}", file=log)
+            failed = True
+    trains = [s for s in TRAINING_SPLITS if s in DATASETS[args.dataset].splits]
+    if not args.split and not any(os.path.isfile(path) for s in trains
+                                  for path in split_files(args.split_root, args.dataset, s)):
+        print(f"ERROR no training split ({' or '.join(trains)}) under --split_root {args.split_root}", file=log)
+        failed = True
+    return loaded, failed
+
+
 @reports_errors("datasets.verify")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Verify split files and images of a grounding dataset.")
@@ -146,10 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--imsize", type=int, default=224, help="input side for --dump")
     add_split_file_args(parser)
     args = parser.parse_args(argv)
-    unsafe, outside_ok = args.allow_unsafe_pickle, args.allow_outside_paths
     log = sys.stderr if args.dump else sys.stdout
-    splits = [args.split] if args.split else [s for s in DATASETS[args.dataset][2] if s != "trainval"]
-
     not_folders = [(flag, path) for flag, path in zip(FOLDERS, (args.data_root, args.split_root))
                    if not os.path.isdir(path)]
     for flag, path in not_folders:
@@ -158,38 +185,18 @@ def main(argv=None) -> int:
         print("FAILED", file=log)
         return 1
 
-    failed, loaded = False, {}
-    for split in splits:
-        files = split_files(args.split_root, args.dataset, split)
-        if not args.split and not all(map(os.path.isfile, files)):
-            needed = split == "val"
-            print(f"{split}: {'ERROR ' if needed else ''}no split file ({', '.join(files)})"
-                  f"{'; training validates on it' if needed else ''}", file=log)
-            failed |= needed
-            continue
-        try:
-            refs = load_refs(args.split_root, args.dataset, split, unsafe, outside_ok)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"{split}: ERROR {e}", file=log)
-            failed = True
-            continue
-        loaded[split] = refs
-    trains = [s for s in TRAINING_SPLITS if s in DATASETS[args.dataset][2]]
-    if not args.split and not any(os.path.isfile(path) for s in trains
-                                  for path in split_files(args.split_root, args.dataset, s)):
-        print(f"ERROR no training split ({' or '.join(trains)}) under --split_root {args.split_root}", file=log)
-        failed = True
-
+    loaded, failed = load_splits(args, log)
     problems, sizes = image_problems(args.data_root, [r for refs in loaded.values() for r in refs])
     for split, refs in loaded.items():
-        failed |= report_split(split, refs, sizes, log)
+        failed |= report_split(split, refs, sizes=sizes, log=log)
     for path, reason in problems:
         print(f"image {path}: {reason}", file=log)
     print(f"images: {len(problems)} problems", file=log)
     failed |= bool(problems)
 
     if args.dataset == "mixup" and "train" in loaded:
-        found = leaks(args.split_root, loaded["train"], unsafe, outside_ok)
+        found = leaks(args.split_root, loaded["train"], allow_unsafe=args.allow_unsafe_pickle,
+                      allow_outside=args.allow_outside_paths)
         for where, images in found.items():
             print(f"leak: {len(images)} mixup train images appear in {where}, e.g. {', '.join(images[:5])}",
                   file=log)
@@ -201,7 +208,7 @@ def main(argv=None) -> int:
         bad = {p for p, _ in problems}
         usable = [r for r in loaded.get(split, [])
                   if os.path.join(args.data_root, IMAGE_DIRS[r.folder], r.image) not in bad]
-        dump(args.data_root, usable, args.imsize, args.dump)
+        dump(args.data_root, usable, imsize=args.imsize, n=args.dump)
     print("FAILED" if failed else "OK", file=log)
     return 1 if failed else 0
 

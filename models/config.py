@@ -8,12 +8,12 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional
 
+from datasets.registry import dataset_spec
+
 from .configs import load_model_config
 
 OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
 STEM_INITS = {"pos_embed_init": ("open_clip", "sincos"), "patch_embed_init": ("open_clip", "dct")}
-TEXT_LAYER_RULES = {"unc": "last", "unc+": "middle_last", "referit": "middle_last",
-                    "gref": "all", "gref_umd": "all"}
 
 
 @dataclass
@@ -81,8 +81,9 @@ class HiVGConfig:
 
 
 def select_text_layers(dataset: str, num_layers: int) -> List[int]:
-    """Text blocks feeding the bridge for a dataset (paper section 3.2): 12 layers -> [11], [5, 11] or all."""
-    rule = TEXT_LAYER_RULES.get(dataset, "last")
+    """Text blocks feeding the bridge for a dataset (paper section 3.2), by its rule in datasets.registry.DATASETS:
+    12 layers -> [11], [5, 11] or all. ValueError naming the datasets for one the table lacks."""
+    rule = dataset_spec(dataset).text_layers
     if rule == "all":
         return list(range(num_layers))
     if rule == "middle_last":

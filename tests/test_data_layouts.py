@@ -14,11 +14,11 @@ AUGMENT = dict(aug_crop=True, aug_scale=True, aug_translate=True, aug_blur=True)
 
 
 def test_official_splits():
-    assert DATASETS["unc"][2][:4] == ("train", "val", "testA", "testB")
-    assert DATASETS["unc+"][2][:4] == ("train", "val", "testA", "testB")
-    assert DATASETS["gref"][2][:2] == ("train", "val") and "test" not in DATASETS["gref"][2]
+    assert DATASETS["unc"].splits[:4] == ("train", "val", "testA", "testB")
+    assert DATASETS["unc+"].splits[:4] == ("train", "val", "testA", "testB")
+    assert DATASETS["gref"].splits[:2] == ("train", "val") and "test" not in DATASETS["gref"].splits
     for name in ("gref_umd", "referit", "flickr", "mixup", "synthref"):
-        assert DATASETS[name][2][:3] == ("train", "val", "test")
+        assert DATASETS[name].splits[:3] == ("train", "val", "test")
 
 
 @pytest.mark.parametrize("dataset", OFFICIAL)
