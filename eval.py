@@ -26,6 +26,7 @@ from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
 from utils.checkpoint import check_can_write, write_atomically
 from utils.errors import UserError, alike_on_every_rank, reports_errors
+from utils.flags import add_device_arg, add_hf_clip_config_arg, add_num_workers_arg, add_speed_args
 from utils.visualize import save_eval_pictures
 
 PROG = "eval.py"
@@ -47,18 +48,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_split_file_args(parser)
     parser.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES,
                         help="default: what the checkpoint was trained with (official for the authors' checkpoints)")
-    parser.add_argument("--hf_clip_config", help="an authors' checkpoint whose CLIP is none of our --model configs: "
-                                                 "its architecture as an HF CLIPConfig JSON")
+    add_hf_clip_config_arg(parser)
     parser.add_argument("--batch_size", type=int, default=64, help="per rank")
-    parser.add_argument("--num_workers", type=int, default=2)
+    add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (as timm and open_clip); "
-                             "--no-tf32 for exact fp32; no effect on CPU")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the model (after LoRA merging); the first batches compile")
+    add_speed_args(add_device_arg(parser))
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     return parser

@@ -20,6 +20,7 @@ import torch
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils.errors import UserError
+from utils.flags import add_hf_clip_config_arg
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # EFBIG: past the file-size limit (ulimit -f)
 
@@ -129,8 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("official", help="official checkpoint (.pth with 'model' and 'args')")
     parser.add_argument("out", help="output checkpoint path")
     parser.add_argument("--model", help="override the backbone (default: the checkpoint's args.model)")
-    parser.add_argument("--hf_clip_config", help="CLIP architecture from an HF CLIPConfig JSON (for a CLIP that "
-                                                 "is none of the registered --model configs)")
+    add_hf_clip_config_arg(parser)
     opts = parser.parse_args(argv)
     clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
     weights = read_weights(opts.official, clip_cfg, official_overrides={"model": opts.model})
