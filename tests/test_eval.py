@@ -13,8 +13,8 @@ from PIL import Image
 from datasets.synthetic import main as make_synthetic
 from eval import main as eval_main
 from models.hivg import add_model_args, build_model
-from models.weights import load_model
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from models.weights import load_model, read_weights
+from utils.checkpoint import save_checkpoint
 from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
 from utils.engine import length_bucket, summarize
 
@@ -78,7 +78,7 @@ def test_errors(setup, tmp_path):
     root, ckpt = setup
     proc = run(["--eval_model", str(tmp_path / "missing.pth"), "--eval_set", "val"])
     assert proc.returncode != 0 and "does not exist" in proc.stderr
-    bad = load_checkpoint(ckpt)
+    bad = read_weights(ckpt).checkpoint
     bad["config"]["hi_lora_stage"] = 0
     save_checkpoint(tmp_path / "bad.pth", bad)
     proc = run(["--eval_model", str(tmp_path / "bad.pth"), "--eval_set", "val"])
@@ -124,7 +124,7 @@ def test_results_are_keyed_by_dataset_and_split_and_kept(setup, tmp_path):
 def with_official_bridge(ckpt, folder):
     """A copy of `ckpt` whose config says the authors' batch-mixing bridge."""
     official = folder / "official_bridge.pth"
-    content = load_checkpoint(ckpt)
+    content = read_weights(ckpt).checkpoint
     content["config"]["bridge_attention"] = "official"
     save_checkpoint(official, content)
     return official

@@ -22,9 +22,9 @@ from datasets.collate import Batch
 from datasets.synthetic import main as make_synthetic
 from datasets.tokens import tokenize
 from models.hivg import add_model_args, build_model, text_length
+from models.weights import read_weights
 from tests.conftest import REPO, is_project_source
 from tests.test_train import assert_same_weights, flags
-from utils.checkpoint import load_checkpoint
 from utils.engine import LossMeter, NonFiniteLossError, ShardSampler, set_tf32, train_one_epoch
 from utils.losses import build_criterion
 
@@ -293,7 +293,7 @@ def test_two_step_run_on_cuda_matches_the_cpu_run(data, tmp_path):
     assert train_hivg.main(flags(data, tmp_path / "cpu", *common, "--device", "cpu")) == 0
     assert train_hivg.main(flags(data, tmp_path / "cuda", *common, "--device", "cuda", "--num_workers", "2")) == 0
     assert_same_weights(tmp_path / "cpu" / "checkpoint.pth", tmp_path / "cuda" / "checkpoint.pth")
-    ckpt = load_checkpoint(tmp_path / "cuda" / "checkpoint.pth")
+    ckpt = read_weights(tmp_path / "cuda" / "checkpoint.pth").checkpoint
     assert ckpt["args"]["device"] == "cuda" and ckpt["optimizer"]["param_groups"][0]["fused"]
 
 

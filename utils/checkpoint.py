@@ -1,5 +1,5 @@
-"""Checkpoint files of this project: atomic writes, the whole-file read for --resume and tests, RNG
-states, and the converter command for the authors' checkpoints.
+"""Checkpoint files of this project: atomic writes, RNG states, and the converter command for the authors'
+checkpoints.
 
     python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json] [--model NAME]
 
@@ -95,14 +95,6 @@ def current_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
-
-
-def load_checkpoint(path) -> dict:
-    """The whole content of a checkpoint of this project (model, optimizer, epoch, RNG states, ...)."""
-    weights = read_weights(path)
-    if weights.checkpoint is None:
-        raise ValueError(f"{path} is not a checkpoint of this project ({weights.kind})")
-    return weights.checkpoint
 
 
 def rng_state() -> dict:
