@@ -12,7 +12,8 @@ import torch
 
 import train_hivg
 from models.weights import read_weights
-from tests.test_train import REPO, data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
+from tests.conftest import flags
+from tests.test_train import REPO, log_epochs, run_script
 from utils.checkpoint import save_checkpoint
 from utils.losses import GroundingCriterion
 

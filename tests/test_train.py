@@ -12,40 +12,19 @@ import pytest
 import torch
 
 import train_hivg
-from datasets.synthetic import main as make_synthetic
 from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
 from models.weights import load_model, read_file, read_weights
 from utils.checkpoint import leftover_temporaries, save_checkpoint
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, flags
 from utils.engine import ShardSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthref")
-    make_synthetic(["--out", str(root), "--num_train", "48", "--num_val", "13", "--num_test", "11", "--imsize", "64"])
-    return root
-
-
-def flags(data, out, *extra):
-    return ["--model", "tiny", "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
-            "--imsize", "64", "--max_query_len", "16", "--batch_size", "8", "--lr", "1e-3", "--lr_scheduler", "cosine",
-            "--use_rtcc_constrain_loss", "--use_mask_loss", "--num_workers", "0", "--output_dir", str(out), *extra]
-
-
 def run_script(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def stage0(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage0")
-    assert train_hivg.main(flags(data, out, "--epochs", "3")) == 0
-    return out
 
 
 def test_loss_goes_down_and_logs(stage0):

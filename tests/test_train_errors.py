@@ -12,8 +12,8 @@ import torch
 
 import train_hivg
 from models.weights import read_weights
-from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
-from tests.test_train import REPO, data, flags, run_script, stage0  # noqa: F401 (data, stage0: fixtures)
+from tests.conftest import BAD_CHECKPOINTS, flags, write_bad_checkpoint
+from tests.test_train import REPO, run_script
 from utils.checkpoint import leftover_temporaries, save_checkpoint
 from utils.errors import UserError, reports_errors
 
