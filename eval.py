@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATASETS, TRAIN_SPLITS, add_split_file_args, check_dataset_split
+from datasets.refer import DATASETS, TRAIN_SPLITS, add_data_path_args, add_split_file_args, check_dataset_split
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
@@ -43,8 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", nargs="+", choices=list(DATASETS),
                         help="one or more datasets (e.g. the five of the paper's table for a mixup model); "
                              "default: the checkpoint's")
-    parser.add_argument("--data_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["data_root"])
-    parser.add_argument("--split_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["split_root"])
+    add_data_path_args(parser, fallback="the checkpoint's")
     add_split_file_args(parser)
     parser.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES,
                         help="default: what the checkpoint was trained with (official for the authors' checkpoints)")
