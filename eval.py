@@ -51,7 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64, help="per rank")
     add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
-    add_speed_args(add_device_arg(parser))
+    add_device_arg(parser)
+    add_speed_args(parser)
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     return parser
