@@ -31,6 +31,7 @@ from models.api import Grounder, Prepared
 from utils.cli import load_grounder
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
+from utils.flags import add_device_arg
 from utils.visualize import PALETTE, draw_boxes, heat_pictures
 
 PROG = "app.py"
@@ -53,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                        "in images with a HiVG checkpoint.", allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_arg(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default: this machine only; 0.0.0.0 exposes the page)")
     parser.add_argument("--port", type=int, default=7860)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
-from datasets.refer import DATA_DEFAULTS, add_split_file_args
+from datasets.refer import DATA_PATHS, add_data_path_args, add_split_file_args
 from datasets.registry import DATASETS, TRAIN_SPLITS, check_dataset_split
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
@@ -27,6 +27,7 @@ from utils import distributed as du
 from utils.engine import LENGTH_BUCKETS, accuracy_by_group, evaluate, set_tf32
 from utils.checkpoint import check_can_write, write_atomically
 from utils.errors import UserError, alike_on_every_rank, reports_errors
+from utils.flags import add_device_arg, add_hf_clip_config_arg, add_num_workers_arg, add_speed_args
 from utils.visualize import save_eval_pictures
 
 PROG = "eval.py"
@@ -42,23 +43,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", nargs="+", choices=list(DATASETS),
                         help="one or more datasets (e.g. the five of the paper's table for a mixup model); "
                              "default: the checkpoint's")
-    parser.add_argument("--data_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["data_root"])
-    parser.add_argument("--split_root", help="default: the checkpoint's, else " + DATA_DEFAULTS["split_root"])
+    add_data_path_args(parser, fallback="the checkpoint's")
     add_split_file_args(parser)
     parser.add_argument("--bridge_attention", choices=BRIDGE_ATTENTION_MODES,
                         help="default: what the checkpoint was trained with (official for the authors' checkpoints)")
-    parser.add_argument("--hf_clip_config", help="an authors' checkpoint whose CLIP is none of our --model configs: "
-                                                 "its architecture as an HF CLIPConfig JSON")
+    add_hf_clip_config_arg(parser)
     parser.add_argument("--batch_size", type=int, default=64, help="per rank")
-    parser.add_argument("--num_workers", type=int, default=2)
+    add_num_workers_arg(parser)
     parser.add_argument("--output_dir", default="", help="where the JSON goes (default: beside the checkpoint)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (as timm and open_clip); "
-                             "--no-tf32 for exact fp32; no effect on CPU")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the model (after LoRA merging); the first batches compile")
+    add_device_arg(parser)
+    add_speed_args(parser)
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="save N pictures per split (half hits, half misses): prediction cyan, ground truth green")
     return parser
@@ -77,7 +71,7 @@ def format_table(dataset: str, results: dict) -> str:
 
 def data_args(opts, run_args: dict, image_size: int, dataset: str) -> argparse.Namespace:
     """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
-    values = {k: getattr(opts, k) or run_args.get(k) or default for k, default in DATA_DEFAULTS.items()}
+    values = {k: getattr(opts, k) or run_args.get(k) or default for k, (default, _) in DATA_PATHS.items()}
     return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False,
                               allow_unsafe_pickle=opts.allow_unsafe_pickle, allow_outside_paths=opts.allow_outside_paths,
                               aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)

@@ -36,6 +36,7 @@ from models.api import Grounder, Grounding, Prepared
 from utils.cli import load_grounder
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
+from utils.flags import add_device_arg, add_hf_clip_config_arg
 from utils.visualize import draw_boxes, heat_pictures
 
 PROG = "predict.py"
@@ -58,17 +59,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also draw the [REG] token's attention over the patches (last fusion layer)")
     parser.add_argument("--token_map", action="store_true", help="also draw the token-alignment map")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_arg(parser)
     parser.add_argument("--bridge_attention", default="per_sample", choices=("per_sample", "official"),
                         help="per_sample: each expression alone (default); official: the authors' batch-mixing "
                              "reshape, predictions then depend on the batch")
-    parser.add_argument("--hf_clip_config", help="official checkpoints only: the CLIP architecture as an HF "
-                                                 "CLIPConfig JSON, for a CLIP none of the registered --model "
-                                                 "configs describes")
+    add_hf_clip_config_arg(parser)
     return parser
 
-
-# ----------------------------------------------------------------------------------------- model
 
 # ----------------------------------------------------------------------------------------- images
 
@@ -103,8 +100,6 @@ def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
     finally:
         img.close()
 
-
-# ----------------------------------------------------------------------------------------- prediction
 
 # ----------------------------------------------------------------------------------------- CLI
 

@@ -30,6 +30,7 @@ from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
                           set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
+from utils.flags import add_device_arg, add_hf_clip_config_arg, add_num_workers_arg, add_speed_args
 from utils.logger import RunLogger
 from utils.losses import build_criterion
 from utils.output_dir import claimed
@@ -61,20 +62,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr_power", type=float, default=0.9, help="poly schedule exponent")
     g.add_argument("--lr_exponential", type=float, default=0.9, help="exponential schedule factor per epoch")
     g.add_argument("--clip_max_norm", type=float, default=0.0, help="gradient norm clipping (0: none)")
-    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype")
-    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 tensor cores for fp32 matmuls and convolutions on CUDA (as timm and open_clip); "
-                        "no effect on CPU")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model for training (validation stays eager); the first steps compile")
+    add_speed_args(g)
     g.add_argument("--sup_type", choices=("full", "unsup"), default="full", help="unsup trains on train_pseudo")
     g.add_argument("--clip_model", default="", help="CLIP weights: open_clip/OpenAI/HF file or the official "
                    "debiased CLIP; without it the CLIP is random")
     g.add_argument("--resume", default="", help="continue a run from its checkpoint.pth")
     g.add_argument("--retrain", default="", help="start from these weights, evaluate them first")
     g.add_argument("--hi_lora_retrain", default="", help="start the next Hi LoRA stage from this checkpoint")
-    g.add_argument("--hf_clip_config", default="", help="an official checkpoint given to --hi_lora_retrain or "
-                   "--retrain whose CLIP is none of the --model configs: its architecture as an HF CLIPConfig JSON")
+    add_hf_clip_config_arg(g, default="")
     g.add_argument("--hi_lora_clip", default="", help="accepted for the official scripts; not needed")
     g.add_argument("--save_hilora_clip", action="store_true", help="accepted for the official scripts; no effect")
     g.add_argument("--output_dir", default="./outputs", help="checkpoints, log.txt, args.json, tensorboard/; one run "
@@ -84,9 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "tensorboard/ and eval.py's results for its checkpoints (eval_checkpoint.json, vis_checkpoint/, "
                    "eval_best_checkpoint.json, vis_best_checkpoint/); refused when the run reads one of them "
                    "(--retrain, --hi_lora_retrain, --clip_model) or when one is a symbolic link")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    add_device_arg(g)
     g.add_argument("--seed", type=int, default=13, help="rank r uses seed + r")
-    g.add_argument("--num_workers", type=int, default=2, help="data loader processes per rank")
+    add_num_workers_arg(g)
     g.add_argument("--eval_batch_size", type=int, default=0, help="default: --batch_size")
     g.add_argument("--print_freq", type=int, default=20,
                    help="a plain progress line every N optimizer steps when the output is not a terminal (0: none); "

@@ -31,7 +31,9 @@ from datasets.tokens import tokenize  # noqa: E402
 from models.attention import eager_attention  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
+from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import set_tf32  # noqa: E402
+from utils.flags import add_device_arg, add_speed_args  # noqa: E402
 from utils.losses import AUX_LOSSES, GroundingCriterion  # noqa: E402
 
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
@@ -120,7 +122,7 @@ def make_step(opts, model, device, reference: bool):
 
 
 def single_run(opts) -> dict:
-    device = torch.device(opts.device)
+    device = resolve_device(opts.device)
     torch.set_num_threads(opts.threads) if opts.threads else None
     set_tf32(device, opts.tf32)
     model = make_model(opts, device)
@@ -167,14 +169,11 @@ def main(argv=None):
     parser.add_argument("--imsize", type=int, default=224)
     parser.add_argument("--mode", choices=("train", "eval"), default="eval")
     parser.add_argument("--stage", type=int, default=0, choices=[0, 1, 2, 3])
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                        help="TF32 for fp32 matmuls and convolutions on CUDA (the training default); no effect on CPU")
-    parser.add_argument("--compile", action="store_true", help="time the torch.compile'd model (not the reference)")
+    add_speed_args(parser)
     parser.add_argument("--compile_backend", default="inductor",
                         help="torch.compile backend; eager: dynamo's tracing only, no code generation (the GPU "
                              "check's dry run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(parser, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -193,8 +192,9 @@ def main(argv=None):
     results = {"fast": run_in_child(argv, "fast")}
     if opts.reference:
         results["reference"] = run_in_child(argv, "reference")
-    print(f"{opts.model} {opts.mode} stage {opts.stage} batch {opts.batch_size} amp {opts.amp} on {opts.device}"
-          f"{' compiled' if opts.compile else ''}{' tf32' if opts.tf32 and opts.device.startswith('cuda') else ''}")
+    device = resolve_device(opts.device).type
+    print(f"{opts.model} {opts.mode} stage {opts.stage} batch {opts.batch_size} amp {opts.amp} on {device}"
+          f"{' compiled' if opts.compile else ''}{' tf32' if opts.tf32 and device == 'cuda' else ''}")
     print(f"{'path':<10}" + "".join(f"{k:>18}" for k in KEYS))
     for name, r in results.items():
         print(f"{name:<10}" + "".join(f"{r[k]:>18.3f}" for k in KEYS))

@@ -28,7 +28,6 @@ from .splitfile import UNSAFE_FLAG, load_pickled_list
 from .transforms import CROP_RULES, Record, build_transforms
 
 OUTSIDE_FLAG = "--allow_outside_paths"
-DATA_DEFAULTS = {"data_root": "./data/image_data/", "split_root": "./data/pseudo_samples/"}
 
 
 def split_path(split_root: str, dataset: str, split: str) -> str:
@@ -233,19 +232,35 @@ def build_dataset(split: str, args) -> GroundingDataset:
                             use_seg_mask=args.use_seg_mask, name=name)
 
 
+# --data_root / --split_root: the training default and what the folder holds
+DATA_PATHS = {"data_root": ("./data/image_data/", "folder holding the image folders (other/, referit/, Flickr30k/, "
+                                                  "synthref/)"),
+              "split_root": ("./data/pseudo_samples/", "folder holding <dataset>/<dataset>_<split>.pth")}
+
+
+def add_data_path_args(parser, fallback: str = "", required: bool = False):
+    """--data_root and --split_root, defined once for every tool: with the training defaults; or, for a tool that
+    takes them from elsewhere first (`fallback`, e.g. "the checkpoint's"), None unless given; or required."""
+    for name, (default, what) in DATA_PATHS.items():
+        if required:
+            parser.add_argument(f"--{name}", required=True, help=what)
+        elif fallback:
+            parser.add_argument(f"--{name}", help=f"{what}; default: {fallback}, else {default}")
+        else:
+            parser.add_argument(f"--{name}", default=default, type=str, help=what)
+    return parser
+
+
 def add_data_args(parser):
     """Register the data flags (official names and defaults) on an argparse parser.
 
     --dataset, --imsize and --max_query_len are model flags too: add the model flags after these with
     models.hivg.add_model_args(parser, shared=False).
     """
+    parser.add_argument("--dataset", default="referit", type=str, choices=list(DATASETS),
+                        help="dataset name; 'synthref' is the embedded synthetic set")
+    add_data_path_args(parser)
     flags = [
-        ("--dataset", dict(default="referit", type=str, choices=list(DATASETS),
-                           help="dataset name; 'synthref' is the embedded synthetic set")),
-        ("--data_root", dict(default=DATA_DEFAULTS["data_root"], type=str,
-                             help="folder holding the image folders (other/, referit/, Flickr30k/, synthref/)")),
-        ("--split_root", dict(default=DATA_DEFAULTS["split_root"], type=str,
-                              help="folder holding <dataset>/<dataset>_<split>.pth")),
         ("--imsize", dict(default=224, type=int, help="input side S of the padded square image")),
         ("--max_query_len", dict(default=77, type=int, help="text context length in tokens")),
         ("--aug_blur", dict(action="store_true", help="Gaussian blur augmentation (p 0.5)")),

@@ -315,11 +315,3 @@ class Letterbox:
             limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=torch.float64)
             out = torch.minimum(out.clamp(min=0), limit)
         return out
-
-    def to_padded(self, boxes_xyxy: torch.Tensor) -> torch.Tensor:
-        """Original-image xyxy pixels [..., 4] -> normalised (cx, cy, w, h) in the padded frame (the
-        transform's forward map of a box)."""
-        b = torch.as_tensor(boxes_xyxy).double() * self.ratio
-        b = b + torch.tensor([self.left, self.top, self.left, self.top], dtype=torch.float64)
-        x0, y0, x1, y1 = b.unbind(-1)
-        return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / self.size

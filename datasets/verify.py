@@ -29,8 +29,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import reports_errors
-from .refer import (GroundingDataset, add_split_file_args, blank_phrases, is_degenerate, listed, load_refs, outside,
-                    split_files)
+from .refer import (GroundingDataset, add_data_path_args, add_split_file_args, blank_phrases, is_degenerate, listed,
+                    load_refs, outside, split_files)
 from .registry import DATASETS, IMAGE_DIRS
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
@@ -169,8 +169,7 @@ def load_splits(args, log) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Verify split files and images of a grounding dataset.")
     parser.add_argument("--dataset", required=True, choices=list(DATASETS))
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--split_root", required=True)
+    add_data_path_args(parser, required=True)
     parser.add_argument("--split", help="check only this split (default: every split file present)")
     parser.add_argument("--dump", type=int, default=0, metavar="N", help="print N eval-transformed samples")
     parser.add_argument("--imsize", type=int, default=224, help="input side for --dump")

@@ -3,7 +3,7 @@
 HF transformers ``CLIPModel`` names map to open_clip names through one table of rename
 rules. A rule is a pair of templates, HF side and open_clip side, in which ``{i}`` stands
 for a layer index, ``{p}`` for ``weight``/``bias`` and ``{s}`` for one of ``q``/``k``/``v``.
-The same table drives both directions. Three kinds of rule exist:
+The tests invert the same table to write HF files (tests/clip_helpers.py). Three kinds of rule exist:
 
 - ``copy``: rename only;
 - ``transpose``: rename and transpose (HF stores the projections as Linear weights
@@ -122,32 +122,6 @@ def hf_to_open_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         if missing:
             raise ValueError(f"cannot build {new_key!r}: the {'/'.join(missing)} projection is missing")
         converted[new_key] = torch.cat(parts, dim=0)
-    return converted
-
-
-def _open_clip_key_to_hf(key: str) -> tuple[str, str]:
-    """open_clip key -> (HF key template with {s} still unfilled for q/k/v, rule kind)."""
-    for _, hf_template, oc_regex, _, kind in _RULES:
-        match = oc_regex.fullmatch(key)
-        if match:
-            fields = dict(match.groupdict(), s="{s}")
-            return hf_template.format(**fields), kind
-    raise ValueError(f"unexpected key {key!r} in open_clip CLIP state dict (no HF equivalent)")
-
-
-def open_clip_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of ``hf_to_open_clip``: split in_proj into q/k/v, transpose the projections.
-
-    ``position_ids`` buffers are not recreated.
-    """
-    converted: dict[str, Tensor] = {}
-    for key, tensor in state_dict.items():
-        hf_key, kind = _open_clip_key_to_hf(key)
-        if kind == "qkv":
-            for name, part in zip(_QKV_SLOTS, tensor.chunk(3, dim=0)):
-                converted[hf_key.format(s=name)] = part
-        else:
-            converted[hf_key] = tensor.t().contiguous() if kind == "transpose" else tensor
     return converted
 
 

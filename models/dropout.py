@@ -1,11 +1,10 @@
 """Dropout with a cheap mask on the CPU; torch's fused kernel elsewhere.
 
-torch's CPU dropout costs about as much as a dense layer of the same width (8.3 ms forward for a
-[8, 197, 768] tensor on two cores, a 768 x 768 linear 10 ms). A B/16 training step drops roughly 80M
-elements (fusion encoder, LoRA inputs), so on the CPU the mask is cut from 64-bit random words instead,
-two 32-bit draws per word (3.1 ms forward for the same tensor). The drop probability is rounded to a multiple of 2^-32 and kept values are
-scaled by the inverse of the exact keep probability, so expectations are preserved; the random stream
-differs from torch's. On CUDA `F.dropout` is used as is.
+torch's CPU dropout costs about as much as a dense layer of the same width, and a B/16 training step drops
+roughly 80M elements (fusion encoder, LoRA inputs), so on the CPU the mask is cut from 64-bit random words
+instead, two 32-bit draws per word (measurements: docs/benchmarks.md). The drop probability is rounded to a
+multiple of 2^-32 and kept values are scaled by the inverse of the exact keep probability, so expectations are
+preserved; the random stream differs from torch's. On CUDA `F.dropout` is used as is.
 """
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
-"""Shared test settings: CPU only, deterministic, two threads (the CI machine's size)."""
+"""Shared test settings (CPU only, deterministic, two threads: the CI machine's size) and the fixtures several
+test modules use: synthetic data sets, a tiny checkpoint, a trained stage-0 run."""
 import argparse
 import os
 import sys
@@ -20,6 +21,7 @@ def is_project_source(path: Path, root: Path = REPO) -> bool:
 
 sys.path.insert(0, str(REPO))
 
+from datasets.synthetic import generate  # noqa: E402
 from models.api import Grounder  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from utils.checkpoint import rng_state, save_checkpoint  # noqa: E402
@@ -29,6 +31,56 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """make(num_train, num_val, num_test, imsize=64, seed=0): the folder (data_root = split_root) of a synthref
+    set of these sizes, generated once per session and shared: a test that changes a set copies it first."""
+    made = {}
+
+    def make(num_train: int, num_val: int, num_test: int, imsize: int = 64, seed: int = 0) -> Path:
+        key = (num_train, num_val, num_test, imsize, seed)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp("synthref")
+            generate(str(made[key]), num_train=num_train, num_val=num_val, num_test=num_test, seed=seed,
+                     imsize=imsize)
+        return made[key]
+    return make
+
+
+@pytest.fixture(scope="session")
+def data(synthetic_set):
+    """The training runs' set: 48 train, 13 val, 11 test expressions, 64 px."""
+    return synthetic_set(48, 13, 11)
+
+
+@pytest.fixture(scope="session")
+def small_data(synthetic_set):
+    """For runs of a few steps (compiled, on CUDA): 16 train, 6 val, 2 test expressions, 64 px."""
+    return synthetic_set(16, 6, 2)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(synthetic_set):
+    """The synthetic set's own tests: 60 train, 20 val, 40 test expressions, 96 px."""
+    return synthetic_set(60, 20, 40, imsize=96, seed=3)
+
+
+def flags(data, out, *extra):
+    """train_hivg.py's flags for a short run of the tiny model on the synthetic set `data`, into `out`."""
+    return ["--model", "tiny", "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
+            "--imsize", "64", "--max_query_len", "16", "--batch_size", "8", "--lr", "1e-3", "--lr_scheduler", "cosine",
+            "--use_rtcc_constrain_loss", "--use_mask_loss", "--num_workers", "0", "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def stage0(data, tmp_path_factory):
+    """A finished three-epoch stage-0 run of `flags` (read only: a test that writes into a run copies it)."""
+    import train_hivg
+    out = tmp_path_factory.mktemp("stage0")
+    assert train_hivg.main(flags(data, out, "--epochs", "3")) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

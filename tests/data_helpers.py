@@ -3,13 +3,11 @@ import argparse
 import os
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from datasets import add_data_args
 from datasets.refer import IMAGE_DIRS
-from datasets.synthetic import generate
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 RED = (230, 20, 20)
@@ -155,11 +153,3 @@ def assert_mask_on_red(record, radius=3, tol=0.97):
     if core.any():
         assert red[core].mean() >= tol
     assert (~red[outside]).mean() >= tol
-
-
-@pytest.fixture(scope="session")
-def synth_dir(tmp_path_factory):
-    """A small synthref set (imsize 96) shared by the tests."""
-    out = tmp_path_factory.mktemp("synthref")
-    generate(str(out), num_train=60, num_val=20, num_test=40, seed=3, imsize=96)
-    return out

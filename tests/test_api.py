@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_convert
 
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
@@ -26,7 +27,8 @@ def test_letterbox_is_the_eval_transform_and_inverts_it(size_wh):
     expected_mask = np.ones((S, S), np.int32)
     expected_mask[y0:y1, x0:x1] = 0
     assert np.array_equal(record.pixel_mask.numpy(), expected_mask), (size_wh, lb)
-    assert torch.allclose(lb.to_padded(box).float(), record.box, atol=1e-6)
+    padded = box.double() * lb.ratio + torch.tensor([x0, y0, x0, y0], dtype=torch.float64)   # the forward map
+    assert torch.allclose((box_convert(padded, "xyxy", "cxcywh") / S).float(), record.box, atol=1e-6)
     back = lb.to_original(record.box, clip=False)
     assert torch.allclose(back, box.double(), atol=2e-3), (back, box)
 

@@ -51,10 +51,9 @@ def app(*args, **kw) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
+def examples(synthetic_set):
     """A small synthetic set: its folder and its test split's (image path, expression) pairs."""
-    folder = tmp_path_factory.mktemp("synth")
-    generate(str(folder), num_train=1, num_val=1, num_test=4, imsize=64)
+    folder = synthetic_set(1, 1, 4)
     samples = torch.load(folder / "synthref" / "synthref_test.pth", weights_only=True)
     return folder, [(folder / "synthref" / "images" / s[0], s[3]) for s in samples]
 

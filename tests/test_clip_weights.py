@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import save_file
 
 from models.backbone import build_clip
-from models.convert_clip import open_clip_to_hf
 from models.hivg import add_model_args, build_model
 from models.weights import load_clip, read_weights
+from tests.clip_helpers import open_clip_to_hf
 
 
 def tiny(mode="paper"):

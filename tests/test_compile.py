@@ -10,10 +10,10 @@ from torch._dynamo.utils import counters
 
 import eval as eval_script
 import train_hivg
-from datasets.synthetic import main as make_synthetic
 from datasets.tokens import tokenize
 from models.hivg import add_model_args, build_model
-from tests.test_train import assert_same_weights, flags
+from tests.conftest import flags
+from tests.test_train import assert_same_weights
 
 
 @pytest.fixture(autouse=True)
@@ -24,13 +24,6 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthref")
-    make_synthetic(["--out", str(root), "--num_train", "16", "--num_val", "6", "--num_test", "2", "--imsize", "64"])
-    return root
 
 
 def graph_breaks():
@@ -64,19 +57,19 @@ def test_compiled_forward_equals_eager():
     assert counters["stats"]["unique_graphs"] == 3   # towers; fusion and heads; the same at a symbolic length
 
 
-def test_compiled_training_run_equals_eager(data, tmp_path):
+def test_compiled_training_run_equals_eager(small_data, tmp_path):
     common = ["--epochs", "1", "--vl_dropout", "0"]   # 2 steps of 8 samples, no random masks
-    assert train_hivg.main(flags(data, tmp_path / "eager", *common)) == 0
-    assert train_hivg.main(flags(data, tmp_path / "compiled", *common, "--compile")) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "eager", *common)) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "compiled", *common, "--compile")) == 0
     assert graph_breaks() == ["Skip calling `torch.compiler.disable()`d function"]
     assert_same_weights(tmp_path / "eager" / "checkpoint.pth", tmp_path / "compiled" / "checkpoint.pth")
     losses = [json.loads((tmp_path / run / "log.txt").read_text())["train_loss"] for run in ("eager", "compiled")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_eval_compile_flag_evaluates_through_the_compiled_model(data, tmp_path, monkeypatch):
+def test_eval_compile_flag_evaluates_through_the_compiled_model(small_data, tmp_path, monkeypatch):
     """The wiring of eval.py --compile; dynamo's eager backend keeps it quick (inductor is checked above)."""
-    assert train_hivg.main(flags(data, tmp_path / "run", "--epochs", "1")) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "run", "--epochs", "1")) == 0
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model: real(model, backend="eager"))
     results = []

@@ -10,8 +10,8 @@ from PIL import Image
 from models.convert import canonical_key, convert_official_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
-from models.weights import load_model
-from utils.checkpoint import load_checkpoint, main as convert_main, save_checkpoint
+from models.weights import load_model, read_weights
+from utils.checkpoint import main as convert_main, save_checkpoint
 
 FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
 
@@ -85,7 +85,7 @@ def test_converter_command_writes_a_checkpoint_that_reloads(tmp_path, official_s
     torch.save({"model": official_state, "args": argparse.Namespace(**config["hivg_args"])}, src)
     out = tmp_path / "ours.pth"
     assert convert_main([str(src), str(out), "--hf_clip_config", str(FIXTURE / "config.json")]) == 0
-    ckpt = load_checkpoint(out)
+    ckpt = read_weights(out).checkpoint
     assert ckpt["config"]["hi_lora_mode"] == "official" and ckpt["config"]["hi_lora_stage"] == 1
     reloaded = load_model(out, merge=False)
     for key, value in model.state_dict().items():

@@ -7,13 +7,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from models.convert_clip import (
-    hf_config_to_open_clip_cfg,
-    hf_key_to_open_clip,
-    hf_to_open_clip,
-    open_clip_to_hf,
-)
+from models.convert_clip import hf_config_to_open_clip_cfg, hf_key_to_open_clip, hf_to_open_clip
 from models.weights import read_weights
+from tests.clip_helpers import open_clip_to_hf
 from tests.conftest import FIXTURES
 from tests.tolerance import assert_close_fp32
 

@@ -12,7 +12,7 @@ from datasets import Collate, build_dataset
 from datasets.masks import polygons_to_mask
 from datasets.synthetic import COLOURS, GROUPS, SHAPES, baselines, expression_groups, generate, main
 from utils.engine import accuracy_by_group
-from tests.data_helpers import args_for, synth_dir  # noqa: F401 - fixture
+from tests.data_helpers import args_for
 
 RELATION_WORDS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
 LOCATION_WORDS = {"on the left": "left", "on the right": "right", "at the top": "top", "at the bottom": "bottom"}

@@ -10,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.synthetic import main as make_synthetic
 from eval import main as eval_main
 from models.hivg import add_model_args, build_model
-from models.weights import load_model
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from models.weights import load_model, read_weights
+from utils.checkpoint import save_checkpoint
 from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
 from utils.engine import length_bucket, summarize
 
@@ -22,15 +21,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    make_synthetic(["--out", str(root), "--num_train", "4", "--num_val", "13", "--num_test", "7", "--imsize", "64"])
+def setup(synthetic_set, tmp_path_factory):
+    """The data (4 train, 13 val, 7 test expressions) and a tiny stage-1 checkpoint of a run on it."""
+    root = synthetic_set(4, 13, 7)
     parser = add_model_args(argparse.ArgumentParser())
     args = parser.parse_args(["--model", "tiny", "--dataset", "synthref", "--imsize", "64", "--max_query_len", "16",
                               "--hi_lora_stage", "1"])
     model = build_model(args)
     run_args = {**vars(args), "data_root": str(root), "split_root": str(root)}
-    ckpt = root / "best_checkpoint.pth"
+    ckpt = tmp_path_factory.mktemp("eval") / "best_checkpoint.pth"
     save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config.to_dict(), "args": run_args})
     return root, ckpt
 
@@ -78,7 +77,7 @@ def test_errors(setup, tmp_path):
     root, ckpt = setup
     proc = run(["--eval_model", str(tmp_path / "missing.pth"), "--eval_set", "val"])
     assert proc.returncode != 0 and "does not exist" in proc.stderr
-    bad = load_checkpoint(ckpt)
+    bad = read_weights(ckpt).checkpoint
     bad["config"]["hi_lora_stage"] = 0
     save_checkpoint(tmp_path / "bad.pth", bad)
     proc = run(["--eval_model", str(tmp_path / "bad.pth"), "--eval_set", "val"])
@@ -124,7 +123,7 @@ def test_results_are_keyed_by_dataset_and_split_and_kept(setup, tmp_path):
 def with_official_bridge(ckpt, folder):
     """A copy of `ckpt` whose config says the authors' batch-mixing bridge."""
     official = folder / "official_bridge.pth"
-    content = load_checkpoint(ckpt)
+    content = read_weights(ckpt).checkpoint
     content["config"]["bridge_attention"] = "official"
     save_checkpoint(official, content)
     return official
@@ -202,7 +201,7 @@ def test_damaged_image_names_the_image_and_the_split_file(setup, tmp_path, capsy
     """Read by DataLoader workers, which hand the error back with their traceback as its text: still one line."""
     root, ckpt = setup
     copy = tmp_path / "data"
-    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("eval_*.json"))
+    shutil.copytree(root, copy)
     image = copy / "synthref" / "images" / torch.load(copy / "synthref" / "synthref_val.pth", weights_only=True)[2][0]
     image.write_bytes(b"")
     assert eval_main(["--eval_model", str(ckpt), "--eval_set", "val", "--data_root", str(copy), "--split_root",

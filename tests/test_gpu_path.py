@@ -19,12 +19,11 @@ import eval as eval_script
 import train_hivg
 from datasets import build_dataset
 from datasets.collate import Batch
-from datasets.synthetic import main as make_synthetic
 from datasets.tokens import tokenize
 from models.hivg import add_model_args, build_model, text_length
-from tests.conftest import REPO, is_project_source
-from tests.test_train import assert_same_weights, flags
-from utils.checkpoint import load_checkpoint
+from models.weights import read_weights
+from tests.conftest import REPO, flags, is_project_source
+from tests.test_train import assert_same_weights
 from utils.engine import LossMeter, NonFiniteLossError, ShardSampler, set_tf32, train_one_epoch
 from utils.losses import build_criterion
 
@@ -211,13 +210,6 @@ def test_the_train_loader_pins_memory_on_cuda_only():
 
 # ---- On a CUDA device (pytest -m cuda; benchmarks/gpu_check.sh) ----
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthref")
-    make_synthetic(["--out", str(root), "--num_train", "16", "--num_val", "6", "--num_test", "2", "--imsize", "64"])
-    return root
-
-
 @on_cuda
 def test_bf16_autocast_training_step_on_cuda():
     model, criterion = tiny_model("cuda")
@@ -288,18 +280,18 @@ def test_no_host_sync_between_checks_on_cuda():
 
 
 @on_cuda
-def test_two_step_run_on_cuda_matches_the_cpu_run(data, tmp_path):
+def test_two_step_run_on_cuda_matches_the_cpu_run(small_data, tmp_path):
     common = ["--epochs", "1", "--vl_dropout", "0", "--no-tf32"]   # 16 samples: 2 steps of 8
-    assert train_hivg.main(flags(data, tmp_path / "cpu", *common, "--device", "cpu")) == 0
-    assert train_hivg.main(flags(data, tmp_path / "cuda", *common, "--device", "cuda", "--num_workers", "2")) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "cpu", *common, "--device", "cpu")) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "cuda", *common, "--device", "cuda", "--num_workers", "2")) == 0
     assert_same_weights(tmp_path / "cpu" / "checkpoint.pth", tmp_path / "cuda" / "checkpoint.pth")
-    ckpt = load_checkpoint(tmp_path / "cuda" / "checkpoint.pth")
+    ckpt = read_weights(tmp_path / "cuda" / "checkpoint.pth").checkpoint
     assert ckpt["args"]["device"] == "cuda" and ckpt["optimizer"]["param_groups"][0]["fused"]
 
 
 @on_cuda
-def test_the_train_loader_pins_batches_on_cuda(data, tmp_path):
-    args, _ = train_hivg.resolve_args(flags(data, tmp_path, "--num_workers", "2"))
+def test_the_train_loader_pins_batches_on_cuda(small_data, tmp_path):
+    args, _ = train_hivg.resolve_args(flags(small_data, tmp_path, "--num_workers", "2"))
     dataset = build_dataset("train", args)
     batch = next(iter(train_hivg.make_loader(dataset, ShardSampler(len(dataset)), 4, args, torch.device("cuda"), 0)))
     assert all(t.is_pinned() for t in batch[:5])

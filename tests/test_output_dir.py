@@ -14,7 +14,8 @@ import pytest
 
 import train_hivg
 from models.hivg import add_model_args, build_model
-from tests.test_train import KILLED_SAVING_EPOCH, REPO, data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
+from tests.conftest import flags
+from tests.test_train import KILLED_SAVING_EPOCH, REPO, log_epochs, run_script
 from utils.checkpoint import save_checkpoint
 from utils.output_dir import claim
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import train_hivg
-from datasets.synthetic import main as make_synthetic
 from models.backbone import build_clip
 from models.hivg import add_model_args, build_model
 from tests.conftest import REPO
@@ -122,11 +121,10 @@ TINY = "--model tiny --imsize 64 --max_query_len 16 --vl_enc_layers 1 --vl_dim_f
 
 
 @pytest.fixture
-def tiny_recipe(tmp_path):
+def tiny_recipe(synthetic_set, tmp_path):
     """Environment that runs the recipe on the tiny model and a tiny synthetic set: its PYTHON runs each torchrun
     command as one plain process and gives train_hivg.py the TINY flags last (they win)."""
-    data = tmp_path / "data"
-    make_synthetic(["--out", str(data), "--num_train", "16", "--num_val", "8", "--num_test", "8", "--imsize", "64"])
+    data = synthetic_set(16, 8, 8)
     model_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--imsize", "64"])
     torch.save(build_clip(build_model(model_args).config.clip).state_dict(), tmp_path / "clip.pt")
     python = tmp_path / "python"

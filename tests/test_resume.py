@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import train_hivg
-from tests.test_train import REPO, data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from models.weights import read_weights
+from tests.conftest import flags
+from tests.test_train import REPO, log_epochs, run_script
+from utils.checkpoint import save_checkpoint
 from utils.losses import GroundingCriterion
 
 # 2 epochs of 3 optimizer steps (24 samples, batch 8)
@@ -64,11 +66,11 @@ def test_a_stop_anywhere_in_an_epoch_resumes_into_the_uninterrupted_run(data, wh
     run = tmp_path / "run"
     signal_at(monkeypatch, at)
     assert train_hivg.main(flags(data, run, *SHORT, "--print_freq", str(print_freq))) == 128 + signal.SIGTERM
-    assert load_checkpoint(run / "checkpoint.pth")["resume_at"] == resume_at
+    assert read_weights(run / "checkpoint.pth").checkpoint["resume_at"] == resume_at
     assert train_hivg.main(["--resume", str(run / "checkpoint.pth")]) == 0
     assert log_records(run) == log_records(whole)           # every epoch validated and logged once, same means
     for name in ("best_checkpoint.pth", "checkpoint.pth"):
-        wa, wb = load_checkpoint(whole / name)["model"], load_checkpoint(run / name)["model"]
+        wa, wb = read_weights(whole / name).checkpoint["model"], read_weights(run / name).checkpoint["model"]
         assert [k for k in wa if not torch.equal(wa[k], wb[k])] == [], name
 
 
@@ -77,7 +79,7 @@ def test_a_checkpoint_saved_at_an_epochs_last_step_resumes(data, tmp_path, capsy
     no step, and is validated and logged."""
     run = tmp_path / "run"
     assert train_hivg.main(flags(data, run, "--epochs", "3", "--epoch_samples", "8", "--run_epochs", "1")) == 0
-    ckpt = load_checkpoint(run / "checkpoint.pth")
+    ckpt = read_weights(run / "checkpoint.pth").checkpoint
     save_checkpoint(run / "checkpoint.pth", dict(ckpt, resume_at=(1, 1)))
     assert train_hivg.main(["--resume", str(run / "checkpoint.pth")]) == 0
     assert log_epochs(run) == [0, 1, 2]
@@ -87,7 +89,7 @@ def test_a_checkpoint_saved_at_an_epochs_last_step_resumes(data, tmp_path, capsy
 def test_resume_from_an_earlier_checkpoint_of_the_run_is_refused(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert train_hivg.main(flags(data, run, "--epochs", "3", "--epoch_samples", "8")) == 0
-    earlier = dict(load_checkpoint(run / "checkpoint.pth"), epoch=0, resume_at=(1, 0))
+    earlier = dict(read_weights(run / "checkpoint.pth").checkpoint, epoch=0, resume_at=(1, 0))
     save_checkpoint(run / "best_checkpoint.pth", earlier)   # best after epoch 0
     before = {name: (run / name).read_bytes() for name in ("checkpoint.pth", "log.txt")}
     assert train_hivg.main(["--resume", str(run / "best_checkpoint.pth")]) == 2
@@ -169,7 +171,7 @@ def test_sigterm_to_one_rank_under_torchrun_stops_every_rank_cleanly(data, tmp_p
     assert "stopped by signal 15 (SIGTERM, rank 1) after epoch 0" in proc.stdout, out
     assert "rank 0 exits 143" in proc.stdout and "rank 1 exits 143" in proc.stdout, out
     assert "train_hivg.py\", line" not in out, out                   # no traceback from a rank
-    assert log_epochs(run) == [0] and load_checkpoint(run / "checkpoint.pth")["resume_at"] == (1, 0)
+    assert log_epochs(run) == [0] and read_weights(run / "checkpoint.pth").checkpoint["resume_at"] == (1, 0)
 
 
 def test_a_second_ctrl_c_stops_at_once_with_status_130(data, tmp_path):

@@ -12,40 +12,19 @@ import pytest
 import torch
 
 import train_hivg
-from datasets.synthetic import main as make_synthetic
 from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
-from models.weights import load_model, read_file
-from utils.checkpoint import leftover_temporaries, load_checkpoint, save_checkpoint
-from tests.conftest import FIXTURES
+from models.weights import load_model, read_file, read_weights
+from utils.checkpoint import leftover_temporaries, save_checkpoint
+from tests.conftest import FIXTURES, flags
 from utils.engine import ShardSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthref")
-    make_synthetic(["--out", str(root), "--num_train", "48", "--num_val", "13", "--num_test", "11", "--imsize", "64"])
-    return root
-
-
-def flags(data, out, *extra):
-    return ["--model", "tiny", "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
-            "--imsize", "64", "--max_query_len", "16", "--batch_size", "8", "--lr", "1e-3", "--lr_scheduler", "cosine",
-            "--use_rtcc_constrain_loss", "--use_mask_loss", "--num_workers", "0", "--output_dir", str(out), *extra]
-
-
 def run_script(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def stage0(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage0")
-    assert train_hivg.main(flags(data, out, "--epochs", "3")) == 0
-    return out
 
 
 def test_loss_goes_down_and_logs(stage0):
@@ -54,7 +33,7 @@ def test_loss_goes_down_and_logs(stage0):
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     args = json.loads((stage0 / "args.json").read_text())
     assert args["hi_lora_stage"] == 0 and args["model"] == "tiny"
-    ckpt = load_checkpoint(stage0 / "checkpoint.pth")
+    ckpt = read_weights(stage0 / "checkpoint.pth").checkpoint
     assert {"model", "optimizer", "scheduler", "epoch", "stage", "args", "rng", "config"} <= set(ckpt)
     assert ckpt["config"]["bridge_layers"] == [1, 3, 5] and ckpt["config"]["image_size"] == 64
     assert ckpt["epoch"] == 2 and ckpt["resume_at"] == (3, 0)
@@ -70,8 +49,8 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
     for stage in (1, 2, 3):
         out = tmp_path / f"s{stage}"
         assert train_hivg.main(["--hi_lora_retrain", str(prev), "--epochs", "1", "--output_dir", str(out)]) == 0
-        before = merge_lora_state_dict(load_checkpoint(prev)["model"])
-        ckpt = load_checkpoint(out / "checkpoint.pth")
+        before = merge_lora_state_dict(read_weights(prev).checkpoint["model"])
+        ckpt = read_weights(out / "checkpoint.pth").checkpoint
         assert ckpt["stage"] == stage and ckpt["args"]["dataset"] == "synthref"
         model = load_model(out / "checkpoint.pth", merge=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -93,7 +72,7 @@ def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
     assert train_hivg.main(["--hi_lora_retrain", str(src), "--hf_clip_config", str(fixture / "config.json"),
                             "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
                             "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--output_dir", str(out)]) == 0
-    ckpt = load_checkpoint(out / "checkpoint.pth")
+    ckpt = read_weights(out / "checkpoint.pth").checkpoint
     assert ckpt["stage"] == 2 and ckpt["args"]["hi_lora_mode"] == "official"
     model = load_model(out / "checkpoint.pth", merge=False)   # no flag needed any more: the config travels along
     assert model.config.clip == ckpt["config"]["clip"] and len(model.clip.visual.transformer.resblocks) == 12
@@ -109,11 +88,11 @@ def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
 def test_warmup_run_then_stage0_with_fresh_bridges(data, tmp_path, capsys):
     warm, out = tmp_path / "warm", tmp_path / "stage0"   # tiny has no bridges in warmup, as ViT-L/14
     assert train_hivg.main(flags(data, warm, "--epochs", "1", "--warmup")) == 0
-    before = load_checkpoint(warm / "checkpoint.pth")["model"]
+    before = read_weights(warm / "checkpoint.pth").checkpoint["model"]
     assert not any(k.startswith("bridges.") for k in before)
     # lr 0: stage 0 must hold exactly the warmup weights plus new bridges
     assert train_hivg.main(flags(data, out, "--epochs", "1", "--lr", "0", "--retrain", str(warm / "checkpoint.pth"))) == 0
-    after = load_checkpoint(out / "checkpoint.pth")["model"]
+    after = read_weights(out / "checkpoint.pth").checkpoint["model"]
     bridges = {k for k in after if k.startswith("bridges.")}
     assert bridges and set(after) - set(before) == bridges
     assert all(torch.equal(after[k], before[k]) for k in before)
@@ -138,9 +117,9 @@ def test_resume_is_exact(data, tmp_path):
     short = ["--epochs", "2", "--epoch_samples", "16", "--vl_dim_feedforward", "64"]
     assert train_hivg.main(flags(data, a, *short)) == 0
     assert train_hivg.main(flags(data, b, *short, "--run_epochs", "1")) == 0
-    assert load_checkpoint(b / "checkpoint.pth")["resume_at"] == (1, 0)
+    assert read_weights(b / "checkpoint.pth").checkpoint["resume_at"] == (1, 0)
     assert train_hivg.main(["--resume", str(b / "checkpoint.pth")]) == 0  # keeps writing into b
-    wa, wb = load_checkpoint(a / "checkpoint.pth")["model"], load_checkpoint(b / "checkpoint.pth")["model"]
+    wa, wb = (read_weights(run / "checkpoint.pth").checkpoint["model"] for run in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)   # exact on any CPU: one process, the same kernels and shapes
 
 
@@ -172,11 +151,11 @@ def test_resume_inside_an_epoch_is_exact(data, tmp_path, ranks):
     whole = run_script([*launch, "train_hivg.py", *flags(data, tmp_path / "whole", *common)])
     assert whole.returncode == 0, whole.stderr
     stopped = run_script([*launch, str(script), *flags(data, tmp_path / "stopped", *common)])
-    assert load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["resume_at"] == (0, 2), stopped.stderr
+    assert read_weights(tmp_path / "stopped" / "checkpoint.pth").checkpoint["resume_at"] == (0, 2), stopped.stderr
     resumed = run_script([*launch, "train_hivg.py", "--resume", str(tmp_path / "stopped" / "checkpoint.pth")])
     assert resumed.returncode == 0, resumed.stderr
-    wa = load_checkpoint(tmp_path / "whole" / "checkpoint.pth")["model"]
-    wb = load_checkpoint(tmp_path / "stopped" / "checkpoint.pth")["model"]
+    wa = read_weights(tmp_path / "whole" / "checkpoint.pth").checkpoint["model"]
+    wb = read_weights(tmp_path / "stopped" / "checkpoint.pth").checkpoint["model"]
     # Exact on any CPU: both sides run the same kernels (one environment, one thread, the same ranks and batches).
     assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
 
@@ -191,7 +170,7 @@ def test_sigterm_saves_a_loadable_checkpoint(data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, rest
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = read_weights(tmp_path / "checkpoint.pth").checkpoint
     load_model(tmp_path / "checkpoint.pth")
     assert ckpt["resume_at"][0] >= 1 and "continue with --resume" in rest
 
@@ -252,7 +231,7 @@ def assert_same_weights(path_a, path_b):
     tensor, 0.03%). The tolerance, 2e-2 * lr * steps, is ten times the first, and at most 0.1% of a tensor may
     exceed it, while leaving out one batch of 8 moves 84% of the weights by more.
     """
-    ca, cb = load_checkpoint(path_a), load_checkpoint(path_b)
+    ca, cb = read_weights(path_a).checkpoint, read_weights(path_b).checkpoint
     steps = int(next(iter(ca["optimizer"]["state"].values()))["step"])
     atol = 2e-2 * ca["args"]["lr"] * steps
     w1, w2 = ca["model"], cb["model"]
@@ -315,7 +294,7 @@ def test_tensorboard_steps_run_on_across_hi_lora_stages(data, tmp_path):
     assert scalar_steps(s0, "train_step/loss") == [2, 4, 6] and scalar_steps(s0, "val/acc") == [6]
     assert scalar_steps(s1, "train_step/loss_bbox") == [8, 10, 12]      # 6 steps per epoch, stage 1 from 6
     assert scalar_steps(s1, "val/acc") == [6, 12]                       # the inherited model, then epoch 0
-    assert load_checkpoint(s1 / "checkpoint.pth")["stage_end_step"] == 12
+    assert read_weights(s1 / "checkpoint.pth").checkpoint["stage_end_step"] == 12
 
 
 def test_a_run_killed_between_its_two_writes_keeps_its_best_checkpoint(data, tmp_path, monkeypatch):
@@ -332,7 +311,7 @@ def test_a_run_killed_between_its_two_writes_keeps_its_best_checkpoint(data, tmp
     monkeypatch.setattr(train_hivg, "save_checkpoint", killed_at_the_second_write)
     with pytest.raises(KeyboardInterrupt):
         train_hivg.main(flags(data, tmp_path, "--epochs", "1"))
-    assert load_checkpoint(tmp_path / "best_checkpoint.pth")["epoch"] == 0
+    assert read_weights(tmp_path / "best_checkpoint.pth").checkpoint["epoch"] == 0
 
 
 def test_resume_refuses_flags_it_cannot_honour(data, tmp_path, capsys):
@@ -351,7 +330,7 @@ def test_a_run_killed_while_saving_resumes_with_each_epoch_logged_once_and_no_te
     small = ["--epochs", "3", "--epoch_samples", "8", "--vl_dim_feedforward", "64"]
     killed = run_script([str(script), *flags(data, run, *small)])
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert log_epochs(run) == [0, 1] and load_checkpoint(run / "checkpoint.pth")["epoch"] == 0
+    assert log_epochs(run) == [0, 1] and read_weights(run / "checkpoint.pth").checkpoint["epoch"] == 0
     assert leftover_temporaries(run / "checkpoint.pth")                 # what the kill left behind
     assert train_hivg.main(["--resume", str(run / "checkpoint.pth")]) == 0  # replays epoch 1
     assert log_epochs(run) == [0, 1, 2]

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import train_hivg
-from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
-from tests.test_train import REPO, data, flags, run_script, stage0  # noqa: F401 (data, stage0: fixtures)
-from utils.checkpoint import leftover_temporaries, load_checkpoint, save_checkpoint
+from models.weights import read_weights
+from tests.conftest import BAD_CHECKPOINTS, flags, write_bad_checkpoint
+from tests.test_train import REPO, run_script
+from utils.checkpoint import leftover_temporaries, save_checkpoint
 from utils.errors import UserError, reports_errors
 
 
@@ -28,7 +29,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 
     monkeypatch.setattr(GroundingCriterion, "forward", poisoned)
     assert train_hivg.main(flags(data, tmp_path, "--epochs", "3")) == 1
-    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    ckpt = read_weights(tmp_path / "checkpoint.pth").checkpoint
     assert ckpt["epoch"] == 0 and ckpt["resume_at"] == (1, 0)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
@@ -48,7 +49,7 @@ def test_errors_are_clear(data, stage0, tmp_path, capsys):
         torch.save([], empty / "synthref" / f"synthref_{split}.pth")
     assert train_hivg.main(flags(data, tmp_path / "o", "--split_root", str(empty), "--epochs", "1")) == 2
     assert "no usable samples" in capsys.readouterr().err
-    bad = load_checkpoint(stage0 / "checkpoint.pth")
+    bad = read_weights(stage0 / "checkpoint.pth").checkpoint
     bad["args"]["imsize"] = 32
     save_checkpoint(tmp_path / "bad.pth", bad)
     assert train_hivg.main(["--hi_lora_retrain", str(tmp_path / "bad.pth"), "--output_dir", str(tmp_path / "b")]) == 2
@@ -80,7 +81,7 @@ def test_bad_checkpoint_files_one_line_naming_the_flag(stage0, tmp_path, capsys,
 def test_resume_of_another_models_checkpoint_is_refused(data, stage0, tmp_path, capsys, change, expect):
     """--resume continues a run with the network its checkpoint describes; weights or training state written for
     another model (files mixed up or edited) are refused in one line, not with PyTorch's key dump."""
-    ckpt = load_checkpoint(stage0 / "checkpoint.pth")
+    ckpt = read_weights(stage0 / "checkpoint.pth").checkpoint
     if change == "model":      # the weights of a model with a 4x wider fusion feed-forward
         ckpt["model"] = {k: v.repeat(4, *[1] * (v.dim() - 1)) if "linear1" in k else v
                          for k, v in ckpt["model"].items()}
@@ -119,7 +120,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(stage0, data, tm
     errors = [line for line in (printed.out + printed.err).splitlines() if "error" in line]
     assert len(errors) == 1 and "non-finite loss" in errors[0], errors
     assert f"the last good checkpoints are kept ({out / 'best_checkpoint.pth'})" in errors[0]
-    best = load_checkpoint(out / "best_checkpoint.pth")
+    best = read_weights(out / "best_checkpoint.pth").checkpoint
     assert best["epoch"] == -1 and not (out / "checkpoint.pth").exists()
     assert all(torch.isfinite(v).all() for v in best["model"].values() if v.is_floating_point())
     assert train_hivg.main(flags(data, tmp_path / "fresh", "--lr", "1e30", "--epochs", "1", "--epoch_samples", "16",

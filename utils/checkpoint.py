@@ -1,5 +1,5 @@
-"""Checkpoint files of this project: atomic writes, the whole-file read for --resume and tests, RNG
-states, and the converter command for the authors' checkpoints.
+"""Checkpoint files of this project: atomic writes, RNG states, and the converter command for the authors'
+checkpoints.
 
     python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json] [--model NAME]
 
@@ -20,6 +20,7 @@ import torch
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils.errors import UserError
+from utils.flags import add_hf_clip_config_arg
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # EFBIG: past the file-size limit (ulimit -f)
 
@@ -96,14 +97,6 @@ def current_umask() -> int:
     return mask
 
 
-def load_checkpoint(path) -> dict:
-    """The whole content of a checkpoint of this project (model, optimizer, epoch, RNG states, ...)."""
-    weights = read_weights(path)
-    if weights.checkpoint is None:
-        raise ValueError(f"{path} is not a checkpoint of this project ({weights.kind})")
-    return weights.checkpoint
-
-
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU and CUDA) generator states as plain values (weights_only-safe)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -129,8 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("official", help="official checkpoint (.pth with 'model' and 'args')")
     parser.add_argument("out", help="output checkpoint path")
     parser.add_argument("--model", help="override the backbone (default: the checkpoint's args.model)")
-    parser.add_argument("--hf_clip_config", help="CLIP architecture from an HF CLIPConfig JSON (for a CLIP that "
-                                                 "is none of the registered --model configs)")
+    add_hf_clip_config_arg(parser)
     opts = parser.parse_args(argv)
     clip_cfg = clip_cfg_from_hf_json(opts.hf_clip_config) if opts.hf_clip_config else None
     weights = read_weights(opts.official, clip_cfg, official_overrides={"model": opts.model})
