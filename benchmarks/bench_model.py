@@ -32,7 +32,7 @@ from models.attention import eager_attention  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
 from utils.engine import set_tf32  # noqa: E402
-from utils.losses import AUX_LOSSES, GroundingCriterion  # noqa: E402
+from utils.losses import GroundingCriterion  # noqa: E402
 
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
 
@@ -107,7 +107,7 @@ def make_step(opts, model, device, reference: bool):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
-    criterion = GroundingCriterion(aux_losses=AUX_LOSSES)  # the three auxiliary losses of make_model's flags
+    criterion = GroundingCriterion(heads=model.outputs)  # the heads of make_model's flags
 
     def step(net):
         with amp(), attention():

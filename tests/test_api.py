@@ -6,7 +6,8 @@ from PIL import Image
 
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
-from models.api import box_score, prepare
+from models.api import prepare
+from models.heads import box_score
 from models.hivg import patch_padding_mask
 from tests.data_helpers import draw_scene
 
