@@ -69,7 +69,8 @@ class Grounder:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         # the first trained head that scores boxes (models.heads.HeadSpec.score)
-        self.scorer = next((HEADS[name] for name in model.outputs if name in HEADS and HEADS[name].score), None)
+        self.scorer = next((HEADS[name] for name in model.config.outputs if name in HEADS and HEADS[name].score),
+                           None)
         self.scored = self.scorer is not None
 
     @classmethod

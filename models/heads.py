@@ -5,8 +5,7 @@ the targets it reads, its run flag and optional evaluation metric. The model's f
 criterion (utils.losses), the training and evaluation loops (utils.engine), the model flags and the Python
 API iterate over `HEADS`, so a new head is one `register_head` call (README, "Extending").
 """
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -95,6 +94,7 @@ class Features:
     image_pooled: Tensor
     text_eot: Tensor
     clip: nn.Module
+    _text_eot_unit: Optional[Tensor] = field(default=None, init=False, repr=False)
 
     @property
     def reg(self) -> Tensor:
@@ -106,12 +106,15 @@ class Features:
         """[B, N, D] the fused patch tokens."""
         return self.states[:, 2:2 + self.grid[0] * self.grid[1]]
 
-    @cached_property
+    @property
     def text_eot_unit(self) -> Tensor:
-        """[B, D] the fused text token at each EOT, unit norm (computed once, shared by the heads)."""
-        text = self.states[:, 2 + self.grid[0] * self.grid[1]:]
-        eot = text[torch.arange(text.shape[0], device=self.eot_pos.device), self.eot_pos]
-        return eot / eot.norm(dim=-1, keepdim=True)
+        """[B, D] the fused text token at each EOT, unit norm (computed once, shared by the heads; not a
+        functools.cached_property, whose lock torch.compile cannot trace)."""
+        if self._text_eot_unit is None:
+            text = self.states[:, 2 + self.grid[0] * self.grid[1]:]
+            eot = text[torch.arange(text.shape[0], device=self.eot_pos.device), self.eot_pos]
+            self._text_eot_unit = eot / eot.norm(dim=-1, keepdim=True)
+        return self._text_eot_unit
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def known_outputs(names: Iterable[str]) -> set:
     unknown = names - set(output_names())
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {list(output_names())} (a head of "
-                         "another version of this code must be registered first: models.heads.register_head)")
+                         "your own is registered with models.heads.register_head before the model is built)")
     return names
 
 
