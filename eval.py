@@ -1,4 +1,5 @@
-"""Evaluate a HiVG checkpoint: Acc@0.5, mean IoU and accuracy by expression length, on one or more splits.
+"""Evaluate a HiVG checkpoint: Acc@0.5, mean IoU, accuracy by expression length and the metrics its heads declare
+(models.heads.HeadSpec.metric), on one or more splits.
 
     python eval.py --eval_model OUT/best_checkpoint.pth --eval_set val testA testB
     torchrun --nproc_per_node 8 eval.py --eval_model ... --eval_set test     # exact under any rank count
@@ -190,6 +191,8 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
             results[split]["acc_by_group"] = accuracy_by_group(ious, groups[split])
         if info.is_main:
             print(f"{split} Acc@0.5: {results[split]['acc']:.4f}", flush=True)
+            for name, value in results[split].get("metrics", {}).items():  # those the heads declare
+                print(f"{split} {name}: {value:.4f}", flush=True)
             for group, r in results[split].get("acc_by_group", {}).items():
                 print(f"{split} Acc@0.5 {group}: {r['acc']:.4f} ({r['count']} expressions)", flush=True)
         if info.is_main and opts.visualize > 0:

@@ -34,7 +34,7 @@ from models.lora import merge_lora  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import set_tf32  # noqa: E402
 from utils.flags import add_device_arg, add_speed_args  # noqa: E402
-from utils.losses import AUX_LOSSES, GroundingCriterion  # noqa: E402
+from utils.losses import GroundingCriterion  # noqa: E402
 
 KEYS = ("samples_per_s", "peak_mem_mb", "flops_per_sample", "matmul_gflops", "share_of_peak")
 
@@ -109,7 +109,7 @@ def make_step(opts, model, device, reference: bool):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, fused=device.type == "cuda")
-    criterion = GroundingCriterion(aux_losses=AUX_LOSSES)  # the three auxiliary losses of make_model's flags
+    criterion = GroundingCriterion(heads=model.outputs)  # the heads of make_model's flags
 
     def step(net):
         with amp(), attention():

@@ -20,6 +20,7 @@ from PIL import Image
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
 
+from .heads import HEADS
 from .hivg import HiVG
 from .weights import load_model
 
@@ -37,8 +38,8 @@ class Grounding:
     """One (image, expression) result.
 
     box_xyxy: [x0, y0, x1, y1] in pixels of the original image, clipped to it.
-    score: mean token-alignment probability of the patches inside the box, in [0, 1] (None when the model
-        was trained without the token-alignment loss, whose head would be untrained).
+    score: the box's confidence in [0, 1] from the first enabled head that declares one (the token-alignment
+        head's: mean probability of the patches inside the box); None when no trained head scores boxes.
     box_padded: [4] normalised (cx, cy, w, h) in the S x S padded frame.
     attention: [gh, gw] [REG] attention over the patches in the last fusion layer (sums to 1), on request.
     token_map: [gh, gw] token-alignment logits, on request.
@@ -60,22 +61,6 @@ def prepare(image: Image.Image, size: int) -> Prepared:
     return Prepared(record.image, record.pixel_mask, Letterbox.of(w, h, size))
 
 
-def box_score(token_map: torch.Tensor, box_cxcywh: torch.Tensor, grid) -> torch.Tensor:
-    """token_map [B, N] logits, boxes [B, 4] normalised -> [B]: mean sigmoid over the patches whose
-    centres lie in the box (the patch under the box centre when none does)."""
-    gh, gw = grid
-    ys = (torch.arange(gh, device=token_map.device) + 0.5) / gh
-    xs = (torch.arange(gw, device=token_map.device) + 0.5) / gw
-    cx, cy, w, h = box_cxcywh.unbind(-1)
-    inside_y = (ys[None] - cy[:, None]).abs() <= h[:, None] / 2
-    inside_x = (xs[None] - cx[:, None]).abs() <= w[:, None] / 2
-    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
-    centre = ((cy * gh).long().clamp(0, gh - 1) * gw + (cx * gw).long().clamp(0, gw - 1))
-    inside[torch.arange(len(centre)), centre] |= ~inside.any(dim=1)
-    prob = token_map.sigmoid() * inside
-    return prob.sum(dim=1) / inside.sum(dim=1)
-
-
 class Grounder:
     """A HiVG model (eval mode, LoRA merged) with its input transform and box read-out."""
 
@@ -83,7 +68,10 @@ class Grounder:
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
-        self.scored = "token_map" in model.config.outputs
+        # the first trained head that scores boxes (models.heads.HeadSpec.score)
+        self.scorer = next((HEADS[name] for name in model.config.outputs if name in HEADS and HEADS[name].score),
+                           None)
+        self.scored = self.scorer is not None
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", bridge_attention: str = "per_sample",
@@ -111,11 +99,11 @@ class Grounder:
         images = torch.stack([p.image for p in prepared]).to(self.device)
         masks = torch.stack([p.pixel_mask for p in prepared]).to(self.device)
         ids = tokenize(list(texts), model.context_length).to(self.device)
-        outputs = ["box"] + (["reg_attention"] if heatmap else []) + \
-            (["token_map"] if token_map or self.scored else [])
+        outputs = ["box"] + (["reg_attention"] if heatmap else []) + (["token_map"] if token_map else []) + \
+            ([self.scorer.name] if self.scored else [])
         out = model(images, masks, ids, outputs=outputs)
         boxes = out["pred_box"].float()
-        scores = box_score(out["token_map"].float(), boxes, model.grid).tolist() if self.scored else None
+        scores = self.scorer.score(out, boxes, model.grid).tolist() if self.scored else None
         results = []
         for i, p in enumerate(prepared):
             box = boxes[i].cpu()

@@ -11,8 +11,8 @@ from typing import List, Optional
 from datasets.registry import dataset_spec
 
 from .configs import load_model_config
+from .heads import enabled_heads
 
-OUTPUTS = ("box", "contrastive", "token_map", "seg_map", "reg_attention")
 STEM_INITS = {"pos_embed_init": ("open_clip", "sincos"), "patch_embed_init": ("open_clip", "dct")}
 
 
@@ -25,7 +25,7 @@ class HiVGConfig:
     bridge_layers / extract_layers: 0-based vision blocks with a bridge / feeding the fusion encoder.
     text_layers: text blocks whose hidden states feed the bridges (empty with `mixup`).
     image_size: input side S; context_length: text length T.
-    outputs: heads computed by default (a subset of OUTPUTS; "box" always).
+    outputs: heads computed by default (names of models.heads.HEADS; "box" always).
     pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table,
         of frequencies down to 1 / pos_embed_temperature and pos_embed_scale times the patch features' std.
     patch_embed_init: "dct" starts a random CLIP's patch projection as a 2-D DCT (models.random_init).
@@ -91,13 +91,6 @@ def select_text_layers(dataset: str, num_layers: int) -> List[int]:
     return [num_layers - 1]
 
 
-def requested_outputs(use_contrastive: bool, use_token_map: bool, use_seg_map: bool) -> List[str]:
-    """The heads a run's losses need, in OUTPUTS order."""
-    wanted = {"box", "contrastive" if use_contrastive else "", "token_map" if use_token_map else "",
-              "seg_map" if use_seg_map else ""}
-    return [o for o in OUTPUTS if o in wanted]
-
-
 def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> HiVGConfig:
     """The config of the run `args` describes (the model flags of `models.hivg.add_model_args`).
 
@@ -119,7 +112,7 @@ def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> H
         mixup=args.mixup_pretrain, bridge_attention=args.bridge_attention, fusion_heads=args.vl_nheads,
         fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward, fusion_dropout=args.vl_dropout,
         normalize_before=args.normalize_before, token_mlp_width=cfg.get("token_mlp_width", 3072),
-        outputs=requested_outputs(args.use_contrastive_loss, args.use_rtcc_constrain_loss, args.use_mask_loss),
+        outputs=enabled_heads(vars(args)),
         hi_lora_stage=args.hi_lora_stage, hi_lora_mode=args.hi_lora_mode,
         pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"),
         pos_embed_temperature=cfg.get("vision_pos_embed_temperature", 10000.0),

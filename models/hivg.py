@@ -6,7 +6,8 @@ Data flow (B images, T = 77 text tokens, N patches, D = CLIP embed width):
                                   -> final-LN tokens @ text_projection -> text_proj   [B, T, D]
     image [B, 3, S, S] -> vision tower with bridges -> 4 block outputs [B, 1+N, 4 d_v]
                        -> visual_proj_multi -> visual_proj                          [B, 1+N, D]
-    [REG] + visual + text -> fusion encoder -> box head ([REG]), token map / seg map (patches . EOT)
+    [REG] + visual + text -> fusion encoder -> the registered heads (models.heads.HEADS): box ([REG]),
+                             contrastive (CLIP embeddings), token map / seg map (patches . EOT), ...
 """
 import argparse
 from functools import partial
@@ -18,10 +19,10 @@ from torch import nn
 
 from .backbone import build_clip, encode_image, encode_text
 from .bridge import BRIDGE_ATTENTION_MODES, CrossModalBridge
-from .config import OUTPUTS, HiVGConfig, build_config
+from .config import HiVGConfig, build_config
 from .configs import list_models
 from .fusion import FusionEncoder
-from .heads import BoxHead, SegHead, TokenAlignHead
+from .heads import HEADS, REG_ATTENTION, Features, HeadDims, output_names
 from .lora import DROPOUT, apply_hi_lora
 from .random_init import init_dct_patch_embedding, init_sincos_position_embedding
 
@@ -55,6 +56,16 @@ def layers_out_of_range(clip_cfg: dict, bridge_layers: Sequence[int], extract_la
                      if any(not 0 <= i < towers[tower] for i in layers))
 
 
+def known_outputs(names: Iterable[str]) -> set:
+    """`names` as a set, or a ValueError naming those no registered head (nor REG_ATTENTION) provides."""
+    names = set(names)
+    unknown = names - set(output_names())
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {list(output_names())} (a head of "
+                         "your own is registered with models.heads.register_head before the model is built)")
+    return names
+
+
 def config_layers_out_of_range(cfg: HiVGConfig) -> str:
     """`layers_out_of_range` of the blocks `cfg` selects in its own CLIP."""
     return layers_out_of_range(cfg.clip, cfg.bridge_layers, cfg.extract_layers, cfg.text_layers)
@@ -72,7 +83,8 @@ class HiVG(nn.Module):
         context_length: text length T (<= the CLIP context length).
         adaptive_weights, mixup, bridge_attention: bridge variants (docs/method.md, section 2).
         fusion_*: fusion encoder size; normalize_before selects pre-norm (+ final LN).
-        outputs: heads computed by default, a subset of OUTPUTS ("box" always included).
+        outputs: heads computed by default, names from models.heads.output_names() ("box" always included);
+            None: all of them.
     """
 
     def __init__(self, clip_cfg: dict, bridge_layers: Sequence[int], extract_layers: Sequence[int],
@@ -80,7 +92,7 @@ class HiVG(nn.Module):
                  adaptive_weights: bool = True, mixup: bool = False, bridge_attention: str = "per_sample",
                  fusion_heads: int = 8, fusion_layers: int = 6, fusion_ffn: int = 2048,
                  fusion_dropout: float = 0.1, normalize_before: bool = True, token_mlp_width: int = 3072,
-                 outputs: Iterable[str] = OUTPUTS, grad_checkpointing: bool = False):
+                 outputs: Optional[Iterable[str]] = None, grad_checkpointing: bool = False):
         super().__init__()
         if adaptive_weights and mixup:
             raise ValueError("--enable_adaptive_weights cannot be combined with --mixup_pretrain (the bridge "
@@ -107,7 +119,8 @@ class HiVG(nn.Module):
         self.bridge_layers, self.extract_layers = list(bridge_layers), list(extract_layers)
         self.text_layers = [] if mixup else list(text_layers)
         self.mixup = mixup
-        self.outputs = tuple(sorted(set(outputs) | {"box"}, key=OUTPUTS.index))
+        wanted = known_outputs(output_names() if outputs is None else outputs) | {"box"}
+        self.outputs = tuple(name for name in output_names() if name in wanted)
         self.grad_checkpointing = grad_checkpointing
 
         blk = vis.transformer.resblocks[0]
@@ -123,9 +136,10 @@ class HiVG(nn.Module):
         self.reg_token = nn.Embedding(1, D)
         self.pos_embed = nn.Embedding(2 + self.num_patches + context_length, D)
         self.fusion = FusionEncoder(D, fusion_heads, fusion_layers, fusion_ffn, fusion_dropout, normalize_before)
-        self.box_head = BoxHead(D)
-        self.token_align = TokenAlignHead(D, token_mlp_width)
-        self.seg_head = SegHead(D)
+        dims = HeadDims(width=D, token_mlp_width=token_mlp_width, grid=self.grid)
+        for spec in HEADS.values():  # every registered head's module, so checkpoints hold them whatever trains
+            if spec.build is not None:
+                self.add_module(spec.module, spec.build(dims))
         self.reset_visual_projection()
 
     @classmethod
@@ -163,14 +177,11 @@ class HiVG(nn.Module):
         """images [B, 3, S, S], pixel_mask [B, S, S] (1 = padding), ids [B, T] token ids.
 
         Returns a dict with `pred_box` [B, 4] (cx, cy, w, h in [0, 1]) and, when asked for (default:
-        the heads of `self.outputs`), `logits_per_text` [B, B], `token_map` [B, N], `seg_map`
-        [B, 1, 8 gh, 8 gw], and only on request `reg_attention` [B, N]: the last fusion layer's [REG]
-        attention over the patches (mean over heads, renormalised over the patches).
+        the heads of `self.outputs`), the other heads' outputs (models.heads.HEADS): `logits_per_text` [B, B],
+        `token_map` [B, N], `seg_map` [B, 1, 8 gh, 8 gw], ...; and only on request `reg_attention` [B, N]:
+        the last fusion layer's [REG] attention over the patches (mean over heads, renormalised over the patches).
         """
-        want = set(self.outputs if outputs is None else outputs)
-        unknown = want - set(OUTPUTS)
-        if unknown:
-            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        want = known_outputs(self.outputs if outputs is None else outputs)
         clip = self.clip
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower_trains()):
             text = encode_text(clip, ids, self.text_layers, self.grad_checkpointing)
@@ -194,33 +205,24 @@ class HiVG(nn.Module):
         never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
         pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids[:, :T] == 0], dim=1)
         hs, reg_attn = self.fusion(tokens, self.pos_embed.weight, pad,
-                                   reg_attention="reg_attention" in want)
+                                   reg_attention=REG_ATTENTION in want)
 
-        out = {"pred_box": self.box_head(hs[:, 0])}
+        feats = Features(states=hs, grid=vis.grid, eot_pos=eot_pos, image_pooled=vis.pooled, text_eot=text.eot,
+                         clip=clip)
+        out = {}
+        for name, spec in HEADS.items():
+            if name == "box" or name in want:
+                out.update(spec.compute(getattr(self, spec.module) if spec.module else None, feats))
         if reg_attn is not None:  # over the patches only, renormalised to sum to 1
             patch_attn = reg_attn[:, 2:2 + self.num_patches]
-            out["reg_attention"] = patch_attn / patch_attn.sum(dim=-1, keepdim=True)
-        if "contrastive" in want:
-            img = vis.pooled @ clip.visual.proj
-            txt = text.eot @ clip.text_projection
-            img = img / img.norm(dim=-1, keepdim=True)
-            txt = txt / txt.norm(dim=-1, keepdim=True)
-            out["logits_per_text"] = clip.logit_scale.exp() * txt @ img.t()
-        if want & {"token_map", "seg_map"}:
-            N = self.num_patches
-            patches = hs[:, 2:2 + N]
-            eot = hs[:, 2 + N:][torch.arange(B, device=ids.device), eot_pos]
-            eot = eot / eot.norm(dim=-1, keepdim=True)
-            if "token_map" in want:
-                out["token_map"] = self.token_align(patches, eot)
-            if "seg_map" in want:
-                out["seg_map"] = self.seg_head(patches, vis.grid, eot)
+            out[REG_ATTENTION] = patch_attn / patch_attn.sum(dim=-1, keepdim=True)
         return out
 
     def freeze_heads_without_loss(self) -> None:
         """Heads outside `outputs` get no gradient in training; freezing them keeps DDP from waiting on them."""
-        self.token_align.requires_grad_("token_map" in self.outputs)
-        self.seg_head.requires_grad_("seg_map" in self.outputs)
+        for name, spec in HEADS.items():
+            if spec.module:
+                getattr(self, spec.module).requires_grad_(name in self.outputs)
 
     def set_stage(self, stage: int, mode: str = "paper", lora_dropout: float = DROPOUT) -> None:
         """Freeze CLIP, add this Hi LoRA stage's adapters and mark exactly its parameters trainable.
@@ -264,9 +266,9 @@ def add_model_args(parser: argparse.ArgumentParser, shared: bool = True) -> argp
     g.add_argument("--vl_dropout", type=float, default=0.1, help="fusion encoder dropout")
     g.add_argument("--normalize_before", action=argparse.BooleanOptionalAction, default=True,
                    help="pre-norm fusion encoder with a final LayerNorm")
-    g.add_argument("--use_contrastive_loss", action="store_true", help="CLIP image-text contrastive loss")
-    g.add_argument("--use_rtcc_constrain_loss", action="store_true", help="token-alignment loss")
-    g.add_argument("--use_mask_loss", action="store_true", help="segmentation loss")
+    for spec in HEADS.values():  # one switch per registered head that has one
+        if spec.flag:
+            g.add_argument(f"--{spec.flag}", action="store_true", help=spec.flag_help)
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
     return parser
 

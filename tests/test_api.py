@@ -7,7 +7,8 @@ from torchvision.ops import box_convert
 
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
-from models.api import box_score, prepare
+from models.api import prepare
+from models.heads import box_score
 from models.hivg import patch_padding_mask
 from tests.data_helpers import draw_scene
 

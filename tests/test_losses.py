@@ -7,20 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import FIXTURES
-from utils.losses import (
-    AUX_LOSSES,
-    LOSS_WEIGHTS,
-    OFFICIAL_LOSS_NAMES,
-    GroundingCriterion,
-    build_criterion,
-    clip_loss,
-    dice_loss,
-    focal_loss,
-)
+from models.head_losses import clip_loss, dice_loss, focal_loss
+from models.heads import official_loss_names
+from utils.losses import GroundingCriterion, build_criterion
 
 FIXTURE_DIRS = sorted(FIXTURES.glob("hivg_*"))  # the authors' fixtures (utils/parity.py)
 FIXTURE = FIXTURES / "hivg_tiny_unc_stage1"
+AUX_HEADS = ("contrastive", "token_map", "seg_map")  # the authors' three auxiliary losses
+# the official weights (the authors' trans_vg_loss)
+LOSS_WEIGHTS = {"loss_bbox": 2.0, "loss_giou": 2.0, "loss_contrastive": 1.0, "loss_align_focal": 20.0,
+                "loss_align_dice": 2.0, "loss_seg_focal": 20.0, "loss_seg_dice": 2.0}
 ALL_TERMS = set(LOSS_WEIGHTS)
+OFFICIAL_LOSS_NAMES = official_loss_names()
 BOX_TERMS = {"loss_bbox", "loss_giou"}
 # official output name -> ours
 OUTPUT_NAMES = {"pred_box": "pred_box", "logits_per_text": "logits_per_text", "visu_token_similarity": "token_map",
@@ -51,7 +49,7 @@ def targets(inputs, obj_mask=None):
 
 
 def full_criterion():
-    return GroundingCriterion(aux_losses=AUX_LOSSES)
+    return GroundingCriterion(heads=AUX_HEADS)
 
 
 @pytest.mark.recorded
@@ -83,46 +81,60 @@ def test_obj_mask_layouts_agree(inputs, outputs):
 
 def test_official_names_cover_every_term():
     assert set(OFFICIAL_LOSS_NAMES.values()) == ALL_TERMS
+    assert len(OFFICIAL_LOSS_NAMES) == len(ALL_TERMS)
     assert OFFICIAL_LOSS_NAMES["loss_algin_focal"] == "loss_align_focal"
 
 
-@pytest.mark.parametrize("aux, terms", [
+def test_declared_weights_are_the_official_ones():
+    weights = full_criterion().weights
+    assert weights == LOSS_WEIGHTS and list(weights) == list(LOSS_WEIGHTS)
+
+
+@pytest.mark.parametrize("heads, terms", [
     ((), set()),
     (("contrastive",), {"loss_contrastive"}),
-    (("token_alignment",), {"loss_align_focal", "loss_align_dice"}),
-    (("segmentation",), {"loss_seg_focal", "loss_seg_dice"}),
+    (("token_map",), {"loss_align_focal", "loss_align_dice"}),
+    (("seg_map",), {"loss_seg_focal", "loss_seg_dice"}),
 ])
-def test_criterion_computes_exactly_its_terms(inputs, outputs, aux, terms):
+def test_criterion_computes_exactly_its_terms(inputs, outputs, heads, terms):
     """Model outputs no term reads (here all four heads) are ignored."""
-    losses = GroundingCriterion(aux_losses=aux)(model_outputs(outputs), targets(inputs))
+    losses = GroundingCriterion(heads=heads)(model_outputs(outputs), targets(inputs))
     assert set(losses) == BOX_TERMS | terms
+
+
+def test_terms_come_in_the_authors_order(inputs, outputs):
+    """The order of the sum (and of the logged terms) is the authors': box, contrastive, alignment, segmentation."""
+    losses = GroundingCriterion(heads=AUX_HEADS[::-1])(model_outputs(outputs), targets(inputs))
+    assert list(losses) == list(LOSS_WEIGHTS)
 
 
 def test_build_criterion_reads_the_three_flags():
     flags = dict(use_contrastive_loss=False, use_rtcc_constrain_loss=True, use_mask_loss=True)
-    assert build_criterion(argparse.Namespace(**flags)).aux_losses == ("token_alignment", "segmentation")
-    assert build_criterion(argparse.Namespace(use_contrastive_loss=True)).aux_losses == ("contrastive",)
-    assert build_criterion(argparse.Namespace()).aux_losses == ()
+    assert build_criterion(argparse.Namespace(**flags)).heads == ("box", "token_map", "seg_map")
+    assert build_criterion(argparse.Namespace(use_contrastive_loss=True)).heads == ("box", "contrastive")
+    assert build_criterion(argparse.Namespace()).heads == ("box",)
+    assert build_criterion(argparse.Namespace(**flags)).targets == ("boxes", "obj_masks")
+    assert build_criterion(argparse.Namespace()).targets == ("boxes",)
 
 
 def test_missing_output_raises_naming_it(inputs, outputs):
     without_tokens = {k: v for k, v in model_outputs(outputs).items() if k != "token_map"}
-    criterion = GroundingCriterion(aux_losses=("token_alignment",))
-    message = "no 'token_map' (for the token_alignment loss, --use_rtcc_constrain_loss)"
+    criterion = GroundingCriterion(heads=("token_map",))
+    message = "no 'token_map' (for the token_map loss, --use_rtcc_constrain_loss)"
     with pytest.raises(ValueError, match=re.escape(message)):
         criterion(without_tokens, targets(inputs))
 
 
 def test_unknown_terms_and_weights_raise():
-    with pytest.raises(ValueError, match="unknown auxiliary losses \\['mask'\\]"):
-        GroundingCriterion(aux_losses=("mask",))
+    with pytest.raises(ValueError, match="unknown heads \\['mask'\\]"):
+        GroundingCriterion(heads=("mask",))
     with pytest.raises(ValueError, match="unknown loss weights \\['loss_l1'\\]"):
         GroundingCriterion(weights={"loss_l1": 1.0})
 
 
 def test_weights_scale_their_term_only(inputs, outputs):
     base = full_criterion()(model_outputs(outputs), targets(inputs))
-    heavier = GroundingCriterion(AUX_LOSSES, weights={"loss_giou": 5.0})(model_outputs(outputs), targets(inputs))
+    heavier = GroundingCriterion(AUX_HEADS, weights={"loss_giou": 5.0})(model_outputs(outputs), targets(inputs))
     torch.testing.assert_close(heavier["loss_giou"], base["loss_giou"] * 5.0 / LOSS_WEIGHTS["loss_giou"])
     for name in ALL_TERMS - {"loss_giou"}:
         torch.testing.assert_close(heavier[name], base[name], rtol=0, atol=0)
@@ -217,12 +229,12 @@ def test_clip_loss_is_symmetric_cross_entropy():
 def test_token_map_must_be_square(inputs, outputs):
     bad = dict(model_outputs(outputs), token_map=torch.zeros(3, 15))
     with pytest.raises(ValueError, match="square patch grid"):
-        GroundingCriterion(aux_losses=("token_alignment",))(bad, targets(inputs))
+        GroundingCriterion(heads=("token_map",))(bad, targets(inputs))
 
 
 def test_bad_mask_shapes_raise(inputs, outputs):
     with pytest.raises(ValueError, match="obj_mask"):
-        GroundingCriterion()(model_outputs(outputs), targets(inputs, torch.zeros(3, 2, 8, 8)))
+        GroundingCriterion(heads=("seg_map",))(model_outputs(outputs), targets(inputs, torch.zeros(3, 2, 8, 8)))
     bad = dict(model_outputs(outputs), seg_map=torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="seg_map"):
-        GroundingCriterion(aux_losses=("segmentation",))(bad, targets(inputs))
+        GroundingCriterion(heads=("seg_map",))(bad, targets(inputs))

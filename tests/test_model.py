@@ -415,7 +415,7 @@ def test_seg_head_equals_the_conv_chain_it_factorises():
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_bf16_autocast_training_step_runs_and_stays_close(stage):
-    from utils.losses import AUX_LOSSES, GroundingCriterion
+    from utils.losses import GroundingCriterion
     model = build_model(tiny_args("--hi_lora_stage", str(stage), "--vl_dropout", "0")).eval()
     randomize_lora(model)
     images, mask, texts = batch()
@@ -425,7 +425,7 @@ def test_bf16_autocast_training_step_runs_and_stays_close(stage):
     obj[:, 20:40, 20:40] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(images, mask, ids)
-        loss = sum(GroundingCriterion(AUX_LOSSES)(out, {"boxes": boxes, "obj_masks": obj}).values())
+        loss = sum(GroundingCriterion(model.outputs)(out, {"boxes": boxes, "obj_masks": obj}).values())
     loss.backward()
     assert torch.isfinite(loss)
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
+from models.heads import HEADS
 from utils import distributed as du
 
 LENGTH_BUCKETS = (("1-5", 1, 5), ("6-7", 6, 7), ("8-10", 8, 10), ("11+", 11, None))
@@ -178,7 +179,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
         with model.no_sync() if hasattr(model, "no_sync") and not last_micro else nullcontext():
             with autocast(device, amp):
                 out = model(batch.images, batch.pixel_mask, batch.ids)
-            losses = criterion(out, {"boxes": batch.boxes, "obj_masks": batch.obj_masks})
+            losses = criterion(out, batch_targets(batch, criterion.targets))
             total = sum(losses.values())
             (scaler.scale(total / accum_steps) if scaler else total / accum_steps).backward()
         meter.add(losses, total)
@@ -227,34 +228,55 @@ def length_bucket(phrase: str) -> str:
     return LENGTH_BUCKETS[0][0]
 
 
+def batch_targets(batch, keys) -> Dict[str, torch.Tensor]:
+    """The fields `keys` of a datasets.collate.Batch, as the targets dict of the criterion and the metrics."""
+    return {key: getattr(batch, key) for key in keys}
+
+
+def head_metrics(out: Dict[str, torch.Tensor], batch, specs) -> List[Dict[str, float]]:
+    """Per sample of `batch`, the metrics the heads `specs` declare: [{metric name: value}] of length B."""
+    values = {}
+    for spec in specs:
+        per_sample = spec.metric({key: out[key].float() for key in spec.outputs}, batch_targets(batch, spec.targets))
+        values.update({name: v.tolist() for name, v in per_sample.items()})
+    return [dict(zip(values, sample)) for sample in zip(*values.values())] if values else [{}] * len(batch.texts)
+
+
 @torch.no_grad()
 def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device, rank: int = 0, world: int = 1,
              amp: str = "none", show_progress: bool = False, desc: str = "eval",
              return_ious: bool = False) -> Dict[str, object]:
-    """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each.
+    """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each, and
+    under 'metrics' the mean of each metric the model's enabled heads declare (models.heads.HeadSpec.metric).
 
-    Rank r evaluates indices r::world (no padding); per-sample IoUs are gathered with their indices
+    Rank r evaluates indices r::world (no padding); per-sample values are gathered with their indices
     and every rank returns the same metrics. `loader_fn(dataset, sampler)` builds the DataLoader.
     """
     model.eval()
+    specs = [HEADS[name] for name in model.outputs if name in HEADS and HEADS[name].metric is not None]
     sampler = ShardSampler(len(dataset), rank, world)
     order = sampler.indices()
     ious: List[float] = []
     phrases: List[str] = []
+    metrics: List[Dict[str, float]] = []
     for batch in tqdm(loader_fn(dataset, sampler), desc=desc, disable=not show_progress, leave=False):
         batch = batch.to(device, non_blocking=True)
         with autocast(device, amp):
-            out = model(batch.images, batch.pixel_mask, batch.ids, outputs=["box"])
+            out = model(batch.images, batch.pixel_mask, batch.ids, outputs=["box", *(s.name for s in specs)])
         pred = box_convert(out["pred_box"].float(), "cxcywh", "xyxy").clamp(0, 1)[:, None]  # [B, 1, 4]: sets of one box
         ious += box_iou(pred, box_convert(batch.boxes, "cxcywh", "xyxy")[:, None])[:, 0, 0].nan_to_num(0.0).tolist()
         phrases += batch.texts
+        metrics += head_metrics(out, batch, specs)
     if len(ious) != len(order):
         raise RuntimeError(f"rank {rank} evaluated {len(ious)} samples, expected {len(order)}")
-    gathered = du.all_gather_object(list(zip(order, ious, phrases)))
-    rows = sorted(r for part in gathered for r in part)
+    gathered = du.all_gather_object(list(zip(order, ious, phrases, metrics)))
+    rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
     if [r[0] for r in rows] != list(range(len(dataset))):
         raise RuntimeError("distributed evaluation did not cover every sample exactly once")
     summary = summarize([r[1] for r in rows], [r[2] for r in rows])
+    if specs:  # means in dataset order, so the same for any number of ranks
+        names = rows[0][3] if rows else {}
+        summary["metrics"] = {name: sum(r[3][name] for r in rows) / len(rows) for name in names}
     if return_ious:  # per-sample IoUs in dataset order
         summary["ious"] = [r[1] for r in rows]
     return summary

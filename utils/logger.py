@@ -40,13 +40,16 @@ class RunLogger:
         """log.txt record and console line of an epoch; TensorBoard scalars at `global_step`."""
         if not self.enabled:
             return
+        head_metrics = val.get("metrics", {})  # those the heads declare (models.heads.HeadSpec.metric)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items() if k not in ("steps", "interrupted")},
-                  "val_acc": val["acc"], "val_miou": val["miou"], "time_s": round(time.time() - self.start, 1)}
+                  "val_acc": val["acc"], "val_miou": val["miou"], **{f"val_{k}": v for k, v in head_metrics.items()},
+                  "time_s": round(time.time() - self.start, 1)}
         with open(self.dir / "log.txt", "a") as f:
             f.write(json.dumps(record) + "\n")
         scal = {f"train/{k}": v for k, v in train.items() if k.startswith("loss")}
         scal.update({"train/lr": train["lr"], "train/samples_per_s": train["samples_per_s"],
                      "val/acc": val["acc"], "val/miou": val["miou"]})
+        scal.update({f"val/{k}": v for k, v in head_metrics.items()})
         self.scalars(scal, global_step)
         loss = f"{train['loss']:.4f}" if "loss" in train else "n/a (resumed after its last step)"
         self.print(f"epoch {epoch}: loss {loss}  lr {train['lr']:.2e}  "
