@@ -1,5 +1,6 @@
 """Checkpoint files of this project: atomic writes, the whole-file read for --resume and tests, RNG
-states, and the converter command for the authors' checkpoints.
+states, and the converter command for the authors' checkpoints. What a checkpoint holds is
+models.checkpoint_format's.
 
     python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json] [--model NAME]
 
@@ -17,6 +18,7 @@ from typing import BinaryIO, Callable
 import numpy as np
 import torch
 
+from models.checkpoint_format import model_file
 from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 from utils.errors import UserError
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
         raise ValueError(f"{opts.official} is not an official HiVG checkpoint ({weights.kind})")
     model = load_model(weights, merge=False)
     cfg = model.config
-    save_checkpoint(opts.out, {"model": model.state_dict(), "config": cfg.to_dict(), "args": weights.run_args})
+    save_checkpoint(opts.out, model_file(model, weights.run_args))
     print(f"wrote {opts.out}: {cfg.name} at Hi LoRA stage {cfg.hi_lora_stage} ({cfg.hi_lora_mode} mode), "
           f"{len(model.state_dict())} tensors")
     return 0
