@@ -21,13 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, add_data_args, build_dataset
-from models.checkpoint_format import inherited_flags, missing_training_state, training_file
+from models.checkpoint_format import check_resumable, inherited_flags, training_file
 from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
 from models.hivg import HiVG, add_model_args, build_model
-from models.weights import load_clip, load_previous_stage, load_strict, read_file, read_weights
+from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
-from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import refuse_rewinding, rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
                           set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
@@ -132,10 +132,8 @@ def resolve_args(argv=None):
         if flag == "resume" and start.checkpoint is None:
             parser.error(f"--resume {start.path} is not a checkpoint of this project (an authors' checkpoint "
                          "starts a run with --retrain or --hi_lora_retrain)")
-        lacks = missing_training_state(start.checkpoint or {})
-        if flag == "resume" and lacks:
-            raise ValueError(f"--resume {start.path} holds a model but no training state ({', '.join(lacks)} "
-                             "missing), so the run cannot continue; start a new run from it with --retrain")
+        if flag == "resume":
+            check_resumable(start.checkpoint, f"--resume {start.path}")
     if flag in ("resume", "hi_lora_retrain"):
         previous = inherited_flags(start.run_args, start.config)
         defaults = vars(parser.parse_args([]))
@@ -145,23 +143,6 @@ def resolve_args(argv=None):
         refuse_rewinding(start, Path(args.output_dir) / "checkpoint.pth")
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args, start
-
-
-def refuse_rewinding(start, latest: Path) -> None:
-    """A resume rewrites its folder's checkpoint.pth and log.txt from its resume point: refuse a resume from
-    another file (best_checkpoint.pth, a copy) when `latest` is further on, rather than discard that progress."""
-    if not latest.is_file() or latest.resolve() == start.path.resolve():
-        return
-    try:
-        later = tuple(read_file(latest)["resume_at"])
-    except (ValueError, KeyError, TypeError):  # damaged or no run's checkpoint: resuming from another file recovers
-        return
-    at = tuple(start.checkpoint["resume_at"])
-    if later > at:
-        raise UserError(f"--resume {start.path} would rewind the run: {latest} is further on (epoch {later[0]}, "
-                        f"step {later[1]} against epoch {at[0]}, step {at[1]}) and would be overwritten, and "
-                        f"log.txt cut; continue with --resume {latest}, or start a new run from {start.path} with "
-                        "--retrain and another --output_dir")
 
 
 def lr_lambda(args):

@@ -21,13 +21,15 @@ Format 3, a dict of tensors and plain values (it loads with weights_only=True):
     step_base       the TensorBoard step at which the run began (a stage continues its predecessor's axis)
     stage_end_step  the step at which the next Hi LoRA stage begins
     epoch_losses    only in a run stopped inside an epoch: each rank's loss sums of that epoch so far
+Besides train_hivg.py, the recipe scripts read some of them: demo.sh `epoch` and `best_acc`, recipe.sh
+`resume_at` and `args["epochs"]`.
 
 Earlier formats keep loading:
     2   no "format" key; the keys above, plus "stage", "hi_lora_mode" and "val_acc" (never read)
     1   (kind "hivg-flags") no "config": the run's flags under "args" and the CLIP under "clip_cfg"; the bridge
         and extraction layers are re-derived from the JSON config its --model names
 """
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 from .config import HiVGConfig
 from .hivg import HiVG, config_from_flags
@@ -86,9 +88,13 @@ def read_config(contents: dict, what: str) -> Tuple[str, HiVGConfig]:
     return "hivg", HiVGConfig.from_dict(contents["config"])
 
 
-def missing_training_state(contents: dict) -> List[str]:
-    """The RESUME_STATE keys a checkpoint lacks (all of them for a model file)."""
-    return [key for key in RESUME_STATE if key not in contents]
+def check_resumable(contents: dict, what: str) -> None:
+    """A ValueError naming `what` (the flag and path of the file) unless the checkpoint holds the training state
+    --resume needs (a model file has none)."""
+    lacks = [key for key in RESUME_STATE if key not in contents]
+    if lacks:
+        raise ValueError(f"{what} holds a model but no training state ({', '.join(lacks)} missing), so the run "
+                         "cannot continue; start a new run from it with --retrain")
 
 
 def inherited_flags(run_args: Optional[dict], config: HiVGConfig) -> dict:

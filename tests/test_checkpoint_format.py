@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from models.checkpoint_format import FORMAT, RESUME_STATE, inherited_flags, missing_training_state, model_file
+from models.checkpoint_format import FORMAT, check_resumable, inherited_flags, model_file
 from models.hivg import add_model_args, build_model
 from models.weights import load_model, read_weights
 from utils.checkpoint import save_checkpoint
@@ -23,7 +23,9 @@ def test_a_model_file_carries_its_format_and_reloads_without_training_state(tmp_
     save_checkpoint(path, model_file(model, flags))
     weights = read_weights(path)
     assert weights.kind == "hivg" and weights.checkpoint["format"] == FORMAT and weights.run_args == flags
-    assert missing_training_state(weights.checkpoint) == list(RESUME_STATE)
+    with pytest.raises(ValueError, match=r"^--resume \S+ holds a model but no training state \(optimizer, scheduler, "
+                                         r"rng, resume_at, best_acc missing\), .* with --retrain$"):
+        check_resumable(weights.checkpoint, f"--resume {path}")
     reloaded = load_model(weights, merge=False)
     assert reloaded.config == model.config
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -1,6 +1,6 @@
 """Checkpoint files of this project: atomic writes, the whole-file read for --resume and tests, RNG
-states, and the converter command for the authors' checkpoints. What a checkpoint holds is
-models.checkpoint_format's.
+states, the guard against a resume that would rewind its run, and the converter command for the authors'
+checkpoints. What a checkpoint holds is models.checkpoint_format's.
 
     python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json] [--model NAME]
 
@@ -20,7 +20,7 @@ import torch
 
 from models.checkpoint_format import model_file
 from models.convert_clip import clip_cfg_from_hf_json
-from models.weights import load_model, read_weights
+from models.weights import load_model, read_file, read_weights
 from utils.errors import UserError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # EFBIG: past the file-size limit (ulimit -f)
@@ -104,6 +104,23 @@ def load_checkpoint(path) -> dict:
     if weights.checkpoint is None:
         raise ValueError(f"{path} is not a checkpoint of this project ({weights.kind})")
     return weights.checkpoint
+
+
+def refuse_rewinding(start, latest: Path) -> None:
+    """A resume rewrites its folder's checkpoint.pth and log.txt from its resume point: refuse a resume from
+    another file (best_checkpoint.pth, a copy) when `latest` is further on, rather than discard that progress."""
+    if not latest.is_file() or latest.resolve() == start.path.resolve():
+        return
+    try:
+        later = tuple(read_file(latest)["resume_at"])
+    except (ValueError, KeyError, TypeError):  # damaged or no run's checkpoint: resuming from another file recovers
+        return
+    at = tuple(start.checkpoint["resume_at"])
+    if later > at:
+        raise UserError(f"--resume {start.path} would rewind the run: {latest} is further on (epoch {later[0]}, "
+                        f"step {later[1]} against epoch {at[0]}, step {at[1]}) and would be overwritten, and "
+                        f"log.txt cut; continue with --resume {latest}, or start a new run from {start.path} with "
+                        "--retrain and another --output_dir")
 
 
 def rng_state() -> dict:
