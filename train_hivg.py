@@ -21,12 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets import Collate, add_data_args, build_dataset
+from models.checkpoint_format import check_resumable, inherited_flags, training_file
 from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
 from models.hivg import HiVG, add_model_args, build_model
-from models.weights import load_clip, load_previous_stage, load_strict, read_file, read_weights
+from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
-from utils.checkpoint import rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import refuse_rewinding, rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
                           set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
@@ -38,8 +39,6 @@ from utils.run_flags import check_ranges, given_flags, inherit_flags
 from utils.stop_flag import StopFlag
 
 PROG = "train_hivg.py"
-# What checkpoint.pth carries beyond the model for --resume (model-only files, e.g. from utils.checkpoint, lack it).
-RESUME_STATE = ("optimizer", "scheduler", "rng", "resume_at", "best_acc")
 SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
 
 
@@ -128,13 +127,10 @@ def resolve_args(argv=None):
         if flag == "resume" and start.checkpoint is None:
             parser.error(f"--resume {start.path} is not a checkpoint of this project (an authors' checkpoint "
                          "starts a run with --retrain or --hi_lora_retrain)")
-        lacks = [k for k in RESUME_STATE if k not in (start.checkpoint or {})]
-        if flag == "resume" and lacks:
-            raise ValueError(f"--resume {start.path} holds a model but no training state ({', '.join(lacks)} "
-                             "missing), so the run cannot continue; start a new run from it with --retrain")
+        if flag == "resume":
+            check_resumable(start.checkpoint, f"--resume {start.path}")
     if flag in ("resume", "hi_lora_retrain"):
-        previous = dict(start.run_args or {}, hi_lora_stage=start.config.hi_lora_stage,
-                        hi_lora_mode=start.config.hi_lora_mode, bridge_attention=start.config.bridge_attention)
+        previous = inherited_flags(start.run_args, start.config)
         defaults = vars(parser.parse_args([]))
         merged = inherit_flags(defaults, given_flags(get_args_parser, argv), previous, flag, getattr(args, flag))
         args = argparse.Namespace(**merged)
@@ -142,23 +138,6 @@ def resolve_args(argv=None):
         refuse_rewinding(start, Path(args.output_dir) / "checkpoint.pth")
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args, start
-
-
-def refuse_rewinding(start, latest: Path) -> None:
-    """A resume rewrites its folder's checkpoint.pth and log.txt from its resume point: refuse a resume from
-    another file (best_checkpoint.pth, a copy) when `latest` is further on, rather than discard that progress."""
-    if not latest.is_file() or latest.resolve() == start.path.resolve():
-        return
-    try:
-        later = tuple(read_file(latest)["resume_at"])
-    except (ValueError, KeyError, TypeError):  # damaged or no run's checkpoint: resuming from another file recovers
-        return
-    at = tuple(start.checkpoint["resume_at"])
-    if later > at:
-        raise UserError(f"--resume {start.path} would rewind the run: {latest} is further on (epoch {later[0]}, "
-                        f"step {later[1]} against epoch {at[0]}, step {at[1]}) and would be overwritten, and "
-                        f"log.txt cut; continue with --resume {latest}, or start a new run from {start.path} with "
-                        "--retrain and another --output_dir")
 
 
 def lr_lambda(args):
@@ -292,15 +271,14 @@ class Trainer:
                         lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device, args.seed),
                         self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
 
-    def state(self, epoch: int, resume_at, val_acc) -> dict:
-        """Everything a resume needs, and the config that rebuilds the network (plain types only)."""
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                "epoch": epoch, "resume_at": resume_at, "stage": self.args.hi_lora_stage,
-                "hi_lora_mode": self.args.hi_lora_mode, "args": vars(self.args),
-                "config": self.model.config.to_dict(), "rng": du.all_gather_object(rng_state()),
-                "best_acc": self.best_acc, "val_acc": val_acc, "step_base": self.step_base,
-                "stage_end_step": self.global_step(self.args.epochs, 0)}
+    def state(self, epoch: int, resume_at, epoch_losses=None) -> dict:
+        """Everything a resume needs, and the config that rebuilds the network (models.checkpoint_format)."""
+        return training_file(self.model, vars(self.args), optimizer=self.optimizer.state_dict(),
+                             scheduler=self.scheduler.state_dict(),
+                             scaler=self.scaler.state_dict() if self.scaler else None,
+                             rng=du.all_gather_object(rng_state()), epoch=epoch, resume_at=resume_at,
+                             best_acc=self.best_acc, step_base=self.step_base,
+                             stage_end_step=self.global_step(self.args.epochs, 0), epoch_losses=epoch_losses)
 
     def save(self, name: str, obj: dict) -> None:
         """Rank 0 writes; every rank raises its error (a full disk), so none waits for it."""
@@ -333,7 +311,7 @@ class Trainer:
             self.best_acc = stats["acc"]
             self.log.print(f"inherited model: val Acc@0.5 {self.best_acc:.4f}, mIoU {stats['miou']:.4f}")
             self.log.scalars({"val/acc": self.best_acc, "val/miou": stats["miou"]}, self.step_base)
-            self.save("best_checkpoint.pth", self.state(-1, (0, 0), self.best_acc))
+            self.save("best_checkpoint.pth", self.state(-1, (0, 0)))
         return 0, 0, LossMeter()
 
     def fit(self, stop) -> int:
@@ -378,7 +356,7 @@ class Trainer:
             self.log.epoch(epoch, stats, val, self.global_step(epoch + 1, 0))
             is_best = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])
-            obj = self.state(epoch, (epoch + 1, 0), val["acc"])
+            obj = self.state(epoch, (epoch + 1, 0))
             if is_best:  # first: a run killed between the two writes replays this epoch and writes it again
                 self.save("best_checkpoint.pth", obj)
             self.save("checkpoint.pth", obj)
@@ -398,8 +376,8 @@ class Trainer:
     def stop_early(self, epoch: int, step: int, losses: LossMeter, stop) -> int:
         """Save where a signal stopped the run inside an epoch, with the epoch's loss sums so far, so that
         --resume continues it and logs the epoch's means over all its steps."""
-        obj = self.state(epoch - 1, (epoch, step), None)
-        self.save("checkpoint.pth", dict(obj, epoch_losses=du.all_gather_object(losses.state())))
+        losses_so_far = du.all_gather_object(losses.state())
+        self.save("checkpoint.pth", self.state(epoch - 1, (epoch, step), epoch_losses=losses_so_far))
         return self.stopped(stop, f"at epoch {epoch}, step {step} of {self.steps_per_epoch}")
 
     def stopped(self, stop, where: str) -> int:

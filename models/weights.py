@@ -2,9 +2,8 @@
 
 Formats, told apart by content (not by name):
 
-    hivg           a checkpoint of this project: {"config": HiVGConfig dict, "model": state, "args": run flags, ...}
-    hivg-flags     the same before checkpoints carried their config: {"args": flags, "clip_cfg": ..., "model": ...};
-                   bridge and extraction layers are re-derived from the JSON config its --model names
+    hivg           a checkpoint of this project (models.checkpoint_format: its keys and versions)
+    hivg-flags     the same in its first format, before checkpoints carried their config
     official-hivg  the authors' HiVG checkpoint: {"model": HF-CLIP + peft names, "args": argparse.Namespace}
     official-clip  the authors' debiased CLIP: {"model": HF CLIP names with peft LoRA}
     clip           CLIP weights: OpenAI TorchScript, open_clip or HF (.pt/.pth/.bin/.safetensors)
@@ -26,10 +25,11 @@ from torch import Tensor
 
 from datasets.splitfile import torch_format
 
+from . import checkpoint_format
 from .config import HiVGConfig
 from .convert import canonical_key, check_state_dict, convert_official_state_dict, key_mismatch, official_config
 from .convert_clip import HF_TOWER_PREFIXES, hf_to_open_clip
-from .hivg import HiVG, config_from_flags, config_layers_out_of_range
+from .hivg import HiVG, config_layers_out_of_range
 from .lora import merge_lora, merge_lora_state_dict
 
 ADAPTER_KEYS = (".lora_in.lora_", ".lora_out.lora_")
@@ -148,7 +148,7 @@ def check_finite(state: Dict[str, Tensor], what: str) -> None:
 
 
 def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_overrides: Optional[dict]) -> Weights:
-    ours = isinstance(raw, dict) and ("config" in raw or (isinstance(raw.get("args"), dict) and "clip_cfg" in raw))
+    ours = checkpoint_format.is_checkpoint(raw)
     if ours and clip_cfg is not None:
         raise ValueError(f"{what} {path} is a checkpoint of this project and carries its CLIP config; a CLIP "
                          "config is only for the authors' checkpoints: drop --hf_clip_config")
@@ -179,13 +179,10 @@ def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_ov
 def _ours(path: Path, raw: dict, what: str) -> Weights:
     if not isinstance(raw.get("model"), dict):
         raise ValueError(f"{what} {path} has no 'model' state dict")
-    if "config" in raw:
-        weights = Weights(path, "hivg", raw["model"], HiVGConfig.from_dict(raw["config"]), 0, raw, raw.get("args"))
-        why = "the file was edited or mixed up with another model's"
-    else:
-        weights = Weights(path, "hivg-flags", raw["model"], config_from_flags(raw["args"], raw["clip_cfg"]), 0, raw,
-                          raw["args"])
-        why = "that config changed since the run: restore the models/configs file it was trained with"
+    kind, config = checkpoint_format.read_config(raw, f"{what} {path}")
+    weights = Weights(path, kind, raw["model"], config=config, checkpoint=raw, run_args=raw.get("args"))
+    why = "the file was edited or mixed up with another model's" if kind == "hivg" else \
+        "that config changed since the run: restore the models/configs file it was trained with"
     out_of_range = config_layers_out_of_range(weights.config)
     if out_of_range:
         model = (weights.run_args or {}).get("model", weights.config.name)

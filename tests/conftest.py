@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from datasets.synthetic import generate  # noqa: E402
 from models.api import Grounder  # noqa: E402
+from models.checkpoint_format import training_file  # noqa: E402
 from models.hivg import add_model_args, build_model  # noqa: E402
 from utils.checkpoint import rng_state, save_checkpoint  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -96,10 +97,8 @@ def tiny(tmp_path_factory):
             if name.endswith("lora_B"):
                 p.normal_(0, 0.05)
     path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
-    save_checkpoint(path, {"model": model.state_dict(), "optimizer": {}, "scheduler": {}, "scaler": None,
-                           "epoch": 0, "resume_at": (1, 0), "stage": 1, "hi_lora_mode": "paper",
-                           "args": vars(args), "config": model.config.to_dict(), "rng": [rng_state()],
-                           "best_acc": 0.1, "val_acc": 0.1})
+    save_checkpoint(path, training_file(model, vars(args), optimizer={}, scheduler={}, scaler=None, rng=[rng_state()],
+                                        epoch=0, resume_at=(1, 0), best_acc=0.1, step_base=0, stage_end_step=0))
     return path, model.eval()
 
 

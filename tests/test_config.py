@@ -13,6 +13,7 @@ from PIL import Image
 import models.configs
 import train_hivg
 from datasets.tokens import tokenize
+from models.checkpoint_format import model_file
 from models.config import HiVGConfig
 from models.hivg import HiVG, add_model_args, build_model
 from models.weights import load_model, read_weights
@@ -22,6 +23,7 @@ from utils.checkpoint import save_checkpoint
 from utils.run_flags import given_flags, inherit_flags
 
 LEGACY = REPO / "tests" / "checkpoints" / "legacy_v1_stage1"
+LEGACY_V2 = REPO / "tests" / "checkpoints" / "legacy_v2_stage1"
 
 
 def tiny_args(*extra):
@@ -30,8 +32,8 @@ def tiny_args(*extra):
          "--use_rtcc_constrain_loss", *extra])
 
 
-def save_ours(path, model, **extra):
-    save_checkpoint(path, {"model": model.state_dict(), "config": model.config.to_dict(), "args": {}, **extra})
+def save_ours(path, model):
+    save_checkpoint(path, model_file(model, {}))
 
 
 def test_config_round_trips_through_plain_types(tmp_path):
@@ -46,12 +48,14 @@ def test_config_round_trips_through_plain_types(tmp_path):
 
 
 @pytest.mark.recorded
-def test_legacy_checkpoint_loads_and_gives_the_same_outputs():
-    weights = read_weights(LEGACY / "checkpoint.pth")
-    assert weights.kind == "hivg-flags"
-    assert (weights.config.bridge_layers, weights.config.text_layers, weights.config.hi_lora_stage) == ([1, 3, 5], [1, 3], 1)
-    model = load_model(LEGACY / "checkpoint.pth", merge=False)
-    io = torch.load(LEGACY / "io.pth", weights_only=True)
+@pytest.mark.parametrize("folder, kind, text_layers", [(LEGACY, "hivg-flags", [1, 3]), (LEGACY_V2, "hivg", [1])])
+def test_legacy_checkpoint_loads_and_gives_the_same_outputs(folder, kind, text_layers):
+    weights = read_weights(folder / "checkpoint.pth")
+    assert weights.kind == kind
+    assert (weights.config.bridge_layers, weights.config.text_layers, weights.config.hi_lora_stage) == \
+        ([1, 3, 5], text_layers, 1)
+    model = load_model(folder / "checkpoint.pth", merge=False)
+    io = torch.load(folder / "io.pth", weights_only=True)
     assert torch.equal(tokenize(io["texts"], model.context_length), io["ids"])
     with torch.no_grad():
         out = model(io["images"], io["pixel_mask"], io["ids"], outputs=["box", "contrastive", "token_map",

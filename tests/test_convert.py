@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.checkpoint_format import FORMAT, model_file
 from models.convert import canonical_key, convert_official_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
@@ -87,6 +88,7 @@ def test_converter_command_writes_a_checkpoint_that_reloads(tmp_path, official_s
     assert convert_main([str(src), str(out), "--hf_clip_config", str(FIXTURE / "config.json")]) == 0
     ckpt = read_weights(out).checkpoint
     assert ckpt["config"]["hi_lora_mode"] == "official" and ckpt["config"]["hi_lora_stage"] == 1
+    assert ckpt["format"] == FORMAT and ckpt["args"]["dataset"] == config["hivg_args"]["dataset"]
     reloaded = load_model(out, merge=False)
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
@@ -94,8 +96,9 @@ def test_converter_command_writes_a_checkpoint_that_reloads(tmp_path, official_s
 
 def test_checkpoint_with_a_foreign_key_is_refused(tmp_path, model):
     path = tmp_path / "foreign.pth"
-    save_checkpoint(path, {"model": {**model.state_dict(), "extra.weight": torch.zeros(1)},
-                           "config": model.config.to_dict(), "args": {}})
+    foreign = model_file(model, {})
+    foreign["model"]["extra.weight"] = torch.zeros(1)
+    save_checkpoint(path, foreign)
     with pytest.raises(ValueError, match="extra.weight"):
         load_model(path)
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from eval import main as eval_main
+from models.checkpoint_format import model_file
 from models.hivg import add_model_args, build_model
 from models.weights import load_model, read_weights
 from utils.checkpoint import save_checkpoint
@@ -30,7 +31,7 @@ def setup(synthetic_set, tmp_path_factory):
     model = build_model(args)
     run_args = {**vars(args), "data_root": str(root), "split_root": str(root)}
     ckpt = tmp_path_factory.mktemp("eval") / "best_checkpoint.pth"
-    save_checkpoint(ckpt, {"model": model.state_dict(), "config": model.config.to_dict(), "args": run_args})
+    save_checkpoint(ckpt, model_file(model, run_args))
     return root, ckpt
 
 
@@ -240,7 +241,7 @@ def test_blocks_beyond_the_clip_name_the_checkpoint_and_the_flags(tmp_path, caps
     demo_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "demo", "--imsize", "64"])
     demo = build_model(demo_args)
     start_from = tmp_path / "demo.pth"
-    save_checkpoint(start_from, {"model": demo.state_dict(), "config": demo.config.to_dict(), "args": vars(demo_args)})
+    save_checkpoint(start_from, model_file(demo, vars(demo_args)))
     for flag in ("hi_lora_retrain", "retrain"):
         args, start = resolve_args([f"--{flag}", str(start_from), "--model", "tiny", "--hi_lora_stage", "1"])
         with pytest.raises(ValueError) as refused:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import train_hivg
+from models.checkpoint_format import model_file
 from models.hivg import add_model_args, build_model
 from tests.conftest import flags
 from tests.test_train import KILLED_SAVING_EPOCH, REPO, log_epochs, run_script
@@ -96,7 +97,7 @@ def demo_checkpoint(path: Path) -> Path:
     """Weights of the 3-layer `demo` model: the tiny model's bridge layers do not fit them."""
     args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "demo", "--imsize", "64"])
     model = build_model(args)
-    save_checkpoint(path, {"model": model.state_dict(), "config": model.config.to_dict(), "args": vars(args)})
+    save_checkpoint(path, model_file(model, vars(args)))
     return path
 
 

@@ -3,6 +3,7 @@ resumes into the log.txt and best_checkpoint.pth of an uninterrupted run; a resu
 TensorBoard shows each step once; signals under torchrun; a bug in a loader worker exits instead of hanging."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 import train_hivg
+from models.checkpoint_format import FORMAT
 from models.weights import read_weights
 from tests.conftest import flags
+from tests.test_config import LEGACY_V2
 from tests.test_train import REPO, log_epochs, run_script
 from utils.checkpoint import save_checkpoint
 from utils.losses import GroundingCriterion
@@ -98,6 +101,20 @@ def test_resume_from_an_earlier_checkpoint_of_the_run_is_refused(data, tmp_path,
                           f"{run / 'checkpoint.pth'} is further on (epoch 3, step 0") and err.count("\n") == 1, err
     assert f"continue with --resume {run / 'checkpoint.pth'}" in err and "--retrain" in err
     assert before == {name: (run / name).read_bytes() for name in before}
+
+
+def test_a_checkpoint_of_the_second_format_resumes_and_evaluates(data, tmp_path):
+    """tests/checkpoints/legacy_v2_stage1 (no format key, keys nothing reads) continues in today's format."""
+    from eval import main as eval_main
+    run = tmp_path / "legacy_v2_stage1"
+    shutil.copytree(LEGACY_V2, run)
+    paths = ["--data_root", str(data), "--split_root", str(data)]
+    assert train_hivg.main(["--resume", str(run / "checkpoint.pth"), *paths]) == 0
+    ckpt = read_weights(run / "checkpoint.pth").checkpoint
+    assert ckpt["format"] == FORMAT and ckpt["epoch"] == 1 and ckpt["resume_at"] == (2, 0)
+    assert "stage" not in ckpt and ckpt["config"]["hi_lora_stage"] == 1 and log_epochs(run) == [1]
+    assert eval_main(["--eval_model", str(run / "checkpoint.pth"), *paths, "--eval_set", "val"]) == 0
+    assert json.loads((run / "eval_checkpoint.json").read_text())["synthref"]["val"]["count"] == 13
 
 
 def scalar_events(run_dir):

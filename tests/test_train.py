@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train_hivg
+from models.checkpoint_format import FORMAT
 from models.convert import convert_official_state_dict
 from models.lora import merge_lora_state_dict
 from models.weights import load_model, read_file, read_weights
@@ -34,7 +35,8 @@ def test_loss_goes_down_and_logs(stage0):
     args = json.loads((stage0 / "args.json").read_text())
     assert args["hi_lora_stage"] == 0 and args["model"] == "tiny"
     ckpt = read_weights(stage0 / "checkpoint.pth").checkpoint
-    assert {"model", "optimizer", "scheduler", "epoch", "stage", "args", "rng", "config"} <= set(ckpt)
+    assert set(ckpt) == {"format", "model", "config", "args", "optimizer", "scheduler", "scaler", "rng", "epoch",
+                         "resume_at", "best_acc", "step_base", "stage_end_step"} and ckpt["format"] == FORMAT
     assert ckpt["config"]["bridge_layers"] == [1, 3, 5] and ckpt["config"]["image_size"] == 64
     assert ckpt["epoch"] == 2 and ckpt["resume_at"] == (3, 0)
     assert any((stage0 / "tensorboard").iterdir())
@@ -51,7 +53,7 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
         assert train_hivg.main(["--hi_lora_retrain", str(prev), "--epochs", "1", "--output_dir", str(out)]) == 0
         before = merge_lora_state_dict(read_weights(prev).checkpoint["model"])
         ckpt = read_weights(out / "checkpoint.pth").checkpoint
-        assert ckpt["stage"] == stage and ckpt["args"]["dataset"] == "synthref"
+        assert ckpt["config"]["hi_lora_stage"] == stage and ckpt["args"]["dataset"] == "synthref"
         model = load_model(out / "checkpoint.pth", merge=False)
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         changed = changed_keys(before, ckpt["model"])
@@ -73,7 +75,7 @@ def test_official_checkpoint_starts_the_next_stage(data, tmp_path):
                             "--dataset", "synthref", "--data_root", str(data), "--split_root", str(data),
                             "--epochs", "1", "--batch_size", "8", "--num_workers", "0", "--output_dir", str(out)]) == 0
     ckpt = read_weights(out / "checkpoint.pth").checkpoint
-    assert ckpt["stage"] == 2 and ckpt["args"]["hi_lora_mode"] == "official"
+    assert ckpt["config"]["hi_lora_stage"] == 2 and ckpt["args"]["hi_lora_mode"] == "official"
     model = load_model(out / "checkpoint.pth", merge=False)   # no flag needed any more: the config travels along
     assert model.config.clip == ckpt["config"]["clip"] and len(model.clip.visual.transformer.resblocks) == 12
     official = convert_official_state_dict(torch.load(src, weights_only=False)["model"], model.state_dict())

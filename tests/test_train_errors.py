@@ -50,7 +50,7 @@ def test_errors_are_clear(data, stage0, tmp_path, capsys):
     assert train_hivg.main(flags(data, tmp_path / "o", "--split_root", str(empty), "--epochs", "1")) == 2
     assert "no usable samples" in capsys.readouterr().err
     bad = read_weights(stage0 / "checkpoint.pth").checkpoint
-    bad["args"]["imsize"] = 32
+    bad["config"]["image_size"] = 32          # the network comes from the config, not from the stored flags
     save_checkpoint(tmp_path / "bad.pth", bad)
     assert train_hivg.main(["--hi_lora_retrain", str(tmp_path / "bad.pth"), "--output_dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""Checkpoint files of this project: atomic writes, RNG states, and the converter command for the authors'
-checkpoints.
+"""Checkpoint files of this project: atomic writes, RNG states, the guard against a resume that would rewind
+its run, and the converter command for the authors' checkpoints. What a checkpoint holds is
+models.checkpoint_format's.
 
     python -m utils.checkpoint OFFICIAL.pth OUT.pth [--hf_clip_config CLIPConfig.json] [--model NAME]
 
@@ -17,8 +18,9 @@ from typing import BinaryIO, Callable
 import numpy as np
 import torch
 
+from models.checkpoint_format import model_file
 from models.convert_clip import clip_cfg_from_hf_json
-from models.weights import load_model, read_weights
+from models.weights import load_model, read_file, read_weights
 from utils.errors import UserError
 from utils.flags import add_hf_clip_config_arg
 
@@ -97,6 +99,23 @@ def current_umask() -> int:
     return mask
 
 
+def refuse_rewinding(start, latest: Path) -> None:
+    """A resume rewrites its folder's checkpoint.pth and log.txt from its resume point: refuse a resume from
+    another file (best_checkpoint.pth, a copy) when `latest` is further on, rather than discard that progress."""
+    if not latest.is_file() or latest.resolve() == start.path.resolve():
+        return
+    try:
+        later = tuple(read_file(latest)["resume_at"])
+    except (ValueError, KeyError, TypeError):  # damaged or no run's checkpoint: resuming from another file recovers
+        return
+    at = tuple(start.checkpoint["resume_at"])
+    if later > at:
+        raise UserError(f"--resume {start.path} would rewind the run: {latest} is further on (epoch {later[0]}, "
+                        f"step {later[1]} against epoch {at[0]}, step {at[1]}) and would be overwritten, and "
+                        f"log.txt cut; continue with --resume {latest}, or start a new run from {start.path} with "
+                        "--retrain and another --output_dir")
+
+
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU and CUDA) generator states as plain values (weights_only-safe)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -130,7 +149,7 @@ def main(argv=None) -> int:
         raise ValueError(f"{opts.official} is not an official HiVG checkpoint ({weights.kind})")
     model = load_model(weights, merge=False)
     cfg = model.config
-    save_checkpoint(opts.out, {"model": model.state_dict(), "config": cfg.to_dict(), "args": weights.run_args})
+    save_checkpoint(opts.out, model_file(model, weights.run_args))
     print(f"wrote {opts.out}: {cfg.name} at Hi LoRA stage {cfg.hi_lora_stage} ({cfg.hi_lora_mode} mode), "
           f"{len(model.state_dict())} tensors")
     return 0
