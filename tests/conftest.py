@@ -21,7 +21,8 @@ def is_project_source(path: Path, root: Path = REPO) -> bool:
 sys.path.insert(0, str(REPO))
 
 from models.api import Grounder  # noqa: E402
-from models.hivg import add_model_args, build_model  # noqa: E402
+from models.flags import add_model_args  # noqa: E402
+from models.hivg import build_model  # noqa: E402
 from utils.checkpoint import rng_state, save_checkpoint  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -12,7 +12,8 @@ from PIL import Image
 
 from datasets.synthetic import main as make_synthetic
 from eval import main as eval_main
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from models.weights import load_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint

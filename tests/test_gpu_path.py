@@ -21,7 +21,8 @@ from datasets import build_dataset
 from datasets.collate import Batch
 from datasets.synthetic import main as make_synthetic
 from datasets.tokens import tokenize
-from models.hivg import add_model_args, build_model, text_length
+from models.flags import add_model_args
+from models.hivg import build_model, text_length
 from tests.conftest import REPO, is_project_source
 from tests.test_train import assert_same_weights, flags
 from utils.checkpoint import load_checkpoint

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import train_hivg
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from tests.test_train import KILLED_SAVING_EPOCH, REPO, data, flags, log_epochs, run_script  # noqa: F401 (data: a fixture)
 from utils.checkpoint import save_checkpoint
 from utils.output_dir import claim

@@ -1,6 +1,5 @@
 """train_and_eval_script/recipe.sh: GPU count, skip / resume of stages, mode, multi-node and mixup evaluation,
 checked on the commands it prints with DRY_RUN=1 (no training), and its stages on the tiny model."""
-import argparse
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 import train_hivg
 from datasets.synthetic import main as make_synthetic
 from models.backbone import build_clip
-from models.hivg import add_model_args, build_model
+from models.configs import load_model_config
 from tests.conftest import REPO
 
 RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
@@ -127,8 +126,7 @@ def tiny_recipe(tmp_path):
     command as one plain process and gives train_hivg.py the TINY flags last (they win)."""
     data = tmp_path / "data"
     make_synthetic(["--out", str(data), "--num_train", "16", "--num_val", "8", "--num_test", "8", "--imsize", "64"])
-    model_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--imsize", "64"])
-    torch.save(build_clip(build_model(model_args).config.clip).state_dict(), tmp_path / "clip.pt")
+    torch.save(build_clip(load_model_config("tiny")["clip"]).state_dict(), tmp_path / "clip.pt")
     python = tmp_path / "python"
     python.write_text(f"""#!/bin/sh
 if [ "$1" = -m ] && [ "$2" = torch.distributed.run ]; then
