@@ -56,7 +56,7 @@ def layers_out_of_range(clip_cfg: dict, bridge_layers: Sequence[int], extract_la
 
 def config_layers_out_of_range(cfg: HiVGConfig) -> str:
     """`layers_out_of_range` of the blocks `cfg` selects in its own CLIP."""
-    return layers_out_of_range(cfg.clip, cfg.bridge_layers, cfg.extract_layers, cfg.text_layers)
+    return layers_out_of_range(cfg.clip, cfg.bridge_layers, cfg.extract_layers, text_layers=cfg.text_layers)
 
 
 def check_config(config: HiVGConfig) -> None:
@@ -165,12 +165,12 @@ class HiVG(nn.Module):
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
         clip = self.clip
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_tower_trains()):
-            text = encode_text(clip, ids, self.text_layers, self.grad_checkpointing)
+            text = encode_text(clip, ids, self.text_layers, use_checkpoint=self.grad_checkpointing)
             text_tokens = text.tokens @ clip.text_projection
         bridge_text = [self.mixup_text_proj(text_tokens)] if self.mixup else \
             [text.hidden[i] for i in self.text_layers]
         bridges = {int(i): partial(b, text_states=bridge_text) for i, b in self.bridges.items()}
-        vis = encode_image(clip, images, self.extract_layers, bridges, self.grad_checkpointing)
+        vis = encode_image(clip, images, self.extract_layers, bridges=bridges, use_checkpoint=self.grad_checkpointing)
         if vis.grid != self.grid:
             raise ValueError(f"images of {tuple(images.shape[-2:])} give a {vis.grid} patch grid; the model "
                              f"was built for --imsize {self.image_size}")
