@@ -137,6 +137,13 @@ def test_a_model_file_entry_that_is_no_field_is_refused_naming_file_and_entry(tm
         load_model_config(str(path))
 
 
+def test_a_model_file_without_its_layer_choices_is_refused(tmp_path):
+    path = tmp_path / "no_layers.json"
+    path.write_text(json.dumps({"open_clip_model": "ViT-B-16", "bridge_layers": [0]}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no extract_layers: list the 0-based vision blocks")):
+        load_model_config(str(path))
+
+
 def test_a_model_file_may_not_set_what_a_flag_sets(tmp_path):
     path = write_model_file(tmp_path, fusion_heads=4)
     with pytest.raises(ValueError, match=r"entries \['fusion_heads'\] are set by command-line flags"):

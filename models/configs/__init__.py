@@ -18,6 +18,7 @@ from ..config import HiVGConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 FILE_ONLY_KEYS = ("open_clip_model", "clip", "quick_gelu", "warmup_bridge_layers")
+REQUIRED_KEYS = ("bridge_layers", "extract_layers")
 RENAMED_KEYS = {"vision_pos_embed_init": "pos_embed_init", "vision_pos_embed_temperature": "pos_embed_temperature",
                 "vision_pos_embed_scale": "pos_embed_scale", "vision_patch_embed_init": "patch_embed_init"}
 
@@ -49,7 +50,11 @@ def load_model_config(name: str) -> Dict:
 
 
 def check_keys(path: Path, cfg: Dict) -> None:
-    """Refuse an entry that is neither a file-only key nor a HiVGConfig field, naming the file and the key."""
+    """Refuse an entry that is neither a file-only key nor a HiVGConfig field, or a missing layer choice,
+    naming the file and the key."""
+    missing = [key for key in REQUIRED_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)}: list the 0-based vision blocks")
     known = set(FILE_ONLY_KEYS) | {f.name for f in fields(HiVGConfig)}
     for key in sorted(set(cfg) - known):
         if key in RENAMED_KEYS:
