@@ -108,8 +108,8 @@ class HiVG(nn.Module):
         self.bridges = nn.ModuleDict({
             str(i): CrossModalBridge(width=d_v, heads=blk.attn.num_heads, mlp_width=blk.mlp.c_fc.out_features,
                                      text_width=d_t, num_text_layers=max(len(self.text_layers), 1),
-                                     text_len=context_length, adaptive_weights=config.adaptive_weights,
-                                     mode=config.bridge_attention)
+                                     context_length=context_length, adaptive_weights=config.adaptive_weights,
+                                     bridge_attention=config.bridge_attention)
             for i in self.bridge_layers})
         self.mixup_text_proj = nn.Linear(D, d_v) if config.mixup else None
         self.visual_proj_multi = nn.Linear(len(self.extract_layers) * d_v, D)

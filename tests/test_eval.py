@@ -134,8 +134,8 @@ def with_official_bridge(ckpt, folder):
 def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tmp_path):
     _, ckpt = setup
     official = with_official_bridge(ckpt, tmp_path)
-    assert load_model(official).bridges["1"].mode == "official"
-    assert load_model(official, bridge_attention="per_sample").bridges["1"].mode == "per_sample"
+    assert load_model(official).bridges["1"].bridge_attention == "official"
+    assert load_model(official, bridge_attention="per_sample").bridges["1"].bridge_attention == "per_sample"
     for choice, expected in (([], "official"), (["--bridge_attention", "per_sample"], "per_sample")):
         proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0",
                     "--output_dir", str(tmp_path), *choice])

@@ -76,7 +76,7 @@ def test_per_sample_bridge_equals_running_each_sample_alone():
         torch.testing.assert_close(together[key], torch.cat([a[key] for a in alone]), rtol=1e-5, atol=1e-5)
     official = copy.deepcopy(model)
     for bridge in official.bridges.values():
-        bridge.mode = "official"
+        bridge.bridge_attention = "official"
     with torch.no_grad():
         mixed = official(images, mask, ids)
     assert (mixed["pred_box"] - together["pred_box"]).abs().max() > 1e-6, "official mode must mix the batch"

@@ -70,7 +70,8 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
     for stage in (1, 2, 3):
         out = tmp_path / f"s{stage}"
         assert train_hivg.main(["--hi_lora_retrain", str(prev), "--epochs", "1", "--output_dir", str(out)]) == 0
-        before = merge_lora_state_dict(load_checkpoint(prev)["model"])
+        previous = load_checkpoint(prev)
+        before = merge_lora_state_dict(previous["model"], alpha=previous["config"]["lora_alpha"])
         ckpt = load_checkpoint(out / "checkpoint.pth")
         assert ckpt["stage"] == stage and ckpt["args"]["dataset"] == "synthref"
         model = load_model(out / "checkpoint.pth", merge=False)
