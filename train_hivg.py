@@ -24,7 +24,8 @@ from datasets import Collate, add_data_args, build_dataset
 from models.checkpoint_format import check_resumable, inherited_flags, training_file
 from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
-from models.hivg import HiVG, add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import HiVG, build_model
 from models.weights import load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import refuse_rewinding, rng_state, save_checkpoint, set_rng_state
@@ -165,7 +166,7 @@ def build_run_model(args, start, say) -> HiVG:
         fresh = load_previous_stage(model, start)
         new_bridges = any(k.startswith("bridges.") for k in fresh)
         say(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
-            f"for Hi LoRA stage {args.hi_lora_stage}")
+            f"for Hi LoRA stage {model.config.hi_lora_stage}")
     elif args.clip_model:
         load_clip(model, read_weights(args.clip_model, what="--clip_model"))
         say(f"loaded CLIP weights from {args.clip_model}")
@@ -223,8 +224,9 @@ class Trainer:
         self.model.freeze_heads_without_loss()
         self.model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        notes.append(f"Hi LoRA stage {args.hi_lora_stage} ({args.hi_lora_mode}): {sum(p.numel() for p in params):,} "
-                     f"trainable of {sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
+        notes.append(f"Hi LoRA stage {self.model.config.hi_lora_stage} ({self.model.config.hi_lora_mode}): "
+                     f"{sum(p.numel() for p in params):,} trainable of "
+                     f"{sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
                      f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
                      f"{info.world_size * args.batch_size * args.accum_steps}")
         self.train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args),
@@ -338,7 +340,7 @@ class Trainer:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
                                         scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
                                         start_step=self.sampler.skip // self.micro, stop_requested=stop,
-                                        desc=f"stage {args.hi_lora_stage} epoch {epoch}",
+                                        desc=f"stage {self.model.config.hi_lora_stage} epoch {epoch}",
                                         show_progress=self.log.progress,
                                         print_freq=args.print_freq, log=self.log.print,
                                         on_check=lambda step, means: self.log.scalars(

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.tokens import tokenize  # noqa: E402
 from models.attention import eager_attention  # noqa: E402
-from models.hivg import add_model_args, build_model  # noqa: E402
+from models.flags import add_model_args  # noqa: E402
+from models.hivg import build_model  # noqa: E402
 from models.lora import merge_lora  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import set_tf32  # noqa: E402

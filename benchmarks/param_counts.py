@@ -8,7 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.hivg import add_model_args, build_model  # noqa: E402
+from models.flags import add_model_args  # noqa: E402
+from models.hivg import build_model  # noqa: E402
 
 
 def main():

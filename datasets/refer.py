@@ -255,7 +255,7 @@ def add_data_args(parser):
     """Register the data flags (official names and defaults) on an argparse parser.
 
     --dataset, --imsize and --max_query_len are model flags too: add the model flags after these with
-    models.hivg.add_model_args(parser, shared=False).
+    models.flags.add_model_args(parser, shared=False).
     """
     parser.add_argument("--dataset", default="referit", type=str, choices=list(DATASETS),
                         help="dataset name; 'synthref' is the embedded synthetic set")

@@ -94,7 +94,7 @@ class Attention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         q, k, v = (self._heads(t) for t in self._project((query, key, value)))
-        y = attend(q, k, v, keep, causal, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, keep=keep, causal=causal, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).flatten(2)
         out = self.out_proj(y)
         return out if self.lora_out is None else out + self.lora_out(y)

@@ -51,10 +51,10 @@ def mlp_forward(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return mlp(x)
 
 
-def _run_block(blk, x, causal, bridge, use_checkpoint: bool):
+def _run_block(blk, x, *, causal: bool, bridge, use_checkpoint: bool):
     if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(block_forward, blk, x, causal, bridge, use_reentrant=False)
-    return block_forward(blk, x, causal, bridge)
+        return checkpoint(block_forward, blk, x, causal=causal, bridge=bridge, use_reentrant=False)
+    return block_forward(blk, x, causal=causal, bridge=bridge)
 
 
 class TextFeatures(NamedTuple):
@@ -69,7 +69,7 @@ def encode_text(clip: nn.Module, ids: torch.Tensor, keep_layers: Sequence[int],
     x = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]
     hidden = {}
     for i, blk in enumerate(clip.transformer.resblocks):
-        x = _run_block(blk, x, True, None, use_checkpoint)
+        x = _run_block(blk, x, causal=True, bridge=None, use_checkpoint=use_checkpoint)
         if i in keep_layers:
             hidden[i] = x
     x = clip.ln_final(x)
@@ -110,7 +110,7 @@ def encode_image(clip: nn.Module, pixels: torch.Tensor, extract_layers: Sequence
     x = v.ln_pre(x)
     layers = []
     for i, blk in enumerate(v.transformer.resblocks):
-        x = _run_block(blk, x, False, bridges.get(i), use_checkpoint)
+        x = _run_block(blk, x, causal=False, bridge=bridges.get(i), use_checkpoint=use_checkpoint)
         if i in extract_layers:
             layers.append(x)
     return VisionFeatures(layers, v.ln_post(x[:, 0]), grid)

@@ -47,16 +47,18 @@ class CrossModalBridge(nn.Module):
         width, heads, mlp_width: the vision block's width, head count and MLP hidden width.
         text_width: width of the text hidden states fed in (d_t).
         num_text_layers: how many text layers feed the bridge (n).
-        text_len: text context length (77), the rows of each adaptive-weight matrix.
+        context_length: text length T (77), the rows of each adaptive-weight matrix.
         adaptive_weights: use W_i and the n*d_t -> d_v gate; otherwise KV is the last text input.
+        bridge_attention: "per_sample" or "official" (see forward).
+    The last three are HiVGConfig's fields of the same names.
     """
 
-    def __init__(self, width: int, heads: int, mlp_width: int, text_width: int, num_text_layers: int,
-                 text_len: int = 77, adaptive_weights: bool = True, mode: str = "per_sample"):
+    def __init__(self, width: int, heads: int, mlp_width: int, *, text_width: int, num_text_layers: int,
+                 context_length: int = 77, adaptive_weights: bool = True, bridge_attention: str = "per_sample"):
         super().__init__()
-        if mode not in BRIDGE_ATTENTION_MODES:
-            raise ValueError(f"--bridge_attention must be one of {BRIDGE_ATTENTION_MODES}, got {mode!r}")
-        self.mode = mode
+        if bridge_attention not in BRIDGE_ATTENTION_MODES:
+            raise ValueError(f"--bridge_attention must be one of {BRIDGE_ATTENTION_MODES}, got {bridge_attention!r}")
+        self.bridge_attention = bridge_attention
         self.norm = nn.LayerNorm(width, eps=1e-5)
         self.attn = Attention(width, heads)
         init_like_linears(self.attn)
@@ -64,7 +66,7 @@ class CrossModalBridge(nn.Module):
         if adaptive_weights:
             # torch's default Embedding init, N(0, 1), as the official nn.Embedding weights.
             self.adaptive_weights = nn.ParameterList(
-                nn.Parameter(torch.randn(text_len, text_width)) for _ in range(num_text_layers))
+                nn.Parameter(torch.randn(context_length, text_width)) for _ in range(num_text_layers))
             self.text_gate = nn.Linear(num_text_layers * text_width, width)
         else:
             self.adaptive_weights = None
@@ -79,10 +81,10 @@ class CrossModalBridge(nn.Module):
     def forward(self, x: torch.Tensor, text_states: List[torch.Tensor]) -> torch.Tensor:
         """x: [B, L, d_v] vision tokens -> residual update [B, L, d_v].
 
-        `mode='official'` reproduces the authors' batch-mixing reshape: their key/value tensor is laid
+        `bridge_attention='official'` reproduces the authors' batch-mixing reshape: their key/value tensor is laid
         out (T, B, d) but viewed as (B, T, d), so each sample attends to tokens of the whole batch.
         """
         kv = self.text_kv(text_states).to(x.dtype)
-        if self.mode == "official":
+        if self.bridge_attention == "official":
             kv = kv.transpose(0, 1).reshape(kv.shape)
         return self.mlp(self.attn(self.norm(x), kv))

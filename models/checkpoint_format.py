@@ -32,7 +32,8 @@ Earlier formats keep loading:
 from typing import Optional, Tuple
 
 from .config import HiVGConfig
-from .hivg import HiVG, config_from_flags
+from .flags import config_from_flags
+from .hivg import HiVG
 
 FORMAT = 3
 # What --resume needs beyond the model (a model file, e.g. the converter's, lacks it).

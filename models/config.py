@@ -2,16 +2,13 @@
 
 A checkpoint stores its config (`HiVGConfig.to_dict()`, plain values that load with weights_only=True), so
 it rebuilds exactly the network that wrote it, whatever the JSON files under models/configs say later.
-The JSON files and the command-line flags are only read once, by `build_config`, when a run starts.
+The JSON files and the command-line flags are only read once, by `models.flags.build_config`, when a run
+starts. A field's name is the knob's one name: in the JSON files, in stored configs and on the module.
 """
-import argparse
 from dataclasses import asdict, dataclass, field, fields
-from typing import List, Optional
+from typing import List
 
 from datasets.registry import dataset_spec
-
-from .configs import load_model_config
-from .heads import enabled_heads
 
 STEM_INITS = {"pos_embed_init": ("open_clip", "sincos"), "patch_embed_init": ("open_clip", "dct")}
 
@@ -29,6 +26,7 @@ class HiVGConfig:
     pos_embed_init: "sincos" starts a random CLIP's vision position table as a 2-D sine-cosine table,
         of frequencies down to 1 / pos_embed_temperature and pos_embed_scale times the patch features' std.
     patch_embed_init: "dct" starts a random CLIP's patch projection as a 2-D DCT (models.random_init).
+    lora_rank, lora_alpha, lora_dropout: the Hi LoRA adapters (rank r, update scale alpha / r).
     """
     clip: dict
     bridge_layers: List[int]
@@ -48,6 +46,8 @@ class HiVGConfig:
     outputs: List[str] = field(default_factory=lambda: ["box"])
     hi_lora_stage: int = 0
     hi_lora_mode: str = "paper"
+    lora_rank: int = 32
+    lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     pos_embed_init: str = "open_clip"
     pos_embed_temperature: float = 10000.0
@@ -58,7 +58,7 @@ class HiVGConfig:
     def __post_init__(self):
         for key, choices in STEM_INITS.items():
             if getattr(self, key) not in choices:
-                raise ValueError(f"model config: vision_{key} {getattr(self, key)!r} is not one of {list(choices)}")
+                raise ValueError(f"model config: {key} {getattr(self, key)!r} is not one of {list(choices)}")
 
     def to_dict(self) -> dict:
         """Plain Python values only (dicts, lists, str, int, float, bool)."""
@@ -91,30 +91,3 @@ def select_text_layers(dataset: str, num_layers: int) -> List[int]:
     return [num_layers - 1]
 
 
-def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> HiVGConfig:
-    """The config of the run `args` describes (the model flags of `models.hivg.add_model_args`).
-
-    `clip_cfg` replaces the JSON config's open_clip kwargs (a CLIP described by an HF config).
-    """
-    cfg = load_model_config(args.model)
-    clip_cfg = clip_cfg or cfg["clip"]
-    D = clip_cfg["embed_dim"]
-    if args.vl_hidden_dim not in (None, D):
-        raise ValueError(f"--vl_hidden_dim {args.vl_hidden_dim} must equal the CLIP embedding width {D} of "
-                         f"--model {args.model} (the fusion encoder runs at that width); omit the flag")
-    adaptive = not args.mixup_pretrain if args.enable_adaptive_weights is None else args.enable_adaptive_weights
-    bridges = cfg["warmup_bridge_layers"] if args.warmup and "warmup_bridge_layers" in cfg else cfg["bridge_layers"]
-    return HiVGConfig(
-        clip=clip_cfg, bridge_layers=list(bridges), extract_layers=list(cfg["extract_layers"]),
-        text_layers=[] if args.mixup_pretrain else select_text_layers(args.dataset,
-                                                                      clip_cfg["text_cfg"].get("layers", 12)),
-        image_size=args.imsize, context_length=args.max_query_len, adaptive_weights=adaptive,
-        mixup=args.mixup_pretrain, bridge_attention=args.bridge_attention, fusion_heads=args.vl_nheads,
-        fusion_layers=args.vl_enc_layers, fusion_ffn=args.vl_dim_feedforward, fusion_dropout=args.vl_dropout,
-        normalize_before=args.normalize_before, token_mlp_width=cfg.get("token_mlp_width", 3072),
-        outputs=enabled_heads(vars(args)),
-        hi_lora_stage=args.hi_lora_stage, hi_lora_mode=args.hi_lora_mode,
-        pos_embed_init=cfg.get("vision_pos_embed_init", "open_clip"),
-        pos_embed_temperature=cfg.get("vision_pos_embed_temperature", 10000.0),
-        pos_embed_scale=cfg.get("vision_pos_embed_scale", 1.0),
-        patch_embed_init=cfg.get("vision_patch_embed_init", "open_clip"), name=cfg["name"])

@@ -13,8 +13,8 @@ import torch
 
 from .config import HiVGConfig
 from .convert_clip import hf_key_to_open_clip
-from .hivg import config_from_flags
-from .lora import ALPHA, RANK
+from .flags import config_from_flags
+from .lora import OFFICIAL_ALPHA, OFFICIAL_RANK
 
 PEFT_PREFIX = re.compile(r"(base_model\.model\.)+")
 QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
@@ -128,8 +128,9 @@ def convert_official_state_dict(official: Dict[str, torch.Tensor],
         out[key] = out[key][None]  # an out_proj adapter is one group
     for key in [k for k in out if k.endswith(".lora_A") and k.replace(".lora_A", ".lora_B") in out]:
         r = out[key].shape[0] // out[key.replace(".lora_A", ".lora_B")].shape[0]
-        if r != RANK:
-            raise ValueError(f"{key}: LoRA rank {r}, this project's adapters have rank {RANK} (alpha {ALPHA})")
+        if r != OFFICIAL_RANK:
+            raise ValueError(f"{key}: LoRA rank {r}, the authors' adapters have rank {OFFICIAL_RANK} "
+                             f"(alpha {OFFICIAL_ALPHA})")
     if expected is not None:
         check_state_dict(out, expected)
     return out

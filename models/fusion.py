@@ -47,13 +47,17 @@ class FusionLayer(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-    """x: [B, L, D] tokens, pos: [>= L, D] (the first L rows are used), pad_mask: [B, L] bool (True = padding)."""
+    """x: [B, L, D] tokens, pos: [>= L, D] (the first L rows are used), pad_mask: [B, L] bool (True = padding).
 
-    def __init__(self, width: int = 512, heads: int = 8, layers: int = 6, ffn: int = 2048,
-                 dropout: float = 0.1, normalize_before: bool = True):
+    The size arguments are HiVGConfig's fields of the same names; `width` is the CLIP embedding width D.
+    """
+
+    def __init__(self, width: int = 512, fusion_heads: int = 8, fusion_layers: int = 6, fusion_ffn: int = 2048,
+                 fusion_dropout: float = 0.1, normalize_before: bool = True):
         super().__init__()
-        layer = FusionLayer(width, heads, ffn, dropout, normalize_before)
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(layers))
+        layer = FusionLayer(width, heads=fusion_heads, ffn=fusion_ffn, dropout=fusion_dropout,
+                            normalize_before=normalize_before)
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(fusion_layers))
         self.norm = nn.LayerNorm(width) if normalize_before else None
         for p in self.parameters():
             if p.dim() > 1:

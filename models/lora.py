@@ -18,9 +18,9 @@ from torch import nn
 from .attention import Attention
 from .dropout import Dropout
 
-RANK = 32
-ALPHA = 16
-DROPOUT = 0.1
+# The authors' peft adapters (their checkpoints and debiased CLIP); ours take HiVGConfig's lora_* fields.
+OFFICIAL_RANK = 32
+OFFICIAL_ALPHA = 16
 
 # Official code: vision layers whose LoRA trains at each stage (first N layers, for B and L alike).
 OFFICIAL_VISION_LAYERS_PER_STAGE = {0: 0, 1: 5, 2: 8, 3: 12}
@@ -36,8 +36,8 @@ class LoRA(nn.Module):
     otherwise each group draws its own, as peft's separate q/k/v adapters do in the authors' model.
     """
 
-    def __init__(self, in_features: int, out_features: int, groups: int = 1,
-                 rank: int = RANK, alpha: float = ALPHA, dropout: float = DROPOUT, shared_dropout: bool = False):
+    def __init__(self, in_features: int, out_features: int, *, groups: int = 1, rank: int, alpha: float,
+                 dropout: float, shared_dropout: bool = False):
         super().__init__()
         self.groups, self.rank, self.scale, self.shared_dropout = groups, rank, alpha / rank, shared_dropout
         self.lora_A = nn.Parameter(torch.empty(groups * rank, in_features))
@@ -66,11 +66,12 @@ class LoRA(nn.Module):
         return (torch.bmm(self.lora_B, a) * self.scale).flatten(0, 1)
 
 
-def add_attention_lora(host: Attention, dropout: float = DROPOUT, shared_dropout: bool = False) -> None:
+def add_attention_lora(host: Attention, *, rank: int, alpha: float, dropout: float,
+                       shared_dropout: bool = False) -> None:
     """Give an attention host a fresh q/k/v adapter (`lora_in`) and an output adapter (`lora_out`)."""
     d = host.in_proj_weight.shape[1]
-    host.lora_in = LoRA(d, d, groups=3, dropout=dropout, shared_dropout=shared_dropout)
-    host.lora_out = LoRA(d, d, dropout=dropout)
+    host.lora_in = LoRA(d, d, groups=3, rank=rank, alpha=alpha, dropout=dropout, shared_dropout=shared_dropout)
+    host.lora_out = LoRA(d, d, rank=rank, alpha=alpha, dropout=dropout)
 
 
 def attention_hosts(module: nn.Module) -> Iterator[Tuple[str, Attention]]:
@@ -111,9 +112,10 @@ def _set_lora_trainable(host: Attention, trainable: bool) -> None:
     host.lora_out.requires_grad_(trainable)
 
 
-def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], bridges: List[nn.Module],
-                  stage: int, mode: str = "paper", dropout: float = DROPOUT) -> None:
-    """Add the adapters of Hi LoRA `stage` and mark which adapters train (the caller froze CLIP).
+def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], bridges: List[nn.Module], *,
+                  stage: int, mode: str = "paper", rank: int, alpha: float, dropout: float) -> None:
+    """Add the adapters of Hi LoRA `stage` (rank, alpha, dropout) and mark which adapters train (the caller
+    froze CLIP).
 
     paper:    stage k gives every vision layer of groups 1..k a fresh trainable adapter; adapters of
               earlier stages are expected to be merged into the weights already (merge_lora_state_dict).
@@ -125,16 +127,17 @@ def apply_hi_lora(vision_blocks: List[nn.Module], text_blocks: List[nn.Module], 
     """
     if stage not in OFFICIAL_VISION_LAYERS_PER_STAGE:
         raise ValueError(f"--hi_lora_stage must be one of {sorted(OFFICIAL_VISION_LAYERS_PER_STAGE)}, got {stage}")
+    adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
     if mode == "paper":
         for i in paper_stage_layers(len(vision_blocks), stage):
             if not vision_blocks[i].attn.has_lora:
-                add_attention_lora(vision_blocks[i].attn, dropout, shared_dropout=True)
+                add_attention_lora(vision_blocks[i].attn, **adapter, shared_dropout=True)
             _set_lora_trainable(vision_blocks[i].attn, True)
     elif mode == "official":
         hosts = [b.attn for b in vision_blocks + text_blocks + bridges]
         for host in hosts:
             if not host.has_lora:
-                add_attention_lora(host, dropout)
+                add_attention_lora(host, **adapter)
         n_vision = OFFICIAL_VISION_LAYERS_PER_STAGE[stage]
         for i, blk in enumerate(vision_blocks):
             _set_lora_trainable(blk.attn, i < n_vision)
@@ -150,8 +153,9 @@ LORA_TARGETS = {"lora_in": "in_proj_weight", "lora_out": "out_proj.weight"}
 
 
 @torch.no_grad()
-def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Fold every adapter found in a state dict into its weight and drop the adapter keys.
+def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor], *, alpha: float) -> Dict[str, torch.Tensor]:
+    """Fold every adapter found in a state dict into its weight (scale alpha / its rank) and drop the
+    adapter keys.
 
     Used to start a paper-mode stage from the previous stage's checkpoint: earlier adapters are
     frozen for good, so they become part of the weights.
@@ -164,7 +168,7 @@ def merge_lora_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
             raise KeyError(f"adapter {key} is not attached to an attention projection")
         a, b = out.pop(f"{prefix}.lora_A"), out.pop(f"{prefix}.lora_B")
         groups, _, rank = b.shape
-        delta = torch.bmm(b.float(), a.float().view(groups, rank, -1)).flatten(0, 1) * (ALPHA / rank)
+        delta = torch.bmm(b.float(), a.float().view(groups, rank, -1)).flatten(0, 1) * (alpha / rank)
         target = f"{host}.{LORA_TARGETS[kind]}"
         out[target] = (out[target].float() + delta).to(out[target].dtype)
     return out

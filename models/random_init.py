@@ -1,6 +1,6 @@
 """Starting points for a random CLIP's frozen vision stem (the demo's tiny model; real runs load
-pretrained CLIP weights over them). Chosen by the model config: `vision_pos_embed_init`,
-`vision_patch_embed_init`.
+pretrained CLIP weights over them). Chosen by the model config: `pos_embed_init`,
+`patch_embed_init`.
 
 A frozen random stem hides what a grounding head must read: open_clip's random position table is too
 faint for the box regressor to find positions, and a random patch projection (3 p p -> width) mixes
@@ -67,5 +67,6 @@ def init_dct_patch_embedding(visual: nn.Module) -> None:
         raise ValueError(f"dct patch init: width {d} needs {max(counts)} frequencies of one colour axis, a "
                          f"{p}x{p} patch has {p * p}; use a width of at most {widest} with a patch of {p}")
     basis = dct_basis(p)
-    rows = torch.cat([OPPONENT_COLOURS[a][None, :, None, None] * basis[:n, None] for a, n in enumerate(counts)])
+    colours = OPPONENT_COLOURS.to(basis.device)   # under `with torch.device("meta")` the basis is built there
+    rows = torch.cat([colours[a][None, :, None, None] * basis[:n, None] for a, n in enumerate(counts)])
     w.copy_((rows / rows.norm() * w.double().norm()).to(w.dtype))

@@ -30,7 +30,7 @@ from .config import HiVGConfig
 from .convert import canonical_key, check_state_dict, convert_official_state_dict, key_mismatch, official_config
 from .convert_clip import HF_TOWER_PREFIXES, hf_to_open_clip
 from .hivg import HiVG, config_layers_out_of_range
-from .lora import merge_lora, merge_lora_state_dict
+from .lora import OFFICIAL_ALPHA, merge_lora, merge_lora_state_dict
 
 ADAPTER_KEYS = (".lora_in.lora_", ".lora_out.lora_")
 OFFICIAL_HEADS = ("bbox_embed.", "vl_transformer.")   # the authors' box head and fusion encoder: a HiVG model
@@ -286,7 +286,8 @@ def load_previous_stage(model: HiVG, weights: Weights) -> List[str]:
     """
     if not weights.is_hivg:
         raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}); give it to --clip_model")
-    state = merge_lora_state_dict(weights.state) if model.config.hi_lora_mode == "paper" else weights.state
+    state = merge_lora_state_dict(weights.state, alpha=weights.config.lora_alpha) \
+        if model.config.hi_lora_mode == "paper" else weights.state
     new_bridges = [f"bridges.{i}." for i in model.bridge_layers if i not in weights.config.bridge_layers]
     return load_allowing_fresh(model, state, f"{weights.what} {weights.path}", new_bridges)
 
@@ -298,6 +299,6 @@ def load_clip(model: HiVG, weights: Weights) -> None:
         raise ValueError(f"--clip_model {weights.path} is a HiVG checkpoint; start from it with --retrain")
     state = weights.state
     if weights.kind == "official-clip" and model.config.hi_lora_mode == "paper":
-        state = merge_lora_state_dict(state)
+        state = merge_lora_state_dict(state, alpha=OFFICIAL_ALPHA)
     load_allowing_fresh(model.clip, state, f"{weights.what} {weights.path}")
     model.reset_visual_projection()

@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO))
 from datasets.synthetic import generate  # noqa: E402
 from models.api import Grounder  # noqa: E402
 from models.checkpoint_format import training_file  # noqa: E402
-from models.hivg import add_model_args, build_model  # noqa: E402
+from models.flags import add_model_args  # noqa: E402
+from models.hivg import build_model  # noqa: E402
 from utils.checkpoint import rng_state, save_checkpoint  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -22,7 +22,7 @@ def random_attention(seed=0, lora=False):
         mha.out_proj.bias.normal_()
     attn = Attention.sharing(mha)
     if lora:
-        add_attention_lora(attn, dropout=0.0)
+        add_attention_lora(attn, rank=32, alpha=16, dropout=0.0)
         with torch.no_grad():
             attn.lora_in.lora_B.normal_(0, 0.1)
             attn.lora_out.lora_B.normal_(0, 0.1)
@@ -84,7 +84,7 @@ def test_q_k_v_adapters_draw_the_dropout_masks_of_their_mode(mode):
     three updates differ in training (one mask each); paper mode shares one mask (one GEMM), so they agree.
     Both agree in eval mode."""
     blocks = [SimpleNamespace(attn=random_attention(seed)[1]) for seed in range(3)]
-    apply_hi_lora(blocks, [], [], stage=3, mode=mode)
+    apply_hi_lora(blocks, [], [], stage=3, mode=mode, rank=32, alpha=16, dropout=0.1)
     lora = blocks[0].attn.lora_in
     with torch.no_grad():
         lora.lora_A.copy_(lora.lora_A[:lora.rank].repeat(3, 1))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from models.checkpoint_format import FORMAT, check_resumable, inherited_flags, model_file
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from models.weights import load_model, read_weights
 from utils.checkpoint import save_checkpoint
 

@@ -1,21 +1,18 @@
 """Loading CLIP weights into HiVG (--clip_model) from files the test writes: open_clip, HF and the
 authors' debiased CLIP (peft names with LoRA)."""
-import argparse
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from models.backbone import build_clip
-from models.hivg import add_model_args, build_model
+from models.flags import default_config
+from models.hivg import HiVG
 from models.weights import load_clip, read_weights
 from tests.clip_helpers import open_clip_to_hf
 
 
 def tiny(mode="paper"):
-    args = add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_mode", mode])
-    return build_model(args)
+    return HiVG(default_config("tiny", image_size=64, fusion_ffn=64, hi_lora_mode=mode))
 
 
 @pytest.fixture(scope="module")

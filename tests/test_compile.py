@@ -1,7 +1,6 @@
 """--compile: torch.compile (inductor) of the tiny model on the CPU gives eager's outputs and eager's training
 run, with one graph break, at the data-dependent text length (models/hivg.py, text_length). Compiling is
 slow on a small CPU (about a minute per graph, cold cache), so the cases are few and short."""
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,8 @@ from torch._dynamo.utils import counters
 import eval as eval_script
 import train_hivg
 from datasets.tokens import tokenize
-from models.hivg import add_model_args, build_model
+from models.flags import default_config
+from models.hivg import HiVG
 from tests.conftest import flags
 from tests.test_train import assert_same_weights
 
@@ -33,10 +33,8 @@ def graph_breaks():
 @pytest.mark.recorded
 def test_compiled_forward_equals_eager():
     torch.manual_seed(0)
-    args = add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--max_query_len", "16", "--vl_dim_feedforward", "64",
-         "--hi_lora_stage", "1", "--use_rtcc_constrain_loss", "--use_mask_loss"])
-    model = build_model(args).eval()
+    model = HiVG(default_config("tiny", image_size=64, context_length=16, fusion_ffn=64, hi_lora_stage=1,
+                                outputs=["box", "token_map", "seg_map"])).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):  # unmerged adapters doing real work

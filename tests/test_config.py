@@ -1,6 +1,5 @@
 """The model config travels with the checkpoint; one loader for every format; the Python API and
 torch.hub entry; flag inheritance of resumed runs and Hi LoRA stages."""
-import argparse
 import json
 import re
 import shutil
@@ -15,7 +14,8 @@ import train_hivg
 from datasets.tokens import tokenize
 from models.checkpoint_format import model_file
 from models.config import HiVGConfig
-from models.hivg import HiVG, add_model_args, build_model
+from models.flags import default_config
+from models.hivg import HiVG
 from models.weights import load_model, read_weights
 from tests.conftest import REPO, is_project_source
 from tests.tolerance import assert_close_fp32, model_depth
@@ -26,10 +26,9 @@ LEGACY = REPO / "tests" / "checkpoints" / "legacy_v1_stage1"
 LEGACY_V2 = REPO / "tests" / "checkpoints" / "legacy_v2_stage1"
 
 
-def tiny_args(*extra):
-    return add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--max_query_len", "16", "--vl_dim_feedforward", "64",
-         "--use_rtcc_constrain_loss", *extra])
+def tiny_model(**changes):
+    return HiVG(default_config("tiny", image_size=64, context_length=16, fusion_ffn=64,
+                               outputs=["box", "token_map"], **changes))
 
 
 def save_ours(path, model):
@@ -37,13 +36,13 @@ def save_ours(path, model):
 
 
 def test_config_round_trips_through_plain_types(tmp_path):
-    cfg = build_model(tiny_args("--hi_lora_stage", "2")).config
+    cfg = tiny_model(hi_lora_stage=2).config
     text = json.dumps(cfg.to_dict())                       # plain values only
     assert HiVGConfig.from_dict(json.loads(text)) == cfg
     with pytest.raises(ValueError, match="unknown entries \\['bogus'\\]"):
         HiVGConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     path = tmp_path / "ck.pth"
-    save_ours(path, build_model(tiny_args()))
+    save_ours(path, tiny_model())
     assert isinstance(torch.load(path, weights_only=True)["config"], dict)
 
 
@@ -65,7 +64,7 @@ def test_legacy_checkpoint_loads_and_gives_the_same_outputs(folder, kind, text_l
 
 
 def test_editing_a_json_config_does_not_change_what_a_checkpoint_builds(tmp_path, monkeypatch):
-    model = build_model(tiny_args())
+    model = tiny_model()
     path = tmp_path / "ck.pth"
     save_ours(path, model)
     configs = tmp_path / "configs"
@@ -74,7 +73,7 @@ def test_editing_a_json_config_does_not_change_what_a_checkpoint_builds(tmp_path
     tiny.update(bridge_layers=[0, 2], extract_layers=[0, 2, 4, 5])
     (configs / "tiny.json").write_text(json.dumps(tiny))
     monkeypatch.setattr(models.configs, "CONFIG_DIR", configs)
-    assert build_model(tiny_args()).bridge_layers == [0, 2]        # the edit is live for new runs ...
+    assert tiny_model().bridge_layers == [0, 2]        # the edit is live for new runs ...
     reloaded = load_model(path, merge=False)                       # ... not for an existing checkpoint
     assert reloaded.bridge_layers == [1, 3, 5] and reloaded.extract_layers == [1, 3, 5]
     for key, value in model.state_dict().items():
@@ -82,7 +81,7 @@ def test_editing_a_json_config_does_not_change_what_a_checkpoint_builds(tmp_path
 
 
 def test_every_format_goes_through_one_reader(tmp_path):
-    model = build_model(tiny_args())
+    model = tiny_model()
     save_ours(tmp_path / "ours.pth", model)
     torch.save(model.clip.state_dict(), tmp_path / "clip.pth")
     kinds = {name: read_weights(tmp_path / name).kind for name in ("ours.pth", "clip.pth")}
@@ -120,7 +119,7 @@ def test_the_readme_api_lines_run_as_written(tmp_path, monkeypatch):
     image = re.search(r'Image\.open\("([^"]+)"\)', code).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / ckpt).parent.mkdir(parents=True, exist_ok=True)
-    save_ours(tmp_path / ckpt, build_model(tiny_args()))
+    save_ours(tmp_path / ckpt, tiny_model())
     (tmp_path / image).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / image)
     scope = {}
@@ -130,7 +129,7 @@ def test_the_readme_api_lines_run_as_written(tmp_path, monkeypatch):
 
 
 def test_torch_hub_loads_the_local_clone(tmp_path):
-    model = build_model(tiny_args())
+    model = tiny_model()
     save_ours(tmp_path / "ck.pth", model)
     grounder = torch.hub.load(str(REPO), "hivg", source="local", checkpoint=str(tmp_path / "ck.pth"))
     img = Image.fromarray(np.zeros((30, 60, 3), dtype=np.uint8))
@@ -160,8 +159,8 @@ def test_a_stage_inherits_flags_and_the_command_line_wins():
 
 
 def test_from_config_rebuilds_the_same_network():
-    model = build_model(tiny_args("--hi_lora_stage", "1"))
-    twin = HiVG.from_config(model.config)
-    assert twin.state_dict().keys() == model.state_dict().keys()
-    assert [n for n, p in twin.named_parameters() if p.requires_grad] == \
-        [n for n, p in model.named_parameters() if p.requires_grad]
+    model = tiny_model(hi_lora_stage=1)
+    for twin in (HiVG(model.config), HiVG.from_config(model.config)):
+        assert twin.state_dict().keys() == model.state_dict().keys()
+        assert [n for n, p in twin.named_parameters() if p.requires_grad] == \
+            [n for n, p in model.named_parameters() if p.requires_grad]

@@ -12,7 +12,8 @@ from PIL import Image
 
 from eval import main as eval_main
 from models.checkpoint_format import model_file
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from models.weights import load_model, read_weights
 from utils.checkpoint import save_checkpoint
 from tests.conftest import BAD_CHECKPOINTS, write_bad_checkpoint
@@ -133,8 +134,8 @@ def with_official_bridge(ckpt, folder):
 def test_bridge_attention_defaults_to_the_checkpoint_and_can_be_chosen(setup, tmp_path):
     _, ckpt = setup
     official = with_official_bridge(ckpt, tmp_path)
-    assert load_model(official).bridges["1"].mode == "official"
-    assert load_model(official, bridge_attention="per_sample").bridges["1"].mode == "per_sample"
+    assert load_model(official).bridges["1"].bridge_attention == "official"
+    assert load_model(official, bridge_attention="per_sample").bridges["1"].bridge_attention == "per_sample"
     for choice, expected in (([], "official"), (["--bridge_attention", "per_sample"], "per_sample")):
         proc = run(["--eval_model", str(official), "--eval_set", "val", "--num_workers", "0",
                     "--output_dir", str(tmp_path), *choice])

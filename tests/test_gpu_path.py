@@ -20,7 +20,8 @@ import train_hivg
 from datasets import build_dataset
 from datasets.collate import Batch
 from datasets.tokens import tokenize
-from models.hivg import add_model_args, build_model, text_length
+from models.flags import add_model_args
+from models.hivg import build_model, text_length
 from models.weights import read_weights
 from tests.conftest import REPO, flags, is_project_source
 from tests.test_train import assert_same_weights

@@ -15,7 +15,8 @@ from datasets.tokens import tokenize
 from eval import data_args
 from eval import main as eval_main
 from models.heads import HEADS, HeadSpec, LossTerm, register_head, unregister_head
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from models.weights import load_model
 from tests.conftest import flags
 from utils.losses import GroundingCriterion, build_criterion

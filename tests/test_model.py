@@ -1,16 +1,14 @@
 """The HiVG model: parity with the authors' fixtures, bridge variants, LoRA merge, Hi LoRA stages."""
-import argparse
 import copy
-import json
 
 import pytest
 import torch
 
-from models.configs import CONFIG_DIR, list_models, load_model_config
 from datasets.tokens import tokenize
 from models.config import select_text_layers
-from models.hivg import add_model_args, build_model, patch_padding_mask
-from models.random_init import dct_axis_counts, dct_basis, init_dct_patch_embedding, init_sincos_position_embedding
+from models.flags import default_config
+from models.hivg import HiVG, patch_padding_mask
+from models.random_init import dct_basis, init_dct_patch_embedding
 from models.lora import merge_lora, merge_lora_state_dict
 from tests.conftest import FIXTURES
 from utils import parity
@@ -18,10 +16,10 @@ from utils import parity
 FIXTURE_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 
 
-def tiny_args(*argv):
-    return add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--use_contrastive_loss",
-         "--use_rtcc_constrain_loss", "--use_mask_loss", *argv])
+def tiny_model(**changes):
+    """The tiny model with every head, at 64 px, built from its config (`changes` by field name)."""
+    values = dict(image_size=64, fusion_ffn=64, outputs=["box", "contrastive", "token_map", "seg_map"])
+    return HiVG(default_config("tiny", **{**values, **changes}))
 
 
 def batch(B=3, S=64, seed=0):
@@ -67,7 +65,7 @@ def test_parity_detects_a_wrong_model(monkeypatch, capsys):
 
 @pytest.mark.recorded
 def test_per_sample_bridge_equals_running_each_sample_alone():
-    model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
+    model = tiny_model(hi_lora_stage=1).eval()
     randomize_lora(model)
     images, mask, texts = batch()
     ids = tokenize(texts, model.context_length)
@@ -78,7 +76,7 @@ def test_per_sample_bridge_equals_running_each_sample_alone():
         torch.testing.assert_close(together[key], torch.cat([a[key] for a in alone]), rtol=1e-5, atol=1e-5)
     official = copy.deepcopy(model)
     for bridge in official.bridges.values():
-        bridge.mode = "official"
+        bridge.bridge_attention = "official"
     with torch.no_grad():
         mixed = official(images, mask, ids)
     assert (mixed["pred_box"] - together["pred_box"]).abs().max() > 1e-6, "official mode must mix the batch"
@@ -87,7 +85,7 @@ def test_per_sample_bridge_equals_running_each_sample_alone():
 @pytest.mark.recorded
 @pytest.mark.parametrize("mode", ["paper", "official"])
 def test_merged_lora_matches_unmerged(mode):
-    model = build_model(tiny_args("--hi_lora_stage", "3", "--hi_lora_mode", mode)).eval()
+    model = tiny_model(hi_lora_stage=3, hi_lora_mode=mode).eval()
     randomize_lora(model)
     images, mask, texts = batch()
     ids = tokenize(texts, model.context_length)
@@ -102,9 +100,9 @@ def test_merged_lora_matches_unmerged(mode):
 
 @pytest.mark.recorded
 def test_merge_lora_state_dict_equals_module_merge():
-    model = build_model(tiny_args("--hi_lora_stage", "2")).eval()
+    model = tiny_model(hi_lora_stage=2).eval()
     randomize_lora(model)
-    merged_sd = merge_lora_state_dict(model.state_dict())
+    merged_sd = merge_lora_state_dict(model.state_dict(), alpha=model.config.lora_alpha)
     merge_lora(model)
     reference = model.state_dict()
     assert set(merged_sd) == set(reference)
@@ -123,7 +121,7 @@ def _vision_lora_layers(model, trainable_only=True):
 
 @pytest.mark.parametrize("stage,layers", [(0, []), (1, [0, 1]), (2, [0, 1, 2, 3]), (3, [0, 1, 2, 3, 4, 5])])
 def test_paper_stages_train_their_groups_only(stage, layers):
-    model = build_model(tiny_args("--hi_lora_stage", str(stage)))
+    model = tiny_model(hi_lora_stage=stage)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert _vision_lora_layers(model) == layers
     assert _vision_lora_layers(model, trainable_only=False) == layers  # earlier stages are merged
@@ -139,7 +137,7 @@ def test_paper_stages_train_their_groups_only(stage, layers):
 @pytest.mark.parametrize("stage,vision_layers", [(0, []), (1, [0, 1, 2, 3, 4]), (2, [0, 1, 2, 3, 4, 5]),
                                                  (3, [0, 1, 2, 3, 4, 5])])
 def test_official_stages(stage, vision_layers):
-    model = build_model(tiny_args("--hi_lora_stage", str(stage), "--hi_lora_mode", "official"))
+    model = tiny_model(hi_lora_stage=stage, hi_lora_mode="official")
     assert _vision_lora_layers(model) == vision_layers
     assert _vision_lora_layers(model, trainable_only=False) == list(range(6))
     text_lora = [p.requires_grad for n, p in model.named_parameters()
@@ -151,7 +149,7 @@ def test_official_stages(stage, vision_layers):
 
 
 def test_text_tower_runs_without_autograd_when_frozen():
-    model = build_model(tiny_args())
+    model = tiny_model()
     images, mask, texts = batch(2)
     seen = []
     model.clip.ln_final.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
@@ -162,7 +160,7 @@ def test_text_tower_runs_without_autograd_when_frozen():
 
 
 def test_outputs_are_computed_only_when_asked():
-    model = build_model(tiny_args()).eval()
+    model = tiny_model().eval()
     images, mask, texts = batch(2)
     calls = []
     model.seg_head.register_forward_hook(lambda *a: calls.append("seg"))
@@ -175,16 +173,12 @@ def test_outputs_are_computed_only_when_asked():
 
 
 def test_mixup_variant_and_refusals():
-    model = build_model(tiny_args("--mixup_pretrain"))
+    model = tiny_model(mixup=True, adaptive_weights=False)
     assert model.mixup_text_proj is not None and model.bridges["1"].adaptive_weights is None
     images, mask, texts = batch(2)
     assert model(images, mask, tokenize(texts, model.context_length))["pred_box"].shape == (2, 4)
     with pytest.raises(ValueError, match="--enable_adaptive_weights cannot be combined"):
-        build_model(tiny_args("--mixup_pretrain", "--enable_adaptive_weights"))
-    with pytest.raises(ValueError, match="--vl_hidden_dim"):
-        build_model(tiny_args("--vl_hidden_dim", "512"))
-    with pytest.raises(ValueError, match="unknown --model"):
-        build_model(tiny_args("--model", "ViT-X/99"))
+        tiny_model(mixup=True, adaptive_weights=True)
 
 
 def test_text_layers_per_dataset():
@@ -207,33 +201,10 @@ def test_patch_mask_rounds_like_the_official_int32_path():
 
 
 def test_position_embedding_interpolates_to_other_image_sizes():
-    model = build_model(tiny_args("--imsize", "96")).eval()
+    model = tiny_model(image_size=96).eval()
     images, mask, texts = batch(2, S=96)
     out = model(images, mask, tokenize(texts, model.context_length))
     assert out["token_map"].shape == (2, 144)
-
-
-def test_sincos_position_init_follows_temperature_and_scale_of_the_config():
-    """The demo config's table: entry (y, x, k) is sin / cos of y or x times 1 / T^(k / (d/4)), at `scale`
-    times the patch embedding's output std; the JSON keys reach the model built from it."""
-    model = build_model(add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "demo", "--imsize", "64", "--max_query_len", "16"]))
-    visual, cfg = model.clip.visual, load_model_config("demo")
-    T, scale = cfg["vision_pos_embed_temperature"], cfg["vision_pos_embed_scale"]
-    assert (T, scale) == (model.config.pos_embed_temperature, model.config.pos_embed_scale) != (10000.0, 1.0)
-    pos = visual.positional_embedding.detach().double()
-    g, d = 8, pos.shape[1]
-    omega = 1.0 / T ** (torch.arange(d // 4, dtype=torch.float64) / (d // 4))
-    n = torch.arange(g * g, dtype=torch.float64)
-    y, x = n // g, n % g
-    expected = torch.cat([torch.sin(y[:, None] * omega), torch.cos(y[:, None] * omega),
-                          torch.sin(x[:, None] * omega), torch.cos(x[:, None] * omega)], 1)
-    w = visual.conv1.weight.double()
-    expected = expected / expected.std() * w.std() * w[0].numel() ** 0.5 * scale
-    torch.testing.assert_close(pos[1:], expected, rtol=1e-5, atol=1e-6)
-    assert pos[0].abs().max() == 0
-    init_sincos_position_embedding(visual)                              # the defaults give another table
-    assert not torch.allclose(visual.positional_embedding.double()[1:], expected, atol=1e-3)
 
 
 def test_dct_basis_is_orthonormal_and_starts_at_the_lowest_frequencies():
@@ -244,43 +215,6 @@ def test_dct_basis_is_orthonormal_and_starts_at_the_lowest_frequencies():
     assert torch.equal(basis[1], basis[1, :1].expand(8, 8)) or torch.equal(basis[1], basis[1, :, :1].expand(8, 8))
 
 
-def test_dct_patch_init_keeps_the_scale_and_separates_brightness_colour_and_outline():
-    """The demo config's patch projection: orthogonal rows of equal norm (the random init's total norm);
-    a flat grey patch excites only the luminance DC row, a flat red-minus-green patch only the red-green
-    DC row, and a patch with an edge only luminance rows."""
-    model = build_model(add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "demo", "--imsize", "64", "--max_query_len", "16"]))
-    assert model.config.patch_embed_init == load_model_config("demo")["vision_patch_embed_init"] == "dct"
-    w = model.clip.visual.conv1.weight.detach().double()               # [64, 3, 8, 8]
-    d = w.shape[0]
-    rows = w.flatten(1)
-    norm = rows[0].norm()
-    torch.testing.assert_close(rows @ rows.T, torch.eye(d, dtype=torch.float64) * norm ** 2, rtol=0, atol=1e-6)
-
-    def response(patch):
-        return torch.einsum("dchw,chw->d", w, patch)
-    grey, red_green = torch.ones(3, 8, 8, dtype=torch.float64), torch.zeros(3, 8, 8, dtype=torch.float64)
-    red_green[0], red_green[1] = 1, -1
-    edge = torch.zeros(3, 8, 8, dtype=torch.float64)
-    edge[:, :, 4:] = 1
-    luma, colour, _ = dct_axis_counts(d)
-    for patch, only in ((grey, [0]), (red_green, [luma])):
-        r = response(patch)
-        assert r[only].abs().min() > 1 and r[[i for i in range(d) if i not in only]].abs().max() < 1e-9
-    r = response(edge)
-    assert r[1:luma].abs().max() > 1 and r[luma:].abs().max() < 1e-9
-    assert r[luma:luma + colour].abs().max() < 1e-9
-
-
-def test_unknown_stem_init_in_a_model_config_is_refused(tmp_path):
-    cfg = json.loads((CONFIG_DIR / "demo.json").read_text())
-    cfg["vision_patch_embed_init"] = "dtc"
-    path = tmp_path / "typo.json"
-    path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"vision_patch_embed_init 'dtc' is not one of \['open_clip', 'dct'\]"):
-        build_model(add_model_args(argparse.ArgumentParser()).parse_args(["--model", str(path), "--imsize", "64"]))
-
-
 def test_dct_patch_init_refuses_a_width_beyond_the_patch_frequencies():
     visual = torch.nn.Module()
     visual.conv1 = torch.nn.Conv2d(3, 192, 8, 8, bias=False)          # 72 luminance rows > 64 frequencies
@@ -288,18 +222,10 @@ def test_dct_patch_init_refuses_a_width_beyond_the_patch_frequencies():
         init_dct_patch_embedding(visual)
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_registered_config_resolves(name):
-    cfg = load_model_config(name)
-    layers = cfg["clip"]["vision_cfg"]["layers"]
-    assert all(0 <= i < layers for i in cfg["bridge_layers"] + cfg["extract_layers"])
-    assert cfg["clip"]["quick_gelu"] is True
-
-
 @pytest.mark.recorded
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = build_model(tiny_args("--hi_lora_stage", "1", "--vl_dropout", "0"))
+    plain = tiny_model(hi_lora_stage=1, fusion_dropout=0)
     randomize_lora(plain)
     ckpt = copy.deepcopy(plain)
     ckpt.grad_checkpointing = True
@@ -319,7 +245,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_backward_reaches_exactly_the_trainable_parameters():
-    model = build_model(tiny_args("--hi_lora_stage", "2")).train()
+    model = tiny_model(hi_lora_stage=2).train()
     images, mask, texts = batch()
     out = model(images, mask, tokenize(texts, model.context_length))
     (out["pred_box"].sum() + out["token_map"].mean() + out["seg_map"].mean()
@@ -332,7 +258,7 @@ def test_backward_reaches_exactly_the_trainable_parameters():
 @pytest.mark.recorded
 def test_eager_reference_attention_matches_sdpa():
     from models.attention import eager_attention
-    model = build_model(tiny_args("--hi_lora_stage", "1")).eval()
+    model = tiny_model(hi_lora_stage=1).eval()
     randomize_lora(model)
     images, mask, texts = batch()
     ids = tokenize(texts, model.context_length)
@@ -345,7 +271,7 @@ def test_eager_reference_attention_matches_sdpa():
 
 
 def test_reg_attention_is_a_distribution_over_patches_and_only_on_request():
-    model = build_model(tiny_args()).eval()
+    model = tiny_model().eval()
     images, mask, texts = batch()
     ids = tokenize(texts, model.context_length)
     with torch.no_grad():
@@ -416,7 +342,7 @@ def test_seg_head_equals_the_conv_chain_it_factorises():
 @pytest.mark.parametrize("stage", [0, 3])
 def test_bf16_autocast_training_step_runs_and_stays_close(stage):
     from utils.losses import GroundingCriterion
-    model = build_model(tiny_args("--hi_lora_stage", str(stage), "--vl_dropout", "0")).eval()
+    model = tiny_model(hi_lora_stage=stage, fusion_dropout=0).eval()
     randomize_lora(model)
     images, mask, texts = batch()
     ids = tokenize(texts, model.context_length)

@@ -14,7 +14,8 @@ import pytest
 
 import train_hivg
 from models.checkpoint_format import model_file
-from models.hivg import add_model_args, build_model
+from models.flags import add_model_args
+from models.hivg import build_model
 from tests.conftest import flags
 from tests.test_train import KILLED_SAVING_EPOCH, REPO, log_epochs, run_script
 from utils.checkpoint import save_checkpoint

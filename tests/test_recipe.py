@@ -1,6 +1,5 @@
 """train_and_eval_script/recipe.sh: GPU count, skip / resume of stages, mode, multi-node and mixup evaluation,
 checked on the commands it prints with DRY_RUN=1 (no training), and its stages on the tiny model."""
-import argparse
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import torch
 
 import train_hivg
 from models.backbone import build_clip
-from models.hivg import add_model_args, build_model
+from models.configs import load_model_config
 from tests.conftest import REPO
 
 RECIPE = REPO / "train_and_eval_script" / "recipe.sh"
@@ -125,8 +124,7 @@ def tiny_recipe(synthetic_set, tmp_path):
     """Environment that runs the recipe on the tiny model and a tiny synthetic set: its PYTHON runs each torchrun
     command as one plain process and gives train_hivg.py the TINY flags last (they win)."""
     data = synthetic_set(16, 8, 8)
-    model_args = add_model_args(argparse.ArgumentParser()).parse_args(["--model", "tiny", "--imsize", "64"])
-    torch.save(build_clip(build_model(model_args).config.clip).state_dict(), tmp_path / "clip.pt")
+    torch.save(build_clip(load_model_config("tiny")["clip"]).state_dict(), tmp_path / "clip.pt")
     python = tmp_path / "python"
     python.write_text(f"""#!/bin/sh
 if [ "$1" = -m ] && [ "$2" = torch.distributed.run ]; then

@@ -51,7 +51,8 @@ def test_each_hi_lora_stage_trains_only_its_parameters(stage0, tmp_path):
     for stage in (1, 2, 3):
         out = tmp_path / f"s{stage}"
         assert train_hivg.main(["--hi_lora_retrain", str(prev), "--epochs", "1", "--output_dir", str(out)]) == 0
-        before = merge_lora_state_dict(read_weights(prev).checkpoint["model"])
+        previous = read_weights(prev).checkpoint
+        before = merge_lora_state_dict(previous["model"], alpha=previous["config"]["lora_alpha"])
         ckpt = read_weights(out / "checkpoint.pth").checkpoint
         assert ckpt["config"]["hi_lora_stage"] == stage and ckpt["args"]["dataset"] == "synthref"
         model = load_model(out / "checkpoint.pth", merge=False)

@@ -1,19 +1,26 @@
 """Model variants as data: one JSON file per `--model`, registered by file name.
 
 A config names an open_clip architecture (`open_clip_model`) or carries its kwargs inline (`clip`),
-plus the HiVG layer choices: `bridge_layers`, `extract_layers` (0-based vision blocks), optionally
-`warmup_bridge_layers` (bridges used with `--warmup`) and `token_mlp_width`. A config for a random CLIP
-may set `vision_pos_embed_init` ("sincos"), `vision_pos_embed_temperature`, `vision_pos_embed_scale` and
-`vision_patch_embed_init` ("dct") (models.random_init).
+optionally `quick_gelu` (default true) and `warmup_bridge_layers` (bridges used with `--warmup`). Every
+other entry is a `HiVGConfig` field under its own name: `bridge_layers`, `extract_layers` (0-based vision
+blocks), `token_mlp_width`, `lora_rank`, ...; a config for a random CLIP may set `pos_embed_init`
+("sincos"), `pos_embed_temperature`, `pos_embed_scale` and `patch_embed_init` ("dct") (models.random_init).
 """
 import copy
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List
 
 import open_clip
 
+from ..config import HiVGConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent
+FILE_ONLY_KEYS = ("open_clip_model", "clip", "quick_gelu", "warmup_bridge_layers")
+REQUIRED_KEYS = ("bridge_layers", "extract_layers")
+RENAMED_KEYS = {"vision_pos_embed_init": "pos_embed_init", "vision_pos_embed_temperature": "pos_embed_temperature",
+                "vision_pos_embed_scale": "pos_embed_scale", "vision_patch_embed_init": "patch_embed_init"}
 
 
 def list_models() -> List[str]:
@@ -31,6 +38,7 @@ def load_model_config(name: str) -> Dict:
     if not path.is_file():
         raise ValueError(f"unknown --model {name!r}: choose one of {list_models()} or pass a JSON config file")
     cfg = json.loads(path.read_text())
+    check_keys(path, cfg)
     if "clip" not in cfg:
         base = open_clip.get_model_config(cfg["open_clip_model"])
         if base is None:
@@ -39,6 +47,19 @@ def load_model_config(name: str) -> Dict:
     cfg["clip"]["quick_gelu"] = cfg.get("quick_gelu", True)
     cfg["name"] = path.stem
     return cfg
+
+
+def check_keys(path: Path, cfg: Dict) -> None:
+    """Refuse an entry that is neither a file-only key nor a HiVGConfig field, or a missing layer choice,
+    naming the file and the key."""
+    missing = [key for key in REQUIRED_KEYS if key not in cfg]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)}: list the 0-based vision blocks")
+    known = set(FILE_ONLY_KEYS) | {f.name for f in fields(HiVGConfig)}
+    for key in sorted(set(cfg) - known):
+        if key in RENAMED_KEYS:
+            raise ValueError(f"{path}: entry {key!r} is now spelled {RENAMED_KEYS[key]!r}; rename it")
+        raise ValueError(f"{path}: unknown entry {key!r}; use one of {sorted(known)}")
 
 
 def names_pretrained_clip(name: str) -> bool:
