@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision import ops
 
-from utils.losses import paired_generalized_box_iou
+from models.head_losses import paired_generalized_box_iou
 
 EXACT = dict(rtol=0, atol=0, equal_nan=True)
 
