@@ -14,22 +14,25 @@ import random
 import signal
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from datasets import Collate, add_data_args, build_dataset
+from datasets import add_data_args, build_dataset
 from models.checkpoint_format import check_resumable, inherited_flags, training_file
 from models.configs import has_warmup_layout, names_pretrained_clip
 from models.convert_clip import clip_cfg_from_hf_json
 from models.flags import add_model_args
-from models.hivg import HiVG, build_model
-from models.weights import load_clip, load_previous_stage, load_strict, read_weights
+from models.config import HiVGConfig
+from models.hivg import HiVG, checked_config
+from models.weights import Weights, load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import refuse_rewinding, rng_state, save_checkpoint, set_rng_state
 from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
+                          make_loader,
                           set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.flags import add_device_arg, add_hf_clip_config_arg, add_num_workers_arg, add_speed_args
@@ -109,10 +112,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def resolve_args(argv=None):
-    """Parse flags and read the checkpoint a run starts from: (args, Weights or None).
+    """Parse flags and read what a run starts from: (args, Start).
 
     A resumed run or a new Hi LoRA stage inherits the flags of the run that wrote its checkpoint
-    (utils.run_flags.inherit_flags); flags given on the command line win.
+    (utils.run_flags.inherit_flags); flags given on the command line win. The network's config is made here,
+    once: the resumed checkpoint's, or the flags' (with the CLIP of the checkpoint a new stage starts from).
     """
     parser = get_args_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -138,7 +142,11 @@ def resolve_args(argv=None):
     if flag == "resume":
         refuse_rewinding(start, Path(args.output_dir) / "checkpoint.pth")
     args.eval_batch_size = args.eval_batch_size or args.batch_size
-    return args, start
+    config = start.config if flag == "resume" else checked_config(args, start.config.clip if start else None)
+    clip = read_weights(args.clip_model, what="--clip_model") if args.clip_model and not start else None
+    random_clip = not (start or clip) and names_pretrained_clip(args.model)
+    notes = [f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP"] if random_clip else []
+    return args, Start(config, weights=start, clip=clip, notes=notes)
 
 
 def lr_lambda(args):
@@ -154,39 +162,37 @@ def lr_lambda(args):
     return lambda e: 0.1 ** (e // args.lr_drop)
 
 
-def build_run_model(args, start, say) -> HiVG:
+@dataclass
+class Start:
+    """What a run starts from, read before anything is written: the network's config and its weights."""
+    config: HiVGConfig
+    weights: Optional[Weights] = None   # --resume / --hi_lora_retrain / --retrain
+    clip: Optional[Weights] = None      # --clip_model
+    notes: List[str] = field(default_factory=list)   # for the log, once it is open
+
+
+def build_run_model(start: Start, resume: bool, grad_checkpointing: bool, say) -> HiVG:
     """The network of this run with its starting weights: the resumed checkpoint's exactly, the previous
     stage's (--hi_lora_retrain, --retrain), CLIP weights (--clip_model) or random; `say` prints a line."""
-    if args.resume:
-        model = HiVG.from_config(start.config, grad_checkpointing=args.grad_checkpointing)
-        load_strict(model, start.state, f"--resume {start.path}")
-        return model
-    model = build_model(args, clip_cfg=start.config.clip if start else None)
-    if start:
-        fresh = load_previous_stage(model, start)
+    model = HiVG(start.config, grad_checkpointing=grad_checkpointing)
+    weights = start.weights
+    if resume:
+        load_strict(model, weights.state, f"--resume {weights.path}")
+    elif weights:
+        fresh = load_previous_stage(model, weights)
         new_bridges = any(k.startswith("bridges.") for k in fresh)
-        say(f"loaded {start.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
+        say(f"loaded {weights.path}; {len(fresh)} fresh tensors (new adapters{', bridges' if new_bridges else ''}) "
             f"for Hi LoRA stage {model.config.hi_lora_stage}")
-    elif args.clip_model:
-        load_clip(model, read_weights(args.clip_model, what="--clip_model"))
-        say(f"loaded CLIP weights from {args.clip_model}")
-    elif names_pretrained_clip(args.model):
-        say(f"WARNING: no --clip_model: training {args.model} on a randomly initialised CLIP")
+    elif start.clip:
+        load_clip(model, start.clip)
+        say(f"loaded CLIP weights from {start.clip.path}")
     return model
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGINT to the main process, which saves and stops cleanly."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-
-
-def make_loader(dataset, sampler, batch_size, args, device, seed: int):
-    """A loader whose iterator draws its workers' base seed from its own generator, seeded by `seed`: the
-    global generator is left to the model (dropout), so a run resumed inside an epoch draws the same masks."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(args.max_query_len),
-                      num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 @reports_errors(PROG)
@@ -200,7 +206,9 @@ def main(argv=None) -> int:
     try:
         with claimed(Path(args.output_dir), args.resume, args.overwrite, reads, info.is_main) as begin_writing:
             with alike_on_every_rank():
-                trainer = Trainer(args, start, info, begin_writing)
+                trainer = Trainer(args, start, info)
+            begin_writing()   # a refused run (above) leaves the folder as it was
+            trainer.open_log()
             return trainer.fit(stop)
     finally:
         stop.close()
@@ -210,28 +218,26 @@ def main(argv=None) -> int:
 class Trainer:
     """One training run: model, optimizer, data, checkpoints; `fit` runs the epochs."""
 
-    def __init__(self, args, start, info, begin_writing):
-        """Builds what checks the inputs (model, weights, data) first; then `begin_writing` clears the output
-        folder (--overwrite) and the log opens there, so that a refused run leaves the folder as it was."""
-        self.args, self.info, self.device = args, info, info.device
-        set_tf32(self.device, args.tf32)
-        seed = args.seed + info.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
-        notes = []   # printed once the log is open
-        self.model = build_run_model(args, start, notes.append)
+    def __init__(self, args, start: Start, info):
+        """Builds the model with its starting weights, the data, the optimizer and the criterion: everything
+        that checks the inputs, and nothing written yet (`fit` begins writing)."""
+        self.args, self.start, self.info, self.device = args, start, info, info.device
+        schedule = lr_lambda(args)
+        seed_everything(args.seed + info.rank)
+        self.notes = list(start.notes)   # printed once the log is open
+        self.model = build_run_model(start, bool(args.resume), args.grad_checkpointing, self.notes.append)
         self.model.freeze_heads_without_loss()
         self.model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        notes.append(f"Hi LoRA stage {self.model.config.hi_lora_stage} ({self.model.config.hi_lora_mode}): "
-                     f"{sum(p.numel() for p in params):,} trainable of "
-                     f"{sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
-                     f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
-                     f"{info.world_size * args.batch_size * args.accum_steps}")
-        self.train_set = EpochSeeded(build_dataset("train" if args.sup_type == "full" else "train_pseudo", args),
-                                     args.seed)
+        self.notes.append(f"Hi LoRA stage {self.model.config.hi_lora_stage} ({self.model.config.hi_lora_mode}): "
+                          f"{sum(p.numel() for p in params):,} trainable of "
+                          f"{sum(p.numel() for p in self.model.parameters()):,} parameters; effective batch "
+                          f"{info.world_size} ranks x {args.batch_size} x {args.accum_steps} accum = "
+                          f"{info.world_size * args.batch_size * args.accum_steps}")
+        train_set = build_dataset("train" if args.sup_type == "full" else "train_pseudo", args)
         self.val_set = build_dataset("val", args)
+        set_tf32(self.device, args.tf32)
+        self.train_set = EpochSeeded(train_set, args.seed)
         self.micro = args.batch_size * args.accum_steps
         self.sampler = ShardSampler(len(self.train_set), info.rank, info.world_size, shuffle=True, seed=args.seed,
                                     batch_size=self.micro, drop_last=True, epoch_samples=args.epoch_samples)
@@ -239,16 +245,9 @@ class Trainer:
             raise ValueError(f"the training split has {len(self.train_set)} samples (--epoch_samples "
                              f"{args.epoch_samples}), fewer than one global batch ({info.world_size} x {self.micro}); "
                              "lower --batch_size")
-        # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
-        self.steps_per_epoch = len(self.sampler) // args.batch_size // args.accum_steps
-        previous = start.checkpoint if start is not None and start.checkpoint is not None else {}
-        self.step_base = previous.get("step_base" if args.resume else "stage_end_step", 0)
-        # A resumed run writes the steps after its checkpoint's again: TensorBoard forgets the earlier events.
-        purge_step = self.global_step(*previous["resume_at"]) + 1 if args.resume else None
-        begin_writing()
-        self.log = RunLogger(args.output_dir, info.is_main, vars(args), purge_step=purge_step)
-        for note in notes:
-            self.log.print(note)
+        self.steps_per_epoch = len(self.sampler) // self.micro
+        self.scaler = loss_scaler(args.amp, self.device)
+        self.criterion = build_criterion(args)
         self.net = self.model
         if info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -257,20 +256,33 @@ class Trainer:
             self.net = torch.compile(self.net)
         self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
                                            fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(args))
-        self.scaler = loss_scaler(args.amp, self.device)
-        self.criterion = build_criterion(args)
-        self.start = start
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        # TensorBoard's step axis runs on across Hi LoRA stages: a stage starts where the one it inherits ended.
+        previous = start.weights.checkpoint if start.weights is not None else None
+        self.step_base = (previous or {}).get("step_base" if args.resume else "stage_end_step", 0)
         self.best_acc = -1.0
+
+    def open_log(self) -> None:
+        """The run's log in its output folder, with the notes of the set-up. A resumed run writes the steps after
+        its checkpoint's again: TensorBoard forgets the events the interrupted run wrote for them."""
+        args = self.args
+        purge_step = self.global_step(*self.start.weights.checkpoint["resume_at"]) + 1 if args.resume else None
+        self.log = RunLogger(args.output_dir, self.info.is_main, vars(args), purge_step=purge_step)
+        for note in self.notes:
+            self.log.print(note)
 
     def global_step(self, epoch: int, step: int) -> int:
         """Optimizer steps since the first stage of the recipe, at `step` of `epoch` of this run."""
         return self.step_base + epoch * self.steps_per_epoch + step
 
+    def loader(self, dataset, sampler, batch_size: int, seed: int):
+        return make_loader(dataset, sampler, batch_size=batch_size, context_length=self.args.max_query_len,
+                           num_workers=self.args.num_workers, device=self.device, seed=seed)
+
     def validate(self, desc: str) -> dict:
         args = self.args
         return evaluate(self.model, self.val_set,
-                        lambda ds, s: make_loader(ds, s, args.eval_batch_size, args, self.device, args.seed),
+                        lambda ds, s: self.loader(ds, s, args.eval_batch_size, args.seed),
                         self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
 
     def state(self, epoch: int, resume_at, epoch_losses=None) -> dict:
@@ -290,7 +302,7 @@ class Trainer:
         """(start epoch, start step, LossMeter of that epoch's steps before it): from the resumed checkpoint,
         or (0, 0, empty) after evaluating the inherited weights of a new stage (they are the best so far)."""
         if self.args.resume:
-            ckpt = self.start.checkpoint
+            ckpt = self.start.weights.checkpoint
             try:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
                 self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -308,7 +320,7 @@ class Trainer:
             sums = ckpt.get("epoch_losses") or []   # per rank; on other ranks' counts, rank 0 takes them all
             mine = [sums[self.info.rank]] if len(sums) == self.info.world_size else sums if self.info.is_main else []
             return (*ckpt["resume_at"], LossMeter.from_states(mine, self.device))
-        if self.start is not None:
+        if self.start.weights is not None:
             stats = self.validate("val (inherited)")
             self.best_acc = stats["acc"]
             self.log.print(f"inherited model: val Acc@0.5 {self.best_acc:.4f}, mIoU {stats['miou']:.4f}")
@@ -334,7 +346,7 @@ class Trainer:
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
-            loader = make_loader(self.train_set, self.sampler, args.batch_size, args, self.device, args.seed + epoch)
+            loader = self.loader(self.train_set, self.sampler, args.batch_size, args.seed + epoch)
             losses = resumed_losses if epoch == start_epoch else LossMeter()
             try:
                 stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,

@@ -231,9 +231,10 @@ class HiVG(nn.Module):
         self.hi_lora_stage, self.hi_lora_mode = stage, mode
 
 
-def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
-    """The model the flags describe, with random CLIP weights (callers load weights afterwards, see
-    models.weights). `clip_cfg` replaces the JSON config's open_clip kwargs (a CLIP from an HF config)."""
+def checked_config(args, clip_cfg: Optional[dict] = None) -> HiVGConfig:
+    """The config the model flags describe (`models.flags.build_config`), or a ValueError naming the flags when
+    it selects blocks its CLIP lacks. `clip_cfg` replaces the JSON config's open_clip kwargs (the CLIP of the
+    checkpoint a run starts from, or one described by an HF config)."""
     config = build_config(args, clip_cfg)
     out_of_range = config_layers_out_of_range(config)
     if out_of_range and clip_cfg is not None:
@@ -244,4 +245,10 @@ def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
     if out_of_range:
         raise ValueError(f"--model {args.model}: its config selects blocks its own CLIP does not have: "
                          f"{out_of_range}; fix the config's bridge_layers / extract_layers")
-    return HiVG(config, grad_checkpointing=args.grad_checkpointing)
+    return config
+
+
+def build_model(args, clip_cfg: Optional[dict] = None) -> HiVG:
+    """The model the flags describe (`checked_config`), with random CLIP weights (callers load weights
+    afterwards, see models.weights)."""
+    return HiVG(checked_config(args, clip_cfg), grad_checkpointing=args.grad_checkpointing)

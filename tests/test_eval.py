@@ -244,9 +244,8 @@ def test_blocks_beyond_the_clip_name_the_checkpoint_and_the_flags(tmp_path, caps
     start_from = tmp_path / "demo.pth"
     save_checkpoint(start_from, model_file(demo, vars(demo_args)))
     for flag in ("hi_lora_retrain", "retrain"):
-        args, start = resolve_args([f"--{flag}", str(start_from), "--model", "tiny", "--hi_lora_stage", "1"])
         with pytest.raises(ValueError) as refused:
-            build_model(args, clip_cfg=start.config.clip)     # as train_hivg.build_run_model
+            resolve_args([f"--{flag}", str(start_from), "--model", "tiny", "--hi_lora_stage", "1"])
         assert str(refused.value) == (f"--model tiny selects blocks its CLIP, that of --{flag} {start_from}, does not "
                                       "have: bridge layers [1, 3, 5] out of range for the 3-layer vision tower; "
                                       "extract layers [1, 3, 5] out of range for the 3-layer vision tower; "

@@ -25,7 +25,7 @@ from models.hivg import build_model, text_length
 from models.weights import read_weights
 from tests.conftest import REPO, flags, is_project_source
 from tests.test_train import assert_same_weights
-from utils.engine import LossMeter, NonFiniteLossError, ShardSampler, set_tf32, train_one_epoch
+from utils.engine import LossMeter, NonFiniteLossError, ShardSampler, make_loader, set_tf32, train_one_epoch
 from utils.losses import build_criterion
 
 PHRASES = ["the red ball", "a dog on the left of the small car", "cup", "the man in a blue shirt", "left", "tree"]
@@ -204,9 +204,10 @@ def test_tf32_switches_only_on_cuda():
 
 
 def test_the_train_loader_pins_memory_on_cuda_only():
-    args = argparse.Namespace(max_query_len=16, num_workers=0)
     for device, pinned in (("cpu", False), ("cuda", True)):
-        assert train_hivg.make_loader([], None, 2, args, torch.device(device), 0).pin_memory is pinned
+        loader = make_loader([], None, batch_size=2, context_length=16, num_workers=0, device=torch.device(device),
+                             seed=0)
+        assert loader.pin_memory is pinned
 
 
 # ---- On a CUDA device (pytest -m cuda; benchmarks/gpu_check.sh) ----
@@ -294,5 +295,7 @@ def test_two_step_run_on_cuda_matches_the_cpu_run(small_data, tmp_path):
 def test_the_train_loader_pins_batches_on_cuda(small_data, tmp_path):
     args, _ = train_hivg.resolve_args(flags(small_data, tmp_path, "--num_workers", "2"))
     dataset = build_dataset("train", args)
-    batch = next(iter(train_hivg.make_loader(dataset, ShardSampler(len(dataset)), 4, args, torch.device("cuda"), 0)))
+    loader = make_loader(dataset, ShardSampler(len(dataset)), batch_size=4, context_length=args.max_query_len,
+                         num_workers=args.num_workers, device=torch.device("cuda"), seed=0)
+    batch = next(iter(loader))
     assert all(t.is_pinned() for t in batch[:5])

@@ -6,15 +6,17 @@ where the interrupted one stopped.
 """
 import math
 import random
+import signal
 import time
 from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.ops import box_convert, box_iou
 from tqdm import tqdm
 
+from datasets import Collate
 from models.heads import HEADS
 from utils import distributed as du
 
@@ -72,6 +74,21 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices())
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGINT to the main process, which saves and stops cleanly."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_loader(dataset, sampler, *, batch_size: int, context_length: int, num_workers: int, device: torch.device,
+                seed: int) -> DataLoader:
+    """A training-run loader whose iterator draws its workers' base seed from its own generator, seeded by `seed`:
+    the global generator is left to the model (dropout), so a run resumed inside an epoch draws the same masks."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=Collate(context_length),
+                      num_workers=num_workers, pin_memory=device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
 def autocast(device: torch.device, amp: str):
