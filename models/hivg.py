@@ -143,11 +143,6 @@ class HiVG(nn.Module):
         if config.pos_embed_init == "sincos":
             init_sincos_position_embedding(vis, config.pos_embed_temperature, config.pos_embed_scale)
 
-    @classmethod
-    def from_config(cls, cfg: HiVGConfig, grad_checkpointing: bool = False) -> "HiVG":
-        """`HiVG(cfg, grad_checkpointing=...)`, the spelling of earlier versions."""
-        return cls(cfg, grad_checkpointing=grad_checkpointing)
-
     @torch.no_grad()
     def reset_visual_projection(self) -> None:
         """Initialise the multi-level projection as side-by-side copies of CLIP's visual projection.

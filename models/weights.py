@@ -210,7 +210,7 @@ def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], over
         raise ValueError(f"{what} {path}: its flags' --model {flags.get('model', config.name)} selects blocks "
                          f"{clip} does not have: {out_of_range}; {fix}")
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        expected = HiVG.from_config(config).state_dict()
+        expected = HiVG(config).state_dict()
     try:
         converted = convert_official_state_dict(state, expected=expected)
     except ValueError as err:
@@ -255,7 +255,7 @@ def load_model(source, device="cpu", merge: bool = True, clip_cfg: Optional[dict
     if not weights.is_hivg:
         raise ValueError(f"{weights.what} {weights.path} holds CLIP weights ({weights.kind}), not a HiVG model; "
                          "pass a HiVG checkpoint (CLIP weights start a training run: train_hivg.py --clip_model)")
-    model = HiVG.from_config(weights.config.replace(**config_changes))
+    model = HiVG(weights.config.replace(**config_changes))
     load_strict(model, weights.state, f"{weights.what} {weights.path}")
     if merge:
         merge_lora(model)

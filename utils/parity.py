@@ -42,7 +42,7 @@ def _load(path: Path):
 def build_from_fixture(folder: Path, bridge_attention: str):
     config = json.loads((folder / "config.json").read_text())
     clip_cfg = hf_config_to_open_clip_cfg(config["clip_config"])
-    model = HiVG.from_config(official_config(config["hivg_args"], clip_cfg, bridge_attention=bridge_attention))
+    model = HiVG(official_config(config["hivg_args"], clip_cfg, bridge_attention=bridge_attention))
     state = read_file(folder / "checkpoint.pth")["model"]  # the fixture holds the weights only
     load_strict(model, convert_official_state_dict(state, expected=model.state_dict()))
     derived = config.get("derived", {})
