@@ -282,8 +282,9 @@ class Trainer:
     def validate(self, desc: str) -> dict:
         args = self.args
         return evaluate(self.model, self.val_set,
-                        lambda ds, s: self.loader(ds, s, args.eval_batch_size, args.seed),
-                        self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
+                        lambda ds, s: self.loader(ds, s, batch_size=args.eval_batch_size, seed=args.seed),
+                        device=self.device, rank=self.info.rank, world=self.info.world_size, amp=args.amp,
+                        show_progress=self.log.progress, desc=desc)
 
     def state(self, epoch: int, resume_at, epoch_losses=None) -> dict:
         """Everything a resume needs, and the config that rebuilds the network (models.checkpoint_format)."""
@@ -346,11 +347,12 @@ class Trainer:
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
-            loader = self.loader(self.train_set, self.sampler, args.batch_size, args.seed + epoch)
+            loader = self.loader(self.train_set, self.sampler, batch_size=args.batch_size, seed=args.seed + epoch)
             losses = resumed_losses if epoch == start_epoch else LossMeter()
             try:
-                stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
-                                        scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
+                stats = train_one_epoch(self.net, self.criterion, loader, optimizer=self.optimizer, device=self.device,
+                                        amp=args.amp, scaler=self.scaler, accum_steps=args.accum_steps,
+                                        max_norm=args.clip_max_norm,
                                         start_step=self.sampler.skip // self.micro, stop_requested=stop,
                                         desc=f"stage {self.model.config.hi_lora_stage} epoch {epoch}",
                                         show_progress=self.log.progress,
