@@ -143,7 +143,7 @@ def read_expressions(text: Optional[str], context_length: int) -> List[str]:
 
 # ----------------------------------------------------------------------------------------- grounding
 
-def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], heatmap: bool):
+def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], *, heatmap: bool):
     """(boxes picture, [(heat picture, caption)], boxes JSON, message) for the page. Input problems come
     back as the message, so the server keeps serving."""
     try:
@@ -154,9 +154,9 @@ def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], h
     hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap)
     drawn = [replace(hit, box_xyxy=[c * scale[i % 2] for i, c in enumerate(hit.box_xyxy)]) for hit in hits]
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(hits))]
-    picture = draw_boxes(image, [hit.box_xyxy for hit in drawn], texts, colours, MIN_DRAW_SIDE)
-    heat = [(heat_pictures(image, hit, t, c, MIN_DRAW_SIDE)["attn"], t) for hit, t, c in zip(drawn, texts, colours)] \
-        if heatmap else []
+    picture = draw_boxes(image, [hit.box_xyxy for hit in drawn], texts, colours=colours, min_side=MIN_DRAW_SIDE)
+    heat = [(heat_pictures(image, hit, t, colour=c, min_side=MIN_DRAW_SIDE)["attn"], t)
+            for hit, t, c in zip(drawn, texts, colours)] if heatmap else []
     boxes = []
     for t, hit in zip(texts, hits):
         entry = {"text": t, "box_xyxy": [round(c, 2) for c in hit.box_xyxy]}
@@ -199,7 +199,7 @@ def build_page(grounder: Grounder, examples: List[List[str]], checkpoint: str):
                         examples_per_page=NUM_EXAMPLES)
 
         def on_click(image_file, expressions, heatmap_wanted):
-            return ground(grounder, image_file and image_file["path"], expressions, heatmap_wanted)
+            return ground(grounder, image_file and image_file["path"], expressions, heatmap=heatmap_wanted)
 
         # Unprocessed inputs: the image arrives as the uploaded file (in gradio's upload folder), so a file
         # that is not an image reaches read_image, which says so on the page, instead of failing in gradio.

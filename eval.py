@@ -70,7 +70,7 @@ def format_table(dataset: str, results: dict) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def data_args(opts, run_args: dict, image_size: int, dataset: str) -> argparse.Namespace:
+def data_args(opts, run_args: dict, image_size: int, *, dataset: str) -> argparse.Namespace:
     """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
     values = {k: getattr(opts, k) or run_args.get(k) or default for k, (default, _) in DATA_PATHS.items()}
     return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False,
@@ -142,7 +142,7 @@ def check_results_file(out: Path) -> None:
         raise UserError(f"results file {out} cannot be written ({e.strerror or e}); {fix}") from None
 
 
-def write_results(out: Path, dataset: str, checkpoint: str, results: dict) -> None:
+def write_results(out: Path, dataset: str, checkpoint: str, *, results: dict) -> None:
     """Merge into out[dataset][split], atomically; entries of other datasets and splits stay."""
     previous = read_results(out)
     entry = previous.setdefault(dataset, {})
@@ -170,7 +170,7 @@ def read_groups(args, split: str) -> list:
                         f"--out {args.split_root}") from None
 
 
-def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -> dict:
+def evaluate_dataset(model, args, splits, *, opts, info, out_dir: Path, net=None) -> dict:
     """Every requested split of one dataset: results by split (and pictures with --visualize).
 
     `net` runs the evaluation (the compiled model with --compile; default `model`); the pictures use `model`.
@@ -183,9 +183,9 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
         dataset = build_dataset(split, args)
         loader_fn = lambda ds, s: DataLoader(ds, batch_size=opts.batch_size, sampler=s, collate_fn=collate,
                                              num_workers=opts.num_workers)
-        results[split] = evaluate(net, dataset, loader_fn, info.device, info.rank, info.world_size, opts.amp,
-                                  info.is_main and sys.stderr.isatty(), f"eval {args.dataset} {split}",
-                                  return_ious=opts.visualize > 0 or grouped)
+        results[split] = evaluate(net, dataset, loader_fn, device=info.device, rank=info.rank, world=info.world_size,
+                                  amp=opts.amp, show_progress=info.is_main and sys.stderr.isatty(),
+                                  desc=f"eval {args.dataset} {split}", return_ious=opts.visualize > 0 or grouped)
         ious = results[split].pop("ious", None)
         if grouped:
             results[split]["acc_by_group"] = accuracy_by_group(ious, groups[split])
@@ -197,7 +197,8 @@ def evaluate_dataset(model, args, splits, opts, info, out_dir: Path, net=None) -
                 print(f"{split} Acc@0.5 {group}: {r['acc']:.4f} ({r['count']} expressions)", flush=True)
         if info.is_main and opts.visualize > 0:
             vis_dir = out_dir / f"vis_{Path(opts.eval_model).stem}"
-            paths = save_eval_pictures(model, dataset, ious, opts.visualize, vis_dir, info.device, prefix=split)
+            paths = save_eval_pictures(model, dataset, ious, n=opts.visualize, out_dir=vis_dir, device=info.device,
+                                       prefix=split)
             print(f"{split}: {len(paths)} pictures in {vis_dir}")
     return results
 
@@ -224,11 +225,12 @@ def main(argv=None) -> int:
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
         du.on_main_rank(lambda: check_results_file(out), info.is_main)
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
-            args = data_args(opts, run_args, model.image_size, name)
-            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts, info, out_dir, net)
+            args = data_args(opts, run_args, model.image_size, dataset=name)
+            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts=opts, info=info,
+                                       out_dir=out_dir, net=net)
             if info.is_main:
                 print(format_table(name, results))
-                write_results(out, name, str(opts.eval_model), results)
+                write_results(out, name, str(opts.eval_model), results=results)
                 print(f"wrote {out}", flush=True)
         return 0
     finally:

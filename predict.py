@@ -103,7 +103,7 @@ def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
 
 # ----------------------------------------------------------------------------------------- CLI
 
-@dataclass
+@dataclass(kw_only=True)
 class Request:
     image: str          # as given
     path: Path          # resolved
@@ -144,7 +144,8 @@ def read_requests(jsonl: str, image_root: Optional[str]) -> List[Request]:
             raise UserError(f'{where}: "image" must be a non-empty path string')
         text = check_text(obj["text"], where)
         image = Path(obj["image"])
-        requests.append(Request(obj["image"], image if image.is_absolute() else root / image, text, where))
+        requests.append(Request(image=obj["image"], path=image if image.is_absolute() else root / image, text=text,
+                                where=where))
     if not requests:
         raise UserError(f"--jsonl {path} has no requests")
     return requests
@@ -199,7 +200,8 @@ def gather_requests(opts) -> List[Request]:
     if opts.image is not None:
         texts = [check_text(t, f"--text #{i + 1}") for i, t in enumerate(opts.text)]
         open_image(opts.image, "--image").close()           # fail before loading the model
-        return [Request(opts.image, Path(opts.image), t, f"--text #{i + 1}") for i, t in enumerate(texts)]
+        return [Request(image=opts.image, path=Path(opts.image), text=t, where=f"--text #{i + 1}")
+                for i, t in enumerate(texts)]
     requests = read_requests(opts.jsonl, opts.image_root)
     for path in dict.fromkeys(r.path for r in requests):
         what = next(r.where for r in requests if r.path == path) + ": image"
@@ -243,8 +245,8 @@ def run(opts) -> int:
     requests = gather_requests(opts)
     out_flag = "--out" if opts.image is not None else "--out_dir"
     pictures = picture_paths(opts, requests, out_flag)
-    grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), opts.hf_clip_config,
-                             opts.bridge_attention)
+    grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
+                             bridge_attention=opts.bridge_attention)
     model = grounder.model
     if opts.token_map and not grounder.scored:
         warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
@@ -264,15 +266,15 @@ def run(opts) -> int:
             if r.path not in cache:
                 cache[r.path] = prepare_file(grounder, r.path,
                                              "--image" if opts.image is not None else f"{r.where}: image")
-        preds = grounder.ground_prepared([cache[r.path] for r in chunk], [r.text for r in chunk], opts.heatmap,
-                                         opts.token_map)
+        preds = grounder.ground_prepared([cache[r.path] for r in chunk], [r.text for r in chunk],
+                                         heatmap=opts.heatmap, token_map=opts.token_map)
         for r, pred in zip(chunk, preds):
             entries = per_image.setdefault(r.path, [])
             colour = PALETTE[len(entries) % len(PALETTE)]
             files = {}
             if r.path in pictures and (pred.attention is not None or pred.token_map is not None):
                 image = load_rgb(r.path, r.where)
-                for kind, pic in heat_pictures(image, pred, r.text, colour).items():
+                for kind, pic in heat_pictures(image, pred, r.text, colour=colour).items():
                     files[kind] = heat_path(pictures[r.path], kind, len(entries))
                     save_picture(pic, files[kind], out_flag)
             entries.append((r.text, pred.box_xyxy, colour))
@@ -282,7 +284,8 @@ def run(opts) -> int:
     for path, picture in pictures.items():
         entries = per_image[path]
         image = load_rgb(path, "--image" if opts.image is not None else "image")
-        save_picture(draw_boxes(image, [e[1] for e in entries], [e[0] for e in entries], [e[2] for e in entries]),
+        save_picture(draw_boxes(image, [e[1] for e in entries], [e[0] for e in entries],
+                                colours=[e[2] for e in entries]),
                      picture, out_flag)
         print(f"wrote {picture}", file=sys.stderr)
     return 0

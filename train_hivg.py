@@ -137,7 +137,8 @@ def resolve_args(argv=None):
     if flag in ("resume", "hi_lora_retrain"):
         previous = inherited_flags(start.run_args, start.config)
         defaults = vars(parser.parse_args([]))
-        merged = inherit_flags(defaults, given_flags(get_args_parser, argv), previous, flag, getattr(args, flag))
+        merged = inherit_flags(defaults, given_flags(get_args_parser, argv), previous, kind=flag,
+                               checkpoint=getattr(args, flag))
         args = argparse.Namespace(**merged)
     if flag == "resume":
         refuse_rewinding(start, Path(args.output_dir) / "checkpoint.pth")
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
                                                       "hf_clip_config")}
     stop = StopFlag()
     try:
-        with claimed(Path(args.output_dir), args.resume, args.overwrite, reads, info.is_main) as begin_writing:
+        with claimed(Path(args.output_dir), args.resume, args.overwrite, reads=reads,
+                     is_main=info.is_main) as begin_writing:
             with alike_on_every_rank():
                 trainer = Trainer(args, start, info)
             begin_writing()   # a refused run (above) leaves the folder as it was
@@ -225,7 +227,7 @@ class Trainer:
         schedule = lr_lambda(args)
         seed_everything(args.seed + info.rank)
         self.notes = list(start.notes)   # printed once the log is open
-        self.model = build_run_model(start, bool(args.resume), args.grad_checkpointing, self.notes.append)
+        self.model = build_run_model(start, bool(args.resume), args.grad_checkpointing, say=self.notes.append)
         self.model.freeze_heads_without_loss()
         self.model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -282,8 +284,9 @@ class Trainer:
     def validate(self, desc: str) -> dict:
         args = self.args
         return evaluate(self.model, self.val_set,
-                        lambda ds, s: self.loader(ds, s, args.eval_batch_size, args.seed),
-                        self.device, self.info.rank, self.info.world_size, args.amp, self.log.progress, desc)
+                        lambda ds, s: self.loader(ds, s, batch_size=args.eval_batch_size, seed=args.seed),
+                        device=self.device, rank=self.info.rank, world=self.info.world_size, amp=args.amp,
+                        show_progress=self.log.progress, desc=desc)
 
     def state(self, epoch: int, resume_at, epoch_losses=None) -> dict:
         """Everything a resume needs, and the config that rebuilds the network (models.checkpoint_format)."""
@@ -346,15 +349,15 @@ class Trainer:
         for epoch in range(start_epoch, end_epoch):
             self.sampler.epoch = self.train_set.epoch = epoch
             self.sampler.skip = start_step * self.micro if epoch == start_epoch else 0
-            loader = self.loader(self.train_set, self.sampler, args.batch_size, args.seed + epoch)
+            loader = self.loader(self.train_set, self.sampler, batch_size=args.batch_size, seed=args.seed + epoch)
             losses = resumed_losses if epoch == start_epoch else LossMeter()
             try:
-                stats = train_one_epoch(self.net, self.criterion, loader, self.optimizer, self.device, amp=args.amp,
-                                        scaler=self.scaler, accum_steps=args.accum_steps, max_norm=args.clip_max_norm,
+                stats = train_one_epoch(self.net, self.criterion, loader, optimizer=self.optimizer, device=self.device,
+                                        amp=args.amp, scaler=self.scaler, accum_steps=args.accum_steps,
+                                        max_norm=args.clip_max_norm,
                                         start_step=self.sampler.skip // self.micro, stop_requested=stop,
                                         desc=f"stage {self.model.config.hi_lora_stage} epoch {epoch}",
-                                        show_progress=self.log.progress,
-                                        print_freq=args.print_freq, log=self.log.print,
+                                        show_progress=self.log.progress, print_freq=args.print_freq, log=self.log.print,
                                         on_check=lambda step, means: self.log.scalars(
                                             {f"train_step/{k}": v for k, v in means.items() if k.startswith("loss")},
                                             self.global_step(epoch, step)),
@@ -364,10 +367,10 @@ class Trainer:
                                "--clip_max_norm)")
                 return 1
             if stats["interrupted"]:
-                return self.stop_early(epoch, int(stats["steps"]), losses, stop)
+                return self.stop_early(epoch, int(stats["steps"]), losses, stop=stop)
             self.scheduler.step()
             val = self.validate(f"val {epoch}")
-            self.log.epoch(epoch, stats, val, self.global_step(epoch + 1, 0))
+            self.log.epoch(epoch, stats, val, global_step=self.global_step(epoch + 1, 0))
             is_best = val["acc"] > self.best_acc
             self.best_acc = max(self.best_acc, val["acc"])
             obj = self.state(epoch, (epoch + 1, 0))

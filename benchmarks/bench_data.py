@@ -47,7 +47,7 @@ def rate(dataset, num: int) -> float:
     return num / (time.perf_counter() - t)
 
 
-def data_args(dataset: str, root: Path, imsize: int, *extra):
+def data_args(dataset: str, root: Path, imsize: int, *, extra: tuple = ()):
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     return parser.parse_args(["--dataset", dataset, "--data_root", str(root), "--split_root", str(root),
@@ -66,7 +66,7 @@ def main():
         make_coco_like(tmp / "coco", opts.num)
         synth = build_dataset("train", data_args("synthref", tmp / "synth", opts.imsize))
         coco = build_dataset("train", data_args("unc", tmp / "coco", opts.imsize))
-        coco_fast = build_dataset("train", data_args("unc", tmp / "coco", opts.imsize, "--fast_jpeg"))
+        coco_fast = build_dataset("train", data_args("unc", tmp / "coco", opts.imsize, extra=("--fast_jpeg",)))
         print(f"train transform at imsize {opts.imsize}, one process, 1 thread")
         print(f"synthetic set:                 {rate(synth, opts.num):8.1f} images/s")
         print(f"640x480 JPEG (full decode):    {rate(coco, opts.num):8.1f} images/s")

@@ -88,7 +88,7 @@ def make_batch(opts, model, device):
     return images, mask.to(device), tokenize(texts, model.context_length).to(device), boxes, obj.to(device)
 
 
-def make_step(opts, model, device, reference: bool):
+def make_step(opts, model, device, *, reference: bool):
     """The timed work as a function of the module that runs it (the model, or its compiled wrapper)."""
     images, mask, ids, boxes, obj = make_batch(opts, model, device)
     amp_dtype = None if reference else {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.amp]
@@ -128,7 +128,7 @@ def single_run(opts) -> dict:
     set_tf32(device, opts.tf32)
     model = make_model(opts, device)
     reference = opts.path == "reference"
-    step, amp_dtype = make_step(opts, model, device, reference)
+    step, amp_dtype = make_step(opts, model, device, reference=reference)
     with FlopCounterMode(display=False) as counter:
         step(model)
     flops = counter.get_total_flops()

@@ -50,7 +50,7 @@ SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 RENDER_BLOCK = 256      # most images rendered per round
 
 
-def shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+def shape_polygon(shape: str, cx: float, cy: float, *, r: float, angle: float) -> np.ndarray:
     """[N, 2] outline of a shape of circumradius r centred at (cx, cy), rotated by angle (rad)."""
     if shape == "circle":
         t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
@@ -100,12 +100,12 @@ def place_objects(rng: random.Random, w: int, h: int):
                 r = rng.uniform(*SIZES[size]) * min(w, h) / 2
                 angle = rng.uniform(-0.3, 0.3)
                 cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-                pts = shape_polygon(shape := rng.choice(shapes), cx, cy, r, angle)
+                pts = shape_polygon(shape := rng.choice(shapes), cx, cy, r=r, angle=angle)
                 x0, y0 = math.floor(pts[:, 0].min()), math.floor(pts[:, 1].min())
                 x1, y1 = math.ceil(pts[:, 0].max()), math.ceil(pts[:, 1].max())
                 if all(x0 >= o.box[2] + 3 or x1 + 3 <= o.box[0] or y0 >= o.box[3] + 3 or y1 + 3 <= o.box[1]
                        for o in objs):
-                    objs.append(Obj(shape, rng.choice(colours), size, (x0, y0, x1, y1)))
+                    objs.append(Obj(shape=shape, colour=rng.choice(colours), size=size, box=(x0, y0, x1, y1)))
                     polys.append(pts)
                     break
         if len(objs) >= 3:
@@ -164,7 +164,7 @@ def _render(job):
     return render_image(*job)
 
 
-def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int, pool=None):
+def generate_split(out: str, split: str, num: int, *, seed: int, imsize: int, refs_per_image: int, pool=None):
     """Render images until ``num`` expressions exist; returns (samples, scenes metadata).
 
     Images are rendered in blocks (in `pool` when given) and taken in index order, so the output does not
@@ -196,7 +196,7 @@ def generate_split(out: str, split: str, num: int, seed: int, imsize: int, refs_
     return samples, {"images": scenes, "categories": categories}
 
 
-def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2,
+def generate(out: str, *, num_train=4000, num_val=500, num_test=500, seed=0, imsize=128, refs_per_image=2,
              workers: int = 1, log=lambda message: None):
     """Write the three splits under ``out`` with `workers` processes, calling `log` after each; returns
     {split: number of samples}."""
@@ -207,13 +207,15 @@ def generate(out: str, num_train=4000, num_val=500, num_test=500, seed=0, imsize
     counts, start = {}, time.time()
     with multiprocessing.Pool(workers) if workers > 1 else nullcontext() as pool:
         for split, num in (("train", num_train), ("val", num_val), ("test", num_test)):
-            counts[split] = write_split(out, split, num, seed, imsize, refs_per_image, pool)
+            counts[split] = write_split(out, split, num, seed=seed, imsize=imsize,
+                                         refs_per_image=refs_per_image, pool=pool)
             log(f"synthref {split}: {counts[split]} expressions ({time.time() - start:.1f}s)")
     return counts
 
 
-def write_split(out: str, split: str, num: int, seed: int, imsize: int, refs_per_image: int, pool) -> int:
-    samples, meta = generate_split(out, split, num, seed, imsize, refs_per_image, pool)
+def write_split(out: str, split: str, num: int, *, seed: int, imsize: int, refs_per_image: int, pool) -> int:
+    samples, meta = generate_split(out, split, num, seed=seed, imsize=imsize,
+                                   refs_per_image=refs_per_image, pool=pool)
     torch.save(samples, split_path(out, "synthref", split))
     with open(os.path.join(out, "synthref", f"synthref_{split}_scenes.json"), "w") as f:
         json.dump(meta, f)
@@ -314,8 +316,9 @@ def main(argv=None):
     except OSError as e:
         parser.exit(2, f"{parser.prog}: error: --out {args.out} cannot be created or written ({e.strerror}); "
                        "give a folder you can write to\n")
-    counts = generate(args.out, args.num_train, args.num_val, args.num_test, args.seed, args.imsize,
-                      args.refs_per_image, args.workers, log=lambda message: print(message, flush=True))
+    counts = generate(args.out, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+                      seed=args.seed, imsize=args.imsize, refs_per_image=args.refs_per_image,
+                      workers=args.workers, log=lambda message: print(message, flush=True))
     print(f"wrote synthref to {args.out} in {time.time() - start:.1f}s: "
           + ", ".join(f"{k} {v}" for k, v in counts.items())
           + f"; use --dataset synthref --data_root {args.out} --split_root {args.out}")

@@ -39,7 +39,7 @@ def _matches(objs, desc: Desc) -> List[int]:
             if desc.colour in (None, o.colour) and desc.shape in (None, o.shape) and desc.size in (None, o.size)]
 
 
-def _location_pick(objs, cand, where: str, side: float) -> Optional[int]:
+def _location_pick(objs, cand, where: str, *, side: float) -> Optional[int]:
     """The candidate extreme in direction ``where`` when it leads the next one by the margin."""
     axis, sign = {"left": (0, -1), "right": (0, 1), "top": (1, -1), "bottom": (1, 1)}[where]
     if not cand:
@@ -68,7 +68,7 @@ def resolve(objs, head: Desc, location: Optional[str] = None, relation: Optional
     """Index of the single object an expression denotes, or None when it is ambiguous or empty."""
     cand = _matches(objs, head)
     if location is not None:
-        return _location_pick(objs, cand, location, side)
+        return _location_pick(objs, cand, location, side=side)
     if relation is not None:
         anchors = _matches(objs, anchor)
         if len(anchors) != 1:

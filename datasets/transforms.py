@@ -298,7 +298,7 @@ class Letterbox:
         ratio = size / float(max(height, width))
         new_w, new_h = round(width * ratio), round(height * ratio)
         left, top = round((size - new_w) / 2.0 - 0.1), round((size - new_h) / 2.0 - 0.1)
-        return cls(width, height, size, ratio, new_w, new_h, left, top)
+        return cls(width=width, height=height, size=size, ratio=ratio, new_w=new_w, new_h=new_h, left=left, top=top)
 
     @property
     def crop_box(self) -> Tuple[int, int, int, int]:

@@ -84,13 +84,13 @@ class Grounder:
     def prepare(self, image: Image.Image) -> Prepared:
         return prepare(image, self.model.image_size)
 
-    def ground(self, images: Sequence[Image.Image], texts: Sequence[str], heatmap: bool = False,
+    def ground(self, images: Sequence[Image.Image], texts: Sequence[str], *, heatmap: bool = False,
                token_map: bool = False) -> List[Grounding]:
         """The box of texts[i] in images[i] (pass the same image several times for several expressions)."""
-        return self.ground_prepared([self.prepare(im) for im in images], texts, heatmap, token_map)
+        return self.ground_prepared([self.prepare(im) for im in images], texts, heatmap=heatmap, token_map=token_map)
 
     @torch.inference_mode()
-    def ground_prepared(self, prepared: Sequence[Prepared], texts: Sequence[str], heatmap: bool = False,
+    def ground_prepared(self, prepared: Sequence[Prepared], texts: Sequence[str], *, heatmap: bool = False,
                         token_map: bool = False) -> List[Grounding]:
         """One forward pass over (prepared[i], texts[i]) pairs."""
         if len(prepared) != len(texts):
@@ -107,7 +107,8 @@ class Grounder:
         results = []
         for i, p in enumerate(prepared):
             box = boxes[i].cpu()
-            hit = Grounding(p.letterbox.to_original(box).tolist(), scores[i] if scores else None, box, p.letterbox)
+            hit = Grounding(box_xyxy=p.letterbox.to_original(box).tolist(), score=scores[i] if scores else None,
+                            box_padded=box, letterbox=p.letterbox)
             if heatmap:
                 hit.attention = out["reg_attention"][i].float().cpu().reshape(model.grid).numpy()
             if token_map:

@@ -128,7 +128,7 @@ def read_weights(path, clip_cfg: Optional[dict] = None, what: str = "checkpoint"
     path = Path(path)
     raw = read_file(path, what)
     try:
-        weights = _interpret(path, raw, clip_cfg, what, official_overrides)
+        weights = _interpret(path, raw, clip_cfg, what=what, official_overrides=official_overrides)
     except (KeyError, TypeError, AttributeError, IndexError) as err:   # a dict of some other program
         raise ValueError(f"{what} {path} is not a checkpoint this project can read ({type(err).__name__}: "
                          f"{err}); pass a checkpoint written by train_hivg.py, an authors' HiVG checkpoint or "
@@ -147,7 +147,7 @@ def check_finite(state: Dict[str, Tensor], what: str) -> None:
                          "be NaN; the run that wrote it diverged or the file was damaged: pick an earlier checkpoint")
 
 
-def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_overrides: Optional[dict]) -> Weights:
+def _interpret(path: Path, raw, clip_cfg: Optional[dict], *, what: str, official_overrides: Optional[dict]) -> Weights:
     ours = checkpoint_format.is_checkpoint(raw)
     if ours and clip_cfg is not None:
         raise ValueError(f"{what} {path} is a checkpoint of this project and carries its CLIP config; a CLIP "
@@ -156,7 +156,7 @@ def _interpret(path: Path, raw, clip_cfg: Optional[dict], what: str, official_ov
         return _ours(path, raw, what)
     inner = raw.get("model") if isinstance(raw, dict) else None
     if isinstance(inner, dict) and "args" in raw:
-        return _official_hivg(path, inner, raw["args"], clip_cfg, official_overrides, what)
+        return _official_hivg(path, inner, raw["args"], clip_cfg=clip_cfg, overrides=official_overrides, what=what)
     if isinstance(inner, dict) and any(canonical_key(k).startswith(OFFICIAL_HEADS) for k in inner):
         raise ValueError(f"{what} {path} holds an authors' HiVG model ({len(inner)} tensors) but not the flags of "
                          "its training run ('args'), which define its architecture (--model, --dataset, --imsize, "
@@ -191,7 +191,7 @@ def _ours(path: Path, raw: dict, what: str) -> Weights:
     return weights
 
 
-def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], overrides: Optional[dict],
+def _official_hivg(path: Path, state: dict, args, *, clip_cfg: Optional[dict], overrides: Optional[dict],
                    what: str) -> Weights:
     flags = vars(args) if isinstance(args, argparse.Namespace) else args
     if not isinstance(flags, dict):
@@ -216,7 +216,7 @@ def _official_hivg(path: Path, state: dict, args, clip_cfg: Optional[dict], over
     except ValueError as err:
         hint = "" if clip_cfg else f"; if its CLIP is none of our --model configs, {HF_CLIP_FIX}"
         raise ValueError(f"{what} {path}: {err}{hint}") from None
-    return Weights(path, "official-hivg", converted, config, len(converted), run_args=flags)
+    return Weights(path, "official-hivg", converted, config=config, converted=len(converted), run_args=flags)
 
 
 def _clip(path: Path, raw, what: str) -> Weights:
@@ -262,7 +262,7 @@ def load_model(source, device="cpu", merge: bool = True, clip_cfg: Optional[dict
     return model.to(device).eval()
 
 
-def load_allowing_fresh(module: torch.nn.Module, state: Dict[str, Tensor], what: str,
+def load_allowing_fresh(module: torch.nn.Module, state: Dict[str, Tensor], what: str, *,
                         fresh_prefixes: Sequence[str] = ()) -> List[str]:
     """Load `state` into `module`; the only keys it may lack are LoRA adapters and keys starting with
     `fresh_prefixes` (they keep their fresh initialisation). Returns the fresh keys; one error naming
@@ -289,7 +289,7 @@ def load_previous_stage(model: HiVG, weights: Weights) -> List[str]:
     state = merge_lora_state_dict(weights.state, alpha=weights.config.lora_alpha) \
         if model.config.hi_lora_mode == "paper" else weights.state
     new_bridges = [f"bridges.{i}." for i in model.bridge_layers if i not in weights.config.bridge_layers]
-    return load_allowing_fresh(model, state, f"{weights.what} {weights.path}", new_bridges)
+    return load_allowing_fresh(model, state, f"{weights.what} {weights.path}", fresh_prefixes=new_bridges)
 
 
 def load_clip(model: HiVG, weights: Weights) -> None:

@@ -147,15 +147,19 @@ def test_a_stage_inherits_flags_and_the_command_line_wins():
                 "clip_model": ""}
     previous = {"lr": 2.5e-4, "epochs": 60, "dataset": "unc", "hi_lora_stage": 1, "output_dir": "/x/s1",
                 "clip_model": "/ckpt/clip.pt", "unknown_flag": 1}
-    nxt = inherit_flags(defaults, {"lr": 5e-5}, previous, "hi_lora_retrain", "/x/s1/best_checkpoint.pth")
+    nxt = inherit_flags(defaults, {"lr": 5e-5}, previous, kind="hi_lora_retrain",
+                        checkpoint="/x/s1/best_checkpoint.pth")
     assert nxt == {"lr": 5e-5, "epochs": 60, "dataset": "unc", "hi_lora_stage": 2,
                    "output_dir": "/x/s1/hi_lora_stage2", "clip_model": ""}
-    again = inherit_flags(defaults, {"hi_lora_stage": 1, "lr": 2.5e-4}, previous, "resume", "/x/s1/checkpoint.pth")
+    again = inherit_flags(defaults, {"hi_lora_stage": 1, "lr": 2.5e-4}, previous, kind="resume",
+                          checkpoint="/x/s1/checkpoint.pth")
     assert again["hi_lora_stage"] == 1 and again["output_dir"] == "/x/s1" and again["lr"] == 2.5e-4
     with pytest.raises(ValueError, match="cannot change --epochs, --lr"):      # would be ignored or train at lr 0
-        inherit_flags(defaults, {"lr": 1e30, "epochs": 61, "output_dir": "/y"}, previous, "resume", "/x/s1/c.pth")
+        inherit_flags(defaults, {"lr": 1e30, "epochs": 61, "output_dir": "/y"}, previous, kind="resume",
+                      checkpoint="/x/s1/c.pth")
     with pytest.raises(ValueError, match="last Hi LoRA stage"):
-        inherit_flags(defaults, {}, {**previous, "hi_lora_stage": 3}, "hi_lora_retrain", "/x/s3/best.pth")
+        inherit_flags(defaults, {}, {**previous, "hi_lora_stage": 3}, kind="hi_lora_retrain",
+                      checkpoint="/x/s3/best.pth")
 
 
 def test_the_config_rebuilds_the_same_network():

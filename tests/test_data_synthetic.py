@@ -100,9 +100,9 @@ def test_deterministic_by_seed(tmp_path):
             for f in sorted(files):
                 h.update(f.encode() + open(os.path.join(dirpath, f), "rb").read())
         return h.hexdigest()
-    generate(str(tmp_path / "a"), 12, 4, 4, seed=5, imsize=64)
-    generate(str(tmp_path / "b"), 12, 4, 4, seed=5, imsize=64, workers=2)
-    generate(str(tmp_path / "c"), 12, 4, 4, seed=6, imsize=64)
+    generate(str(tmp_path / "a"), num_train=12, num_val=4, num_test=4, seed=5, imsize=64)
+    generate(str(tmp_path / "b"), num_train=12, num_val=4, num_test=4, seed=5, imsize=64, workers=2)
+    generate(str(tmp_path / "c"), num_train=12, num_val=4, num_test=4, seed=6, imsize=64)
     assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
 
 

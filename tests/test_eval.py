@@ -151,9 +151,9 @@ def test_paper_table_puts_our_numbers_beside_the_paper(tmp_path, capsys):
         return {"count": 10, "acc": acc, "miou": acc, "acc_by_length": {}}
 
     first, second = tmp_path / "unc" / "eval_best.json", tmp_path / "referit" / "eval_best.json"
-    write_results(first, "unc", "ck.pth", {"val": result(0.8732), "testA": result(0.9)})
-    write_results(first, "unc", "ck.pth", {"testB": result(0.8)})                  # added, not overwritten
-    write_results(second, "referit", "ck.pth", {"test": result(0.7522)})
+    write_results(first, "unc", "ck.pth", results={"val": result(0.8732), "testA": result(0.9)})
+    write_results(first, "unc", "ck.pth", results={"testB": result(0.8)})                # added, not overwritten
+    write_results(second, "referit", "ck.pth", results={"test": result(0.7522)})
     assert paper_table.main([str(first), str(second), "--row", "HiVG-B"]) == 0
     header, _, ours, paper, diff = capsys.readouterr().out.strip().splitlines()
     cells = [c.strip() for c in ours.split("|")[2:-1]]
@@ -305,5 +305,5 @@ def test_split_file_opt_ins_reach_the_dataset(given):
     """--allow_outside_paths and --allow_unsafe_pickle are eval.py's too (one definition, datasets.refer)."""
     import eval as eval_tool
     flags = ["--eval_model", "m.pth"] + (["--allow_outside_paths", "--allow_unsafe_pickle"] if given else [])
-    args = eval_tool.data_args(eval_tool.get_args_parser().parse_args(flags), {}, 64, "unc")
+    args = eval_tool.data_args(eval_tool.get_args_parser().parse_args(flags), {}, 64, dataset="unc")
     assert args.allow_outside_paths is given and args.allow_unsafe_pickle is given

@@ -64,8 +64,8 @@ def batches(n: int, size: int = 2):
 def epoch(model, criterion, loader, device="cpu", **kw):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)   # as on CUDA: no host read of the step count
-    return train_one_epoch(model, criterion, loader, optimizer, torch.device(device), show_progress=False,
-                           log=lambda line: None, **kw), optimizer
+    return train_one_epoch(model, criterion, loader, optimizer=optimizer, device=torch.device(device),
+                           show_progress=False, log=lambda line: None, **kw), optimizer
 
 
 def our_frame(frame):
@@ -117,8 +117,8 @@ def test_no_host_sync_between_checks(accum_steps):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
         optimizer.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
-        stats = train_one_epoch(model, criterion, loader, optimizer, torch.device("cpu"), accum_steps=accum_steps,
-                                show_progress=False, print_freq=2, log=lambda line: None)
+        stats = train_one_epoch(model, criterion, loader, optimizer=optimizer, device=torch.device("cpu"),
+                                accum_steps=accum_steps, show_progress=False, print_freq=2, log=lambda line: None)
     assert stats["steps"] == 4
     # The checks: one all-ranks read after optimizer steps 2 and 4, and the epoch's summary.
     assert [r for r in log if r[1] != "models/hivg.py"] == [(2, "utils/engine.py", "means")] + \
@@ -178,9 +178,11 @@ def test_a_step_makes_every_tensor_on_the_device():
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     kw = dict(show_progress=False, log=lambda line: None, print_freq=1)
-    train_one_epoch(model, criterion, loader[:1], optimizer, torch.device("cpu"), **kw)  # optimizer state
+    train_one_epoch(model, criterion, loader[:1], optimizer=optimizer, device=torch.device("cpu"),
+                    **kw)  # optimizer state
     with torch.device("meta"), OffDevice() as mode:
-        stats = train_one_epoch(model, criterion, loader[1:], optimizer, torch.device("cpu"), accum_steps=2, **kw)
+        stats = train_one_epoch(model, criterion, loader[1:], optimizer=optimizer, device=torch.device("cpu"),
+                                accum_steps=2, **kw)
     assert mode.ops == [] and stats["steps"] == 1
     tensors = list(model.state_dict().values()) + tree_leaves(optimizer.state_dict())
     assert not any(t.is_meta for t in tensors if isinstance(t, torch.Tensor))
@@ -260,8 +262,8 @@ def test_no_host_sync_between_checks_on_cuda():
     syncs, steps = [], [0]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    train_one_epoch(model, criterion, batches(1), optimizer, torch.device("cuda"), show_progress=False,
-                    log=lambda line: None)   # first use: library handles, optimizer state
+    train_one_epoch(model, criterion, batches(1), optimizer=optimizer, device=torch.device("cuda"),
+                    show_progress=False, log=lambda line: None)   # first use: library handles, optimizer state
     optimizer.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -269,8 +271,8 @@ def test_no_host_sync_between_checks_on_cuda():
             (steps[0], Path(filename).name, lineno, str(message)[:80]))
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, criterion, loader, optimizer, torch.device("cuda"), show_progress=False,
-                            print_freq=3, log=lambda line: None)
+            train_one_epoch(model, criterion, loader, optimizer=optimizer, device=torch.device("cuda"),
+                            show_progress=False, print_freq=3, log=lambda line: None)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     (meter_file, meter_lines), (model_file, model_lines) = lines(LossMeter.means), lines(text_length)

@@ -127,7 +127,7 @@ def test_toy_head_trains_logs_and_reports_its_metric_through_the_scripts(area_he
     model = load_model(out / "checkpoint.pth")
     opts = argparse.Namespace(data_root=str(data), split_root=str(data), allow_unsafe_pickle=False,
                               allow_outside_paths=False)
-    test_set = build_dataset("test", data_args(opts, {}, model.image_size, "synthref"))
+    test_set = build_dataset("test", data_args(opts, {}, model.image_size, dataset="synthref"))
     batch = Collate(model.context_length)([test_set[i] for i in range(len(test_set))])
     with torch.no_grad():
         pred = model(batch.images, batch.pixel_mask, batch.ids, outputs=["area"])["pred_area"]

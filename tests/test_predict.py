@@ -146,12 +146,12 @@ def test_overlay_puts_a_hot_patch_where_it_is_in_the_original_image():
     lb = Letterbox.of(300, 100, 64)                      # image rows 27..37 (approx.) of the frame
     heat = np.zeros((8, 8), np.float32)
     heat[3, 6] = 1.0                                          # frame pixels x 48..56, y 24..32
-    up = vis.heatmap_to_image(heat, lb.crop_box, lb.size, (300, 100))
+    up = vis.heatmap_to_image(heat, lb.crop_box, lb.size, image_size=(300, 100))
     assert up.shape == (100, 300)
     y, x = np.unravel_index(np.argmax(up), up.shape)
     cx, cy = (52 - lb.left) / lb.ratio, (28 - lb.top) / lb.ratio
     assert abs(x - cx) <= 6 and abs(y - cy) <= 6, (x, y, cx, cy)
-    pic = vis.overlay_heatmap(Image.new("RGB", (300, 100), (128, 128, 128)), heat, lb.crop_box, lb.size)
+    pic = vis.overlay_heatmap(Image.new("RGB", (300, 100), (128, 128, 128)), heat, lb.crop_box, frame_size=lb.size)
     assert pic.size == (300, 100)
     r, g, b = np.asarray(pic, dtype=int)[y, x]
     assert r > b                                              # hot end of the colour map
@@ -317,7 +317,8 @@ def test_selection_is_deterministic_half_hits_half_misses():
 
 def test_draw_prediction_and_draw_boxes_colours():
     img = Image.new("RGB", (200, 120), (0, 0, 0))
-    pic = vis.draw_prediction(img, [20, 30, 80, 90], [100, 10, 180, 100], "the dog on the left", 0.0, min_side=200)
+    pic = vis.draw_prediction(img, [20, 30, 80, 90], [100, 10, 180, 100], text="the dog on the left", iou=0.0,
+                             min_side=200)
     assert pic.width >= 200 and pic.height > 120
     px = np.asarray(pic)
     assert tuple(px[60, 20]) == vis.CYAN and tuple(px[50, 180]) == vis.GREEN
@@ -326,7 +327,7 @@ def test_draw_prediction_and_draw_boxes_colours():
     assert boxed.width == 2 * img.width and boxed.height > 2 * img.height         # enlarged to 256 px at least
     assert tuple(np.asarray(boxed)[160, 20]) == vis.PALETTE[0]
     assert not np.asarray(img).any()                               # input untouched
-    small = vis.draw_prediction(Image.new("RGB", (64, 40)), [2, 4, 30, 20], [10, 10, 50, 30], "x", 0.7)
+    small = vis.draw_prediction(Image.new("RGB", (64, 40)), [2, 4, 30, 20], [10, 10, 50, 30], text="x", iou=0.7)
     assert small.width >= 64 * 4 and small.height > 40 * 4                 # enlarged x4, boxes with it
     assert tuple(np.asarray(small)[50, 8]) == vis.CYAN and tuple(np.asarray(small)[60, 200]) == vis.GREEN
 
@@ -335,7 +336,7 @@ def test_small_image_pictures_are_enlarged_with_whole_captions_that_cover_no_box
     img = Image.new("RGB", (64, 48), (90, 90, 90))
     text = "the small blue triangle to the left of the large red square below the green star on the left"
     boxes = [[1, 0, 30, 20], [34, 20, 63, 47]]                # touching the top and the bottom edges
-    pic = vis.draw_boxes(img, boxes, [text, "x"], [vis.PALETTE[0], vis.PALETTE[1]])
+    pic = vis.draw_boxes(img, boxes, [text, "x"], colours=[vis.PALETTE[0], vis.PALETTE[1]])
     k = 4                                                     # 64 px -> at least 256 px; strip 320 px wide
     assert pic.width == 320 and pic.height > 48 * k
     px = np.asarray(pic)
@@ -351,7 +352,7 @@ def test_small_image_pictures_are_enlarged_with_whole_captions_that_cover_no_box
     assert strip.shape[0] >= 3 * line_h                        # two lines for the long caption, one for "x"
     for i in range(3):                                         # each holds text
         assert (strip[3 + i * line_h:3 + (i + 1) * line_h] > 128).any()
-    assert " ".join(vis._wrap(probe, text, vis._font((320, 320)), 280)) == text     # wrapped, nothing cut
+    assert " ".join(vis._wrap(probe, text, vis._font((320, 320)), width=280)) == text     # wrapped, nothing cut
 
 
 def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
@@ -360,7 +361,8 @@ def test_save_eval_pictures_on_a_dataset(tiny_loaded, tmp_path):
 
     write_layout(str(tmp_path), "unc", splits=("val",), n=3)
     dataset = build_dataset("val", args_for("unc", tmp_path, imsize=64))
-    paths = vis.save_eval_pictures(tiny_loaded, dataset, [0.9, 0.1, 0.6], 2, tmp_path / "vis", "cpu", prefix="val")
+    paths = vis.save_eval_pictures(tiny_loaded, dataset, [0.9, 0.1, 0.6], n=2, out_dir=tmp_path / "vis", device="cpu",
+                                   prefix="val")
     assert [p.name for p in paths] == ["val_000001_miss.png", "val_000002_hit.png"]   # middle of the hits
     with Image.open(paths[0]) as pic:
         assert pic.width == 640 and pic.height > 480                      # not enlarged

@@ -9,7 +9,7 @@ from models.convert_clip import clip_cfg_from_hf_json
 from models.weights import load_model, read_weights
 
 
-def load_grounder(path, device: torch.device, hf_clip_config: Optional[str] = None,
+def load_grounder(path, device: torch.device, *, hf_clip_config: Optional[str] = None,
                   bridge_attention: str = "per_sample") -> Grounder:
     """The checkpoint's model (ours or official) behind the Python API; a ValueError or FileNotFoundError
     naming --checkpoint when it cannot be read or is no HiVG model."""

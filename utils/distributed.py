@@ -57,7 +57,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method="env://",
                                 **({"device_id": dev} if device == "cuda" else {}))
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
 def cleanup() -> None:

@@ -151,7 +151,7 @@ class LossMeter:
         return dict(means, samples=values[-2], stop=float(values[-1] > 0))
 
 
-def optimizer_step(optimizer, params, scaler, max_norm: float) -> None:
+def optimizer_step(optimizer, params, scaler, *, max_norm: float) -> None:
     if scaler:
         scaler.unscale_(optimizer)
     if max_norm > 0:
@@ -164,7 +164,7 @@ def optimizer_step(optimizer, params, scaler, max_norm: float) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *, amp: str = "none", scaler=None,
+def train_one_epoch(model, criterion, loader, *, optimizer, device: torch.device, amp: str = "none", scaler=None,
                     accum_steps: int = 1, max_norm: float = 0.0, start_step: int = 0,
                     stop_requested: Callable[[], bool] = lambda: False, desc: str = "",
                     show_progress: bool = True, print_freq: int = 0, log: Callable[[str], None] = print,
@@ -203,7 +203,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
         n_samples += batch.images.shape[0]
         if not last_micro:
             continue
-        optimizer_step(optimizer, params, scaler, max_norm)
+        optimizer_step(optimizer, params, scaler, max_norm=max_norm)
         steps += 1
         if (steps - start_step) % max(print_freq, 1) == 0:
             means = meter.means(device, n_samples, stop=stop_requested())
@@ -212,7 +212,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
                 on_check(steps, means)
             if not show_progress and print_freq > 0:
                 log(progress_line(f"{desc} step {steps}/{total_steps}", means, optimizer.param_groups[0]["lr"],
-                                  time.time() - start, (total_steps - steps) / (steps - start_step), device))
+                                  elapsed=time.time() - start,
+                                  left_per_done=(total_steps - steps) / (steps - start_step), device=device))
             if interrupted:
                 break
     means = meter.means(device, n_samples)  # the end-of-epoch check; a stop request here is left to the caller
@@ -223,7 +224,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device: torch.device, *
     return means
 
 
-def progress_line(where: str, means: Dict[str, float], lr: float, elapsed: float, left_per_done: float,
+def progress_line(where: str, means: Dict[str, float], lr: float, *, elapsed: float, left_per_done: float,
                   device: torch.device) -> str:
     """`epoch 3 step 120/500 loss 4.1234 (loss_bbox 0.5000, ...) lr 1.00e-04 52.1 samples/s ETA 7m12s`,
     plus the peak memory on CUDA."""
@@ -260,7 +261,7 @@ def head_metrics(out: Dict[str, torch.Tensor], batch, specs) -> List[Dict[str, f
 
 
 @torch.no_grad()
-def evaluate(model, dataset: Dataset, loader_fn: Callable, device: torch.device, rank: int = 0, world: int = 1,
+def evaluate(model, dataset: Dataset, loader_fn: Callable, *, device: torch.device, rank: int = 0, world: int = 1,
              amp: str = "none", show_progress: bool = False, desc: str = "eval",
              return_ious: bool = False) -> Dict[str, object]:
     """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each, and

@@ -36,7 +36,7 @@ class RunLogger:
                 self.writer.add_scalar(k, v, step)
             self.writer.flush()
 
-    def epoch(self, epoch: int, train: dict, val: dict, global_step: int) -> None:
+    def epoch(self, epoch: int, train: dict, val: dict, *, global_step: int) -> None:
         """log.txt record and console line of an epoch; TensorBoard scalars at `global_step`."""
         if not self.enabled:
             return

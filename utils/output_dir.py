@@ -29,11 +29,11 @@ FIX = "give an --output_dir you can write to"
 
 
 @contextmanager
-def claimed(path: Path, resume: str, overwrite: bool, reads: dict, is_main: bool):
+def claimed(path: Path, resume: str, overwrite: bool, *, reads: dict, is_main: bool):
     """Rank 0 claims `path` (see `claim`) for the with-block, which gets `begin_writing`: call it once the
     run has checked its inputs, before it writes its first file. Every rank raises rank 0's UserError, so
     no rank goes on to wait for the others."""
-    fd = du.on_main_rank(lambda: claim(path, resume, overwrite, reads), is_main)
+    fd = du.on_main_rank(lambda: claim(path, resume, overwrite, reads=reads), is_main)
     try:
         yield lambda: du.on_main_rank(lambda: begin_writing(path, resume, overwrite), is_main)
     finally:
@@ -41,7 +41,7 @@ def claimed(path: Path, resume: str, overwrite: bool, reads: dict, is_main: bool
             os.close(fd)
 
 
-def claim(path: Path, resume: str, overwrite: bool, reads: dict) -> int:
+def claim(path: Path, resume: str, overwrite: bool, *, reads: dict) -> int:
     """Create `path`, check that a run can write there, lock it: the lock's file descriptor, or a UserError.
 
     A folder holding an earlier run's RUN_FILES is refused unless `resume` is a checkpoint in it (the run

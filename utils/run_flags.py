@@ -60,7 +60,7 @@ def given_flags(make_parser: Callable, argv) -> dict:
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not _NOT_GIVEN}
 
 
-def inherit_flags(defaults: dict, given: dict, previous: dict, kind: str, checkpoint: str) -> dict:
+def inherit_flags(defaults: dict, given: dict, previous: dict, *, kind: str, checkpoint: str) -> dict:
     """The flags of a run starting from `checkpoint`.
 
     defaults: every flag's default; given: the flags on the command line; previous: the flags of the run

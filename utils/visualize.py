@@ -31,7 +31,7 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255).astype(np.uint8)
 
 
-def heatmap_to_image(heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
+def heatmap_to_image(heat: np.ndarray, crop_box: Sequence[int], frame_size: int, *,
                      image_size: Tuple[int, int]) -> np.ndarray:
     """A [gh, gw] map over the padded frame -> [H, W] float32 over the original image: bilinear
     upsampling to frame_size x frame_size, crop of the image region, bilinear resize to image_size (w, h)."""
@@ -43,7 +43,7 @@ def heatmap_to_image(heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
     return np.asarray(region, dtype=np.float32)
 
 
-def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int], frame_size: int,
+def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int], *, frame_size: int,
                     alpha: float = 0.5, normalize: bool = True) -> Image.Image:
     """Blend a [gh, gw] map of the padded frame over `image` (RGB, the original size).
 
@@ -52,7 +52,7 @@ def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int
     numbers that sum to 1); otherwise values are taken as already in [0, 1] (e.g. sigmoid probabilities).
     """
     img = image.convert("RGB")
-    values = heatmap_to_image(heat, crop_box, frame_size, img.size)
+    values = heatmap_to_image(heat, crop_box, frame_size, image_size=img.size)
     if normalize:
         lo, hi = float(values.min()), float(values.max())
         values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
@@ -73,7 +73,7 @@ def _width(image_size) -> int:
     return max(1, round(min(image_size) / 200))
 
 
-def _wrap(draw, text: str, font, width: int) -> List[str]:
+def _wrap(draw, text: str, font, *, width: int) -> List[str]:
     """`text` in lines no wider than `width` pixels (a word longer than that gets a line of its own)."""
     lines, line = [], ""
     for word in text.split():
@@ -104,7 +104,7 @@ def _captioned(img: Image.Image, captions: Sequence[Tuple[Optional[Tuple[int, in
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = probe.textbbox((0, 0), "Ag", font=font)[3] + 3
     swatch = line_h - 3
-    blocks = [(colour, _wrap(probe, text, font, strip_w - 8 - (swatch + 4 if colour else 0)))
+    blocks = [(colour, _wrap(probe, text, font, width=strip_w - 8 - (swatch + 4 if colour else 0)))
               for colour, text in captions]
     out = Image.new("RGB", (strip_w, H + 6 + line_h * sum(len(lines) for _, lines in blocks)), (0, 0, 0))
     out.paste(img, (0, 0))
@@ -121,7 +121,7 @@ def _captioned(img: Image.Image, captions: Sequence[Tuple[Optional[Tuple[int, in
     return out
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str],
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str], *,
                colours: Optional[Sequence[Tuple[int, int, int]]] = None, min_side: int = 256) -> Image.Image:
     """The image (enlarged when its long side is under `min_side`) with every xyxy box (pixels of `image`)
     outlined in its colour, and below it each label behind a swatch of its box's colour."""
@@ -134,7 +134,7 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
     return _captioned(img, list(zip(colours, labels)))
 
 
-def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], text: str,
+def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], *, text: str,
                     iou: float, min_side: int = 256) -> Image.Image:
     """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
     a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`. An image whose
@@ -170,7 +170,7 @@ def select_for_visualization(ious: Sequence[float], n: int, threshold: float = 0
 
 
 @torch.no_grad()
-def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, device, prefix: str = "",
+def save_eval_pictures(model, dataset, ious: Sequence[float], *, n: int, out_dir, device, prefix: str = "",
                        batch_size: int = 16) -> List[Path]:
     """Draw n samples of an evaluated split (chosen by select_for_visualization) into out_dir.
 
@@ -195,20 +195,21 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], n: int, out_dir, d
                 image = im.convert("RGB")
             lb = Letterbox.of(image.width, image.height, inner.image_size)
             pred_xyxy = lb.to_original(pred[k]).tolist()
-            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, record.phrase, float(ious[i]))
+            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, text=record.phrase, iou=float(ious[i]))
             path = out_dir / f"{prefix + '_' if prefix else ''}{i:06d}_{'hit' if ious[i] >= 0.5 else 'miss'}.png"
             picture.save(path)
             paths.append(path)
     return paths
 
 
-def heat_pictures(image: Image.Image, pred: Grounding, text: str, colour, min_side: int = 256) -> Dict[str, Image.Image]:
+def heat_pictures(image: Image.Image, pred: Grounding, text: str, *, colour,
+                  min_side: int = 256) -> Dict[str, Image.Image]:
     """The heat-map pictures of one prediction (those computed), keyed 'attn' / 'tokmap', drawn as draw_boxes."""
     lb = pred.letterbox
     pics = {}
     if pred.attention is not None:
-        pics["attn"] = overlay_heatmap(image, pred.attention, lb.crop_box, lb.size)
+        pics["attn"] = overlay_heatmap(image, pred.attention, lb.crop_box, frame_size=lb.size)
     if pred.token_map is not None:
         prob = 1.0 / (1.0 + np.exp(-pred.token_map.astype(np.float64)))
-        pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, lb.size, normalize=False)
-    return {k: draw_boxes(v, [pred.box_xyxy], [text], [colour], min_side) for k, v in pics.items()}
+        pics["tokmap"] = overlay_heatmap(image, prob, lb.crop_box, frame_size=lb.size, normalize=False)
+    return {k: draw_boxes(v, [pred.box_xyxy], [text], colours=[colour], min_side=min_side) for k, v in pics.items()}
