@@ -9,7 +9,6 @@ the command line override it. `--resume OUT/checkpoint.pth` continues a run exac
 checkpoint describes.
 """
 import argparse
-import math
 import random
 import signal
 import sys
@@ -31,9 +30,8 @@ from models.hivg import HiVG, checked_config
 from models.weights import Weights, load_clip, load_previous_stage, load_strict, read_weights
 from utils import distributed as du
 from utils.checkpoint import refuse_rewinding, rng_state, save_checkpoint, set_rng_state
-from utils.engine import (EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
-                          make_loader,
-                          set_tf32, train_one_epoch)
+from utils.engine import (SCHEDULERS, EpochSeeded, LossMeter, NonFiniteLossError, ShardSampler, evaluate, loss_scaler,
+                          lr_schedule, make_loader, set_tf32, train_one_epoch)
 from utils.errors import UserError, alike_on_every_rank, reports_errors
 from utils.flags import add_device_arg, add_hf_clip_config_arg, add_num_workers_arg, add_speed_args
 from utils.logger import RunLogger
@@ -43,7 +41,6 @@ from utils.run_flags import check_ranges, given_flags, inherit_flags
 from utils.stop_flag import StopFlag
 
 PROG = "train_hivg.py"
-SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -150,19 +147,6 @@ def resolve_args(argv=None):
     return args, Start(config, weights=start, clip=clip, notes=notes)
 
 
-def lr_lambda(args):
-    """Learning-rate factor of epoch e, stepped once per epoch (the authors' schedules)."""
-    if args.lr_scheduler == "cosine":
-        return lambda e: 0.5 * (1.0 + math.cos(math.pi * e / args.epochs))
-    if args.lr_scheduler == "poly":
-        return lambda e: (1 - e / args.epochs) ** args.lr_power
-    if args.lr_scheduler == "halfdecay":
-        return lambda e: 0.5 ** (e // max(args.epochs // 10, 1))
-    if args.lr_scheduler == "exponential":
-        return lambda e: args.lr_exponential ** e
-    return lambda e: 0.1 ** (e // args.lr_drop)
-
-
 @dataclass
 class Start:
     """What a run starts from, read before anything is written: the network's config and its weights."""
@@ -224,7 +208,6 @@ class Trainer:
         """Builds the model with its starting weights, the data, the optimizer and the criterion: everything
         that checks the inputs, and nothing written yet (`fit` begins writing)."""
         self.args, self.start, self.info, self.device = args, start, info, info.device
-        schedule = lr_lambda(args)
         seed_everything(args.seed + info.rank)
         self.notes = list(start.notes)   # printed once the log is open
         self.model = build_run_model(start, bool(args.resume), args.grad_checkpointing, say=self.notes.append)
@@ -239,6 +222,8 @@ class Trainer:
         train_set = build_dataset("train" if args.sup_type == "full" else "train_pseudo", args)
         self.val_set = build_dataset("val", args)
         set_tf32(self.device, args.tf32)
+        schedule = lr_schedule(args.lr_scheduler, epochs=args.epochs, lr_drop=args.lr_drop, lr_power=args.lr_power,
+                               lr_exponential=args.lr_exponential)
         self.train_set = EpochSeeded(train_set, args.seed)
         self.micro = args.batch_size * args.accum_steps
         self.sampler = ShardSampler(len(self.train_set), info.rank, info.world_size, shuffle=True, seed=args.seed,

@@ -91,6 +91,22 @@ def make_loader(dataset, sampler, *, batch_size: int, context_length: int, num_w
                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 
 
+SCHEDULERS = ("cosine", "step", "poly", "halfdecay", "exponential")
+
+
+def lr_schedule(name: str, *, epochs: int, lr_drop: int, lr_power: float, lr_exponential: float):
+    """Learning-rate factor of epoch e, stepped once per epoch: the authors' schedules, by --lr_scheduler."""
+    if name == "cosine":
+        return lambda e: 0.5 * (1.0 + math.cos(math.pi * e / epochs))
+    if name == "poly":
+        return lambda e: (1 - e / epochs) ** lr_power
+    if name == "halfdecay":
+        return lambda e: 0.5 ** (e // max(epochs // 10, 1))
+    if name == "exponential":
+        return lambda e: lr_exponential ** e
+    return lambda e: 0.1 ** (e // lr_drop)
+
+
 def autocast(device: torch.device, amp: str):
     if amp == "none":
         return nullcontext()
