@@ -14,9 +14,12 @@ EPS = torch.finfo(torch.float32).eps     # 2**-23
 ULPS = 4                                 # rounding of one layer: a few ulps of its largest values
 
 
-def fp32_atol(expected: torch.Tensor, depth: int) -> float:
-    """Absolute tolerance of an fp32 result of `depth` layers (or accumulated operations) recorded as `expected`."""
-    return ULPS * EPS * depth * expected.detach().abs().max().item()
+def fp32_atol(expected: torch.Tensor, depth: int, scale: float = 0.0) -> float:
+    """Absolute tolerance of an fp32 result of `depth` layers (or accumulated operations) recorded as `expected`.
+
+    `scale`: the largest magnitude the result's terms reach when the result itself cancels below it, e.g. CLIP's
+    logit scale for its logits (a cosine of unit vectors whose products sum, in absolute value, up to 1)."""
+    return ULPS * EPS * depth * max(expected.detach().abs().max().item(), scale)
 
 
 def model_depth(config) -> int:
@@ -26,6 +29,6 @@ def model_depth(config) -> int:
     return max(towers) + config.fusion_layers + 1
 
 
-def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, depth: int, name: str):
-    torch.testing.assert_close(actual, expected, rtol=0, atol=fp32_atol(expected, depth),
+def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, depth: int, name: str, scale: float = 0.0):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=fp32_atol(expected, depth, scale),
                                msg=lambda report: f"{name} (depth {depth}): {report}")
