@@ -315,3 +315,18 @@ class Letterbox:
             limit = torch.tensor([self.width, self.height, self.width, self.height], dtype=torch.float64)
             out = torch.minimum(out.clamp(min=0), limit)
         return out
+
+    def mask_to_original(self, logits: torch.Tensor, *, threshold: float = 0.5) -> np.ndarray:
+        """Mask logits over the padded frame [h, w] (any resolution) -> [height, width] bool mask of the original
+        image: bilinear resize to S x S, crop the letterbox padding away, bilinear resize to the image, then
+        probability (sigmoid) > threshold. The mask never leaves the image."""
+        if logits.dim() != 2:
+            raise ValueError(f"mask logits must be [h, w], got {tuple(logits.shape)}")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"mask threshold must lie in (0, 1), got {threshold}")
+        x = logits.detach().float().cpu()[None, None]
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x0, y0, x1, y1 = self.crop_box
+        x = torch.nn.functional.interpolate(x[:, :, y0:y1, x0:x1], size=(self.height, self.width),
+                                            mode="bilinear", align_corners=False)
+        return (torch.sigmoid(x[0, 0]) > threshold).numpy()
