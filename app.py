@@ -4,7 +4,8 @@
     python app.py --checkpoint CKPT [--device cuda] [--port 7860] [--host 127.0.0.1] [--examples DIR]
 
 Pick or upload an image, type one or more referring expressions (one per line) and get each predicted box
-drawn in its own colour with its expression, the boxes as JSON, and on request the [REG] token's attention
+drawn in its own colour with its expression, the boxes as JSON, and on request each expression's mask (models
+trained with --use_mask_loss) as a translucent overlay in its box's colour and the [REG] token's attention
 over the patches (last fusion layer) for each expression. Predictions go through the Python API
 (models/api.py), the same path as predict.py, so the boxes are predict.py's for the same image and text.
 
@@ -22,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from datasets.refer import IMAGE_DIRS, split_path
@@ -32,7 +34,7 @@ from utils.cli import load_grounder
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.flags import add_device_arg
-from utils.visualize import PALETTE, draw_boxes, heat_pictures
+from utils.visualize import PALETTE, draw_boxes, heat_pictures, overlay_masks
 
 PROG = "app.py"
 DEMO_DATA = Path(__file__).resolve().parent / "outputs" / "demo" / "data"   # demo.sh's default
@@ -143,18 +145,32 @@ def read_expressions(text: Optional[str], context_length: int) -> List[str]:
 
 # ----------------------------------------------------------------------------------------- grounding
 
-def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], *, heatmap: bool):
-    """(boxes picture, [(heat picture, caption)], boxes JSON, message) for the page. Input problems come
-    back as the message, so the server keeps serving."""
+def shown_mask(mask: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """A [H, W] bool mask of the original image on the picture shown, of `size` (w, h): nearest neighbour."""
+    if mask.shape == (size[1], size[0]):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST), dtype=bool)
+
+
+def ground(grounder: Grounder, image_path: Optional[str], text: Optional[str], *, heatmap: bool,
+           masks: bool = False):
+    """(boxes picture, [(heat picture, caption)], boxes JSON, message) for the page; with `masks` the boxes
+    picture carries each mask. Input problems come back as the message, so the server keeps serving."""
     try:
+        if masks and not grounder.segments:
+            raise UserError("This checkpoint was trained without the segmentation head (--use_mask_loss): it gives "
+                            "no masks. Untick masks.")
         texts = read_expressions(text, grounder.model.context_length)
         prepared, image, scale, note = read_image(grounder, image_path)
     except UserError as e:
         return None, [], "", f"**{e}**"
-    hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap)
+    hits = grounder.ground_prepared([prepared] * len(texts), texts, heatmap=heatmap, mask=masks)
     drawn = [replace(hit, box_xyxy=[c * scale[i % 2] for i, c in enumerate(hit.box_xyxy)]) for hit in hits]
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(hits))]
-    picture = draw_boxes(image, [hit.box_xyxy for hit in drawn], texts, colours=colours, min_side=MIN_DRAW_SIDE)
+    under_boxes = overlay_masks(image, [shown_mask(hit.mask, image.size) for hit in hits], colours=colours) \
+        if masks else image
+    picture = draw_boxes(under_boxes, [hit.box_xyxy for hit in drawn], texts, colours=colours,
+                         min_side=MIN_DRAW_SIDE)
     heat = [(heat_pictures(image, hit, t, colour=c, min_side=MIN_DRAW_SIDE)["attn"], t)
             for hit, t, c in zip(drawn, texts, colours)] if heatmap else []
     boxes = []
@@ -185,6 +201,9 @@ def build_page(grounder: Grounder, examples: List[List[str]], checkpoint: str):
                 text = gr.Textbox(label="Referring expressions, one per line", lines=3, elem_id="text",
                                   placeholder="the red circle on the left\nthe small star")
                 heatmap = gr.Checkbox(label="[REG] attention heat maps", value=False, elem_id="heatmap")
+                masks = gr.Checkbox(label="masks", value=False, elem_id="masks",
+                                    info="each expression's mask over the picture (models trained with "
+                                         "--use_mask_loss)")
                 button = gr.Button("Ground", variant="primary", elem_id="ground")
             with gr.Column():
                 message = gr.Markdown(label="Message", elem_id="message")
@@ -198,12 +217,13 @@ def build_page(grounder: Grounder, examples: List[List[str]], checkpoint: str):
             gr.Examples(examples, [image, text], label="Examples (synthetic set)", elem_id="examples",
                         examples_per_page=NUM_EXAMPLES)
 
-        def on_click(image_file, expressions, heatmap_wanted):
-            return ground(grounder, image_file and image_file["path"], expressions, heatmap=heatmap_wanted)
+        def on_click(image_file, expressions, heatmap_wanted, masks_wanted):
+            return ground(grounder, image_file and image_file["path"], expressions, heatmap=heatmap_wanted,
+                          masks=masks_wanted)
 
         # Unprocessed inputs: the image arrives as the uploaded file (in gradio's upload folder), so a file
         # that is not an image reaches read_image, which says so on the page, instead of failing in gradio.
-        button.click(on_click, [image, text, heatmap], [picture, heat, boxes, message], api_name="ground",
+        button.click(on_click, [image, text, heatmap, masks], [picture, heat, boxes, message], api_name="ground",
                      preprocess=False)
         heatmap.change(lambda on: gr.Gallery(visible=on), heatmap, heat, queue=False, api_visibility="private")
     return page

@@ -2,6 +2,7 @@
 
     python predict.py --checkpoint CKPT --image IMG --text "the man on the left" [--text ...] [--out OUT.png]
     python predict.py --checkpoint CKPT --image IMG --text "..." --heatmap [--token_map]
+    python predict.py --checkpoint CKPT --image IMG --text "..." --mask
     python predict.py --checkpoint CKPT --jsonl requests.jsonl [--out_dir DIR] [--batch_size 16]
 
 Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy", "score"} with the box in pixels
@@ -14,9 +15,14 @@ over heads, renormalised over the patches) and --token_map the token-alignment m
 per-patch logits); one picture per expression, <out stem>_attn_<k>.png / <out stem>_tokmap_<k>.png.
 Attention weights are computed only when asked for.
 
+--mask (models trained with --use_mask_loss) adds each expression's segmentation mask: drawn over the picture as
+a translucent overlay in its box's colour, saved as <out stem>_mask_<k>.png (1-bit, the original image's size)
+and carried by the JSON line as "mask", COCO RLE {"size": [h, w], "counts": str} (pycocotools.mask.decode
+reads it back).
+
 --jsonl reads lines {"image": PATH, "text": EXPRESSION} (relative paths are taken from the JSONL file's
 folder, or from --image_root) and predicts them in batches; with --out_dir one picture per image
-(<image stem>_hivg.png, all its expressions) and the heat maps.
+(<image stem>_hivg.png, all its expressions), the heat maps and the mask pictures.
 
 The model is the checkpoint's, run through the Python API (models/api.py: LoRA merged, eval mode, the eval
 transform of its input size, boxes mapped back through the exact inverse of that letterbox). The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from models.api import Grounder, Grounding, Prepared
@@ -37,7 +44,7 @@ from utils.cli import load_grounder
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.flags import add_device_arg, add_hf_clip_config_arg
-from utils.visualize import draw_boxes, heat_pictures
+from utils.visualize import draw_boxes, heat_pictures, overlay_masks
 
 PROG = "predict.py"
 
@@ -58,6 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heatmap", action="store_true",
                         help="also draw the [REG] token's attention over the patches (last fusion layer)")
     parser.add_argument("--token_map", action="store_true", help="also draw the token-alignment map")
+    parser.add_argument("--mask", action="store_true",
+                        help="also predict each expression's segmentation mask (models trained with "
+                             "--use_mask_loss): overlaid on the picture, saved as PNG, COCO RLE in the JSON line")
     parser.add_argument("--batch_size", type=int, default=16)
     add_device_arg(parser)
     parser.add_argument("--bridge_attention", default="per_sample", choices=("per_sample", "official"),
@@ -162,10 +172,27 @@ def heat_path(base: Path, kind: str, k: int) -> Path:
     return base.with_name(f"{base.stem}_{kind}_{k}{base.suffix}")
 
 
+def coco_mask_module():
+    """pycocotools.mask, or a UserError saying how to install it."""
+    try:
+        from pycocotools import mask
+    except ImportError:
+        raise UserError("--mask writes COCO RLE and needs pycocotools: pip install -r requirements.txt") from None
+    return mask
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """[h, w] bool mask -> COCO RLE {"size": [h, w], "counts": str} (pycocotools.mask.decode inverts it)."""
+    rle = coco_mask_module().encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def json_line(req: Request, pred: Grounding, files: Dict[str, Path]) -> str:
     obj = {"image": req.image, "text": req.text, "box_xyxy": [round(v, 2) for v in pred.box_xyxy]}
     if pred.score is not None:
         obj["score"] = round(pred.score, 4)
+    if pred.mask is not None:
+        obj["mask"] = mask_rle(pred.mask)
     obj.update({f"{k}_picture": str(v) for k, v in files.items()})
     return json.dumps(obj)
 
@@ -236,6 +263,24 @@ def picture_paths(opts, requests: List[Request], out_flag: str) -> Dict[Path, Pa
     return pictures
 
 
+def expression_files(req: Request, pred: Grounding, picture: Optional[Path], *, index: int, colour,
+                     out_flag: str) -> Dict[str, Path]:
+    """The heat-map and mask pictures of one prediction (those computed), saved beside `picture` as
+    <stem>_<kind>_<index>.png; none without a picture."""
+    files = {}
+    if picture is None:
+        return files
+    if pred.attention is not None or pred.token_map is not None:
+        image = load_rgb(req.path, req.where)
+        for kind, pic in heat_pictures(image, pred, req.text, colour=colour).items():
+            files[kind] = heat_path(picture, kind, index)
+            save_picture(pic, files[kind], out_flag)
+    if pred.mask is not None:
+        files["mask"] = heat_path(picture, "mask", index)
+        save_picture(Image.fromarray(pred.mask), files["mask"], out_flag)     # bool: a 1-bit PNG
+    return files
+
+
 def run(opts) -> int:
     from tqdm import tqdm
 
@@ -248,6 +293,11 @@ def run(opts) -> int:
     grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
                              bridge_attention=opts.bridge_attention)
     model = grounder.model
+    if opts.mask and not grounder.segments:
+        raise UserError(f"--mask: the checkpoint {opts.checkpoint} was trained without the segmentation head, so "
+                        "it gives no masks; drop --mask or use a checkpoint trained with --use_mask_loss")
+    if opts.mask:
+        coco_mask_module()                                  # fail before predicting
     if opts.token_map and not grounder.scored:
         warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
              "untrained and the map means nothing")
@@ -267,23 +317,21 @@ def run(opts) -> int:
                 cache[r.path] = prepare_file(grounder, r.path,
                                              "--image" if opts.image is not None else f"{r.where}: image")
         preds = grounder.ground_prepared([cache[r.path] for r in chunk], [r.text for r in chunk],
-                                         heatmap=opts.heatmap, token_map=opts.token_map)
+                                         heatmap=opts.heatmap, token_map=opts.token_map, mask=opts.mask)
         for r, pred in zip(chunk, preds):
             entries = per_image.setdefault(r.path, [])
             colour = PALETTE[len(entries) % len(PALETTE)]
-            files = {}
-            if r.path in pictures and (pred.attention is not None or pred.token_map is not None):
-                image = load_rgb(r.path, r.where)
-                for kind, pic in heat_pictures(image, pred, r.text, colour=colour).items():
-                    files[kind] = heat_path(pictures[r.path], kind, len(entries))
-                    save_picture(pic, files[kind], out_flag)
-            entries.append((r.text, pred.box_xyxy, colour))
+            files = expression_files(r, pred, pictures.get(r.path), index=len(entries), colour=colour,
+                                     out_flag=out_flag)
+            entries.append((r.text, pred.box_xyxy, colour, pred.mask))
             print(json_line(r, pred, files), flush=True)
         bar.update(len(chunk))
     bar.close()
     for path, picture in pictures.items():
         entries = per_image[path]
         image = load_rgb(path, "--image" if opts.image is not None else "image")
+        if opts.mask:
+            image = overlay_masks(image, [e[3] for e in entries], colours=[e[2] for e in entries])
         save_picture(draw_boxes(image, [e[1] for e in entries], [e[0] for e in entries],
                                 colours=[e[2] for e in entries]),
                      picture, out_flag)

@@ -5,9 +5,12 @@
     grounder = Grounder.from_checkpoint("best_checkpoint.pth", device="cpu")
     [hit] = grounder.ground([Image.open("street.jpg")], ["the man in the red shirt on the left"])
     print(hit.box_xyxy, hit.score)
+    [hit] = grounder.ground([Image.open("street.jpg")], ["the bus"], mask=True)   # models trained with --use_mask_loss
+    print(hit.mask.shape)                                                           # (height, width) of the image
 
 Images go through the evaluation transform of the model's input size (long side resized, centred padding)
-and boxes come back through the exact inverse of that letterbox, in pixels of the original image. The
+and boxes come back through the exact inverse of that letterbox, in pixels of the original image; masks
+(the segmentation head's logits) through the same letterbox, as bool arrays of the original image. The
 bridge runs per sample by default, so a prediction does not depend on the other pairs of its batch.
 """
 from dataclasses import dataclass
@@ -23,6 +26,9 @@ from datasets.transforms import Letterbox, Record, make_transforms
 from .heads import HEADS
 from .hivg import HiVG
 from .weights import load_model
+
+SEG_HEAD = "seg_map"
+MASK_THRESHOLD = 0.5   # on the sigmoid of the segmentation logits
 
 
 @dataclass
@@ -43,6 +49,8 @@ class Grounding:
     box_padded: [4] normalised (cx, cy, w, h) in the S x S padded frame.
     attention: [gh, gw] [REG] attention over the patches in the last fusion layer (sums to 1), on request.
     token_map: [gh, gw] token-alignment logits, on request.
+    mask: [height, width] bool over the original image, on request: the segmentation head's probability above
+        MASK_THRESHOLD (docs/method.md, section 4).
     """
     box_xyxy: List[float]
     score: Optional[float]
@@ -50,6 +58,7 @@ class Grounding:
     letterbox: Letterbox
     attention: Optional[np.ndarray] = None
     token_map: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
 
 
 def prepare(image: Image.Image, size: int) -> Prepared:
@@ -72,6 +81,8 @@ class Grounder:
         self.scorer = next((HEADS[name] for name in model.config.outputs if name in HEADS and HEADS[name].score),
                            None)
         self.scored = self.scorer is not None
+        # masks only from a model whose segmentation head was trained (every model holds the module)
+        self.segments = SEG_HEAD in model.config.outputs
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", bridge_attention: str = "per_sample",
@@ -85,22 +96,27 @@ class Grounder:
         return prepare(image, self.model.image_size)
 
     def ground(self, images: Sequence[Image.Image], texts: Sequence[str], *, heatmap: bool = False,
-               token_map: bool = False) -> List[Grounding]:
-        """The box of texts[i] in images[i] (pass the same image several times for several expressions)."""
-        return self.ground_prepared([self.prepare(im) for im in images], texts, heatmap=heatmap, token_map=token_map)
+               token_map: bool = False, mask: bool = False) -> List[Grounding]:
+        """The box (and with `mask` the mask) of texts[i] in images[i] (pass the same image several times for
+        several expressions)."""
+        return self.ground_prepared([self.prepare(im) for im in images], texts, heatmap=heatmap, token_map=token_map,
+                                    mask=mask)
 
     @torch.inference_mode()
     def ground_prepared(self, prepared: Sequence[Prepared], texts: Sequence[str], *, heatmap: bool = False,
-                        token_map: bool = False) -> List[Grounding]:
+                        token_map: bool = False, mask: bool = False) -> List[Grounding]:
         """One forward pass over (prepared[i], texts[i]) pairs."""
         if len(prepared) != len(texts):
             raise ValueError(f"{len(prepared)} images for {len(texts)} texts: give one image per expression")
+        if mask and not self.segments:
+            raise ValueError("mask=True: this model was trained without the segmentation head, so it gives no "
+                             "masks; train it with --use_mask_loss")
         model = self.model
         images = torch.stack([p.image for p in prepared]).to(self.device)
         masks = torch.stack([p.pixel_mask for p in prepared]).to(self.device)
         ids = tokenize(list(texts), model.context_length).to(self.device)
         outputs = ["box"] + (["reg_attention"] if heatmap else []) + (["token_map"] if token_map else []) + \
-            ([self.scorer.name] if self.scored else [])
+            ([self.scorer.name] if self.scored else []) + ([SEG_HEAD] if mask else [])
         out = model(images, masks, ids, outputs=outputs)
         boxes = out["pred_box"].float()
         scores = self.scorer.score(out, boxes, model.grid).tolist() if self.scored else None
@@ -113,5 +129,7 @@ class Grounder:
                 hit.attention = out["reg_attention"][i].float().cpu().reshape(model.grid).numpy()
             if token_map:
                 hit.token_map = out["token_map"][i].float().cpu().reshape(model.grid).numpy()
+            if mask:
+                hit.mask = p.letterbox.mask_to_original(out[SEG_HEAD][i, 0], threshold=MASK_THRESHOLD)
             results.append(hit)
         return results

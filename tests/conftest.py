@@ -85,22 +85,33 @@ def stage0(data, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A tiny stage-1 model with fixed random weights (LoRA non-zero) saved as train_hivg.py saves."""
+def save_tiny(folder: Path, *head_flags: str):
+    """(checkpoint path, model): a tiny stage-1 model with fixed random weights (LoRA non-zero) and the heads
+    of `head_flags`, saved into `folder` as train_hivg.py saves."""
     torch.manual_seed(0)
     args = add_model_args(argparse.ArgumentParser()).parse_args(
-        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_stage", "1",
-         "--use_rtcc_constrain_loss"])
+        ["--model", "tiny", "--imsize", "64", "--vl_dim_feedforward", "64", "--hi_lora_stage", "1", *head_flags])
     model = build_model(args)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp("ckpt") / "best_checkpoint.pth"
+    path = folder / "best_checkpoint.pth"
     save_checkpoint(path, training_file(model, vars(args), optimizer={}, scheduler={}, scaler=None, rng=[rng_state()],
                                         epoch=0, resume_at=(1, 0), best_acc=0.1, step_base=0, stage_end_step=0))
     return path, model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """save_tiny with the token-alignment head."""
+    return save_tiny(tmp_path_factory.mktemp("ckpt"), "--use_rtcc_constrain_loss")
+
+
+@pytest.fixture(scope="session")
+def tiny_seg(tmp_path_factory):
+    """save_tiny with the token-alignment and segmentation heads (random weights: masks of no meaning)."""
+    return save_tiny(tmp_path_factory.mktemp("ckpt_seg"), "--use_rtcc_constrain_loss", "--use_mask_loss")
 
 
 @pytest.fixture(scope="session")

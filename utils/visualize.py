@@ -1,4 +1,4 @@
-"""Pictures of predictions: boxes with their expressions, [REG] attention / token-alignment heat maps,
+"""Pictures of predictions: boxes with their expressions, masks, [REG] attention / token-alignment heat maps,
 and evaluation samples (prediction, ground truth, IoU). Boxes reach pixels of the original image through
 datasets.transforms.Letterbox. Only numpy and PIL: the colour map is implemented here.
 """
@@ -59,6 +59,21 @@ def overlay_heatmap(image: Image.Image, heat: np.ndarray, crop_box: Sequence[int
     colour = colormap(values).astype(np.float32)
     base = np.asarray(img, dtype=np.float32)
     return Image.fromarray(np.round((1 - alpha) * base + alpha * colour).clip(0, 255).astype(np.uint8))
+
+
+def overlay_masks(image: Image.Image, masks: Sequence[np.ndarray], *, colours: Sequence[Tuple[int, int, int]],
+                  alpha: float = 0.5) -> Image.Image:
+    """`image` (RGB) with each [H, W] bool mask of its size blended in its colour (later masks over earlier
+    ones); pixels outside every mask keep their values. `image` itself is left unchanged."""
+    img = image.convert("RGB")
+    picture = np.asarray(img, dtype=np.float32).copy()
+    for mask, colour in zip(masks, colours):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != picture.shape[:2]:
+            raise ValueError(f"mask of shape {mask.shape} for an image of {img.width}x{img.height}: give masks "
+                             "of the image's [height, width]")
+        picture[mask] = (1 - alpha) * picture[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return Image.fromarray(np.round(picture).clip(0, 255).astype(np.uint8))
 
 
 def _font(image_size: Tuple[int, int]):
