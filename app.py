@@ -217,7 +217,7 @@ def build_page(grounder: Grounder, examples: List[List[str]], checkpoint: str):
             gr.Examples(examples, [image, text], label="Examples (synthetic set)", elem_id="examples",
                         examples_per_page=NUM_EXAMPLES)
 
-        def on_click(image_file, expressions, heatmap_wanted, masks_wanted):
+        def on_click(image_file, expressions, heatmap_wanted, masks_wanted=False):   # scripts of 3 inputs still work
             return ground(grounder, image_file and image_file["path"], expressions, heatmap=heatmap_wanted,
                           masks=masks_wanted)
 

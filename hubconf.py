@@ -2,6 +2,8 @@
 
     grounder = torch.hub.load("path/to/this/clone", "hivg", source="local", checkpoint="best_checkpoint.pth")
     [hit] = grounder.ground([Image.open("street.jpg")], ["the man on the left"])
+    [hit] = grounder.ground([Image.open("street.jpg")], ["the man on the left"], mask=True)
+    hit.mask            # [height, width] bool of the image (checkpoints trained with --use_mask_loss)
 
 Checkpoints are local files (ours, or the authors' converted on load); nothing is downloaded.
 """

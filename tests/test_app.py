@@ -1,6 +1,6 @@
 """app.py, the grounding page (README, "Grounding page"): through gradio's client its boxes are predict.py's,
-bad input is answered on the page while the server keeps serving, a checkpoint that fails to load stops it at
-start, and headless Chromium grounds an example and an upload.
+bad input is answered on the page while the server keeps serving, the masks checkbox draws each mask, a checkpoint
+that fails to load stops it at start, and headless Chromium grounds an example and an upload.
 
 These tests need the app's extra requirements (gradio, playwright) and Debian's chromium; without them they are
 skipped, unless HIVG_REQUIRE_BROWSER=1 (set by .ci/run) makes that a failure.
@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from PIL import Image
 import predict
 from datasets.synthetic import generate
 from tests.conftest import REPO
+from utils.visualize import PALETTE
 
 REQUIRED = os.environ.get("HIVG_REQUIRE_BROWSER") == "1"
 HOW = "pip install -r requirements-app.txt; apt-get install chromium"
@@ -59,14 +61,14 @@ def examples(synthetic_set):
 
 
 @pytest.fixture(scope="module")
-def server(tiny, examples, tmp_path_factory):
-    """The page on a free local port, serving the tiny checkpoint; its URL."""
+def server(tiny_seg, examples, tmp_path_factory):
+    """The page on a free local port, serving the tiny checkpoint with the segmentation head; its URL."""
     need("gradio_client")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
-    proc = app("--checkpoint", tiny[0], "--device", "cpu", "--port", port, "--examples", examples[0],
+    proc = app("--checkpoint", tiny_seg[0], "--device", "cpu", "--port", port, "--examples", examples[0],
                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT
@@ -94,10 +96,12 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def ground(client, image, text, heatmap=False):
-    """(picture path, heat gallery, boxes list, message) of one request through the page's API."""
+def ground(client, image, text, heatmap=False, *masks):
+    """(picture path, heat gallery, boxes list, message) of one request through the page's API (`masks`: the
+    checkbox, left out as scripts written before it did)."""
     from gradio_client import handle_file
-    picture, heat, boxes, message = client.predict(handle_file(str(image)), text, heatmap, api_name="/ground")
+    picture, heat, boxes, message = client.predict(handle_file(str(image)), text, heatmap, *masks,
+                                                   api_name="/ground")
     return picture, heat, json.loads(boxes) if boxes else [], message
 
 
@@ -117,11 +121,11 @@ def assert_same_boxes(page, expected):
 
 
 @pytest.mark.recorded
-def test_api_boxes_are_predict_py_boxes(client, tiny, examples, tmp_path, capsys):
+def test_api_boxes_are_predict_py_boxes(client, tiny_seg, examples, tmp_path, capsys):
     (image, first), (_, second) = examples[1][:2]
     picture, heat, boxes, message = ground(client, image, f"{first}\n\n  {second}  \n", heatmap=True)
     assert message == ""
-    assert_same_boxes(boxes, predict_boxes(tiny[0], image, [first, second], tmp_path, capsys))
+    assert_same_boxes(boxes, predict_boxes(tiny_seg[0], image, [first, second], tmp_path, capsys))
     w, h = Image.open(image).size
     k = -(-640 // max(w, h))                         # small images are drawn enlarged, at least 640 px
     drawn = Image.open(picture)
@@ -130,7 +134,7 @@ def test_api_boxes_are_predict_py_boxes(client, tiny, examples, tmp_path, capsys
     assert all(Image.open(item["image"]).width == k * w for item in heat)
 
 
-def test_bad_input_is_answered_on_the_page(client, tiny, examples, tmp_path, capsys):
+def test_bad_input_is_answered_on_the_page(client, tiny_seg, examples, tmp_path, capsys):
     image, text = examples[1][0]
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
@@ -150,8 +154,37 @@ def test_bad_input_is_answered_on_the_page(client, tiny, examples, tmp_path, cap
     picture, _, boxes, message = ground(client, wide, text)
     assert "downscaled to 4096x256" in message
     assert Image.open(picture).width == 4096 and Image.open(picture).height > 256     # the caption below
-    expected = predict_boxes(tiny[0], wide, [text], tmp_path, capsys)
+    expected = predict_boxes(tiny_seg[0], wide, [text], tmp_path, capsys)
     assert boxes[0]["box_xyxy"] == pytest.approx(expected[0]["box_xyxy"], abs=0.5)
+
+
+def test_masks_checkbox_overlays_each_mask_in_its_box_colour(client, examples):
+    (image, first), (_, second) = examples[1][:2]
+    texts = f"{first}\n{second}"
+    plain, _, boxes, _ = ground(client, image, texts, False, False)
+    masked, _, masked_boxes, message = ground(client, image, texts, False, True)
+    assert message == "" and masked_boxes == boxes
+    before, after = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (plain, masked))
+    changed = (before != after).any(-1)
+    k = -(-640 // max(Image.open(image).size))             # drawn enlarged by k
+    h = Image.open(image).height * k
+    assert changed[:h].any() and not changed[h:].any()      # over the image, never over the captions
+    # every changed pixel is the picture blended half-way with the first box's colour, the second's, or both
+    first_colour, second_colour = (np.array(c, dtype=np.float64) for c in PALETTE[:2])
+    under = before[changed]
+    blends = [np.abs(after[changed] - expected).max(-1) <= tol for expected, tol in
+              [((under + first_colour) / 2, 0.5), ((under + second_colour) / 2, 0.5),
+               (((under + first_colour) / 2 + second_colour) / 2, 0.75)]]
+    assert (blends[0] | blends[1] | blends[2]).all() and blends[0].any() and blends[1].any()
+
+
+def test_masks_from_a_model_without_the_segmentation_head_get_a_message(grounder, examples):
+    from app import ground as page_ground
+
+    image, text = examples[1][0]
+    picture, heat, boxes, message = page_ground(grounder, str(image), text, heatmap=False, masks=True)
+    assert (picture, heat, boxes) == (None, [], "")
+    assert "trained without the segmentation head (--use_mask_loss)" in message and "Untick masks" in message
 
 
 def test_a_checkpoint_that_fails_to_load_stops_the_server(tmp_path):
@@ -193,13 +226,13 @@ def test_an_examples_file_refused_unread_names_the_apps_own_flag(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
-def test_browser_grounds_an_example_and_an_upload(server, tiny, examples, tmp_path, capsys):
+def test_browser_grounds_an_example_and_an_upload(server, tiny_seg, examples, tmp_path, capsys):
     sync_api = need("playwright.sync_api")
     if not os.access(CHROMIUM, os.X_OK):
         missing(f"Chromium at {CHROMIUM}")
     (example, example_text), (image, text) = examples[1][0], examples[1][2]
-    expected = predict_boxes(tiny[0], example, [example_text], tmp_path, capsys)
-    expected += predict_boxes(tiny[0], image, [text], tmp_path, capsys)
+    expected = predict_boxes(tiny_seg[0], example, [example_text], tmp_path, capsys)
+    expected += predict_boxes(tiny_seg[0], image, [text], tmp_path, capsys)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -210,6 +243,7 @@ def test_browser_grounds_an_example_and_an_upload(server, tiny, examples, tmp_pa
             shown = [submit_and_read(page)]
             page.locator("#image input[type=file]").set_input_files(str(image))
             page.locator("#text textarea").fill(text)
+            page.locator("#masks input").check()                         # the masks do not move the boxes
             shown.append(submit_and_read(page))
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         finally:

@@ -1,5 +1,6 @@
 """Masks (README, "Segmentation masks"): Grounder.ground(mask=True), predict.py --mask (overlay, PNGs, COCO RLE
-in the JSON lines), utils.visualize.overlay_masks, and the error for a model without the segmentation head."""
+in the JSON lines), utils.visualize.overlay_masks, torch.hub, and the error for a model without the segmentation
+head."""
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from PIL import Image
 
 from datasets.tokens import tokenize
 from models.api import Grounder, prepare
+from tests.conftest import REPO
 from tests.test_predict import noise_image, run_main
 from utils.visualize import PALETTE, draw_boxes, overlay_masks
 
@@ -105,3 +107,9 @@ def test_predict_mask_without_the_segmentation_head_is_one_line(tiny, tmp_path, 
     rc, lines, err = run_main(["--checkpoint", tiny[0], "--image", image, "--text", "x", "--mask"], capsys)
     assert rc == 2 and not lines and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("predict.py: error: --mask: the checkpoint") and "--use_mask_loss" in err
+
+
+def test_torch_hub_serves_the_masks(tiny_seg):
+    grounder = torch.hub.load(str(REPO), "hivg", source="local", checkpoint=str(tiny_seg[0]))
+    [hit] = grounder.ground([Image.new("RGB", (50, 30), (200, 30, 30))], ["the red square"], mask=True)
+    assert hit.mask.shape == (30, 50) and hit.mask.dtype == bool
