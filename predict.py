@@ -266,7 +266,7 @@ def picture_paths(opts, requests: List[Request], out_flag: str) -> Dict[Path, Pa
 def expression_files(req: Request, pred: Grounding, picture: Optional[Path], *, index: int, colour,
                      out_flag: str) -> Dict[str, Path]:
     """The heat-map and mask pictures of one prediction (those computed), saved beside `picture` as
-    <stem>_<kind>_<index>.png; none without a picture."""
+    <stem>_<kind>_<index><its suffix> (masks: .png); none without a picture."""
     files = {}
     if picture is None:
         return files
@@ -276,7 +276,7 @@ def expression_files(req: Request, pred: Grounding, picture: Optional[Path], *, 
             files[kind] = heat_path(picture, kind, index)
             save_picture(pic, files[kind], out_flag)
     if pred.mask is not None:
-        files["mask"] = heat_path(picture, "mask", index)
+        files["mask"] = heat_path(picture, "mask", index).with_suffix(".png")   # lossless, whatever --out is
         save_picture(Image.fromarray(pred.mask), files["mask"], out_flag)     # bool: a 1-bit PNG
     return files
 
