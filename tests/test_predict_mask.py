@@ -113,3 +113,13 @@ def test_torch_hub_serves_the_masks(tiny_seg):
     grounder = torch.hub.load(str(REPO), "hivg", source="local", checkpoint=str(tiny_seg[0]))
     [hit] = grounder.ground([Image.new("RGB", (50, 30), (200, 30, 30))], ["the red square"], mask=True)
     assert hit.mask.shape == (30, 50) and hit.mask.dtype == bool
+
+
+def test_jsonl_mask_without_out_dir_gives_the_json_lines_alone(tiny_seg, tmp_path, capsys):
+    noise_image(tmp_path / "a.png", (70, 40))
+    (tmp_path / "req.jsonl").write_text(json.dumps({"image": "a.png", "text": "the left one"}) + "\n")
+    rc, lines, err = run_main(["--checkpoint", tiny_seg[0], "--jsonl", tmp_path / "req.jsonl", "--mask"], capsys)
+    assert rc == 0, err
+    [result] = [json.loads(line) for line in lines]
+    assert result["mask"]["size"] == [40, 70] and "mask_picture" not in result
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "req.jsonl"]
