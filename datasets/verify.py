@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from .errors import reports_errors
 from .refer import (GroundingDataset, add_data_path_args, add_split_file_args, blank_phrases, is_degenerate, listed,
-                    load_refs, outside, split_files)
-from .registry import DATASETS, IMAGE_DIRS
+                    load_refs, outside, read_split, split_files, split_problems)
+from .registry import DATASETS, IMAGE_DIRS, dataset_splits
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
 
@@ -140,8 +140,10 @@ def report_split(split: str, refs, sizes: dict, log) -> bool:
 def load_splits(args, log) -> tuple:
     """({split: refs} of the splits to check that could be read, whether a needed one is missing or unreadable):
     --split alone, else every split of the dataset but trainval whose files exist; val and a training split
-    must."""
-    splits = [args.split] if args.split else [s for s in DATASETS[args.dataset].splits if s != "trainval"]
+    must. Every entry that cannot be read is listed, and every problem of the dataset's own checks (a JSONL
+    dataset's: datasets.formats.jsonl.problems)."""
+    splits = [args.split] if args.split else [s for s in dataset_splits(args.dataset, args.split_root)
+                                              if s != "trainval"]
     failed, loaded = False, {}
     for split in splits:
         files = split_files(args.split_root, args.dataset, split)
@@ -152,11 +154,16 @@ def load_splits(args, log) -> tuple:
             failed |= needed
             continue
         try:
-            loaded[split] = load_refs(args.split_root, args.dataset, split, allow_unsafe=args.allow_unsafe_pickle,
-                                      allow_outside=args.allow_outside_paths)
+            loaded[split], bad = read_split(args.split_root, args.dataset, split, allow_unsafe=args.allow_unsafe_pickle,
+                                            allow_outside=args.allow_outside_paths)
         except (FileNotFoundError, ValueError) as e:
             print(f"{split}: ERROR {e}", file=log)
             failed = True
+            continue
+        bad += split_problems(loaded[split], args.dataset, args.data_root)
+        for problem in bad:
+            print(f"{split}: ERROR {problem}", file=log)
+        failed |= bool(bad)
     trains = [s for s in TRAINING_SPLITS if s in DATASETS[args.dataset].splits]
     if not args.split and not any(os.path.isfile(path) for s in trains
                                   for path in split_files(args.split_root, args.dataset, s)):
