@@ -40,8 +40,9 @@ def decimal_box(box, xywh: bool) -> list:
 def jsonl_line(image: str, box, text: str, **optional) -> str:
     """One JSONL line; `box` in decimals, written as they are; optional keys left out when None."""
     items = {"image": image, "box": box, "text": text, **{k: v for k, v in optional.items() if v is not None}}
-    return "{" + ", ".join(f"{json.dumps(k)}: " + ("[" + ", ".join(map(str, v)) + "]" if k == "box" else json.dumps(v, ensure_ascii=False))
-                           for k, v in items.items()) + "}\n"
+    values = {k: "[" + ", ".join(map(str, v)) + "]" if k == "box" else json.dumps(v, ensure_ascii=False)
+              for k, v in items.items()}
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in values.items()) + "}\n"
 
 
 def plain_polygons(polygons):
@@ -129,7 +130,8 @@ def refer_to_jsonl(refs_path: str, instances_path: str, out: str, allow_unsafe: 
         images = {im["id"]: im for im in instances["images"]}
         anns = {a["id"]: a for a in instances["annotations"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--instances {instances_path} is not a COCO instances file ({type(e).__name__}: {e})") from None
+        raise UserError(f"--instances {instances_path} is not a COCO instances file ({type(e).__name__}: "
+                        f"{e})") from None
     lines = {}
     for i, ref in enumerate(refs):
         try:

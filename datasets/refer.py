@@ -24,8 +24,8 @@ from PIL import Image
 
 from .errors import UserError
 from .formats.fields import Ref, Where
-from .masks import box_to_mask, polygons_to_mask
 from .formats.jsonl import rle_to_mask
+from .masks import box_to_mask, polygons_to_mask
 from .registry import DATASETS, IMAGE_DIRS, TRAIN_SPLITS, check_dataset_split, dataset_spec
 from .splitfile import UNSAFE_FLAG
 from .transforms import CROP_RULES, Record, build_transforms
@@ -57,9 +57,9 @@ def parse_entry(entry, dataset: str, source: str, index: int, allow_outside: boo
     where = Where(dataset=dataset, folder=spec.folder, source=source, index=index)
     ref = spec.parser(entry, where)
     if not allow_outside and leaves_folder(ref.image):
-        raise ValueError(f"{replace(where, line=ref.line)}: the image path {ref.image!r} leads outside the image folder <data_root>/"
-                         f"{IMAGE_DIRS[ref.folder]} (absolute, or with a '..' part); fix the split file, or pass "
-                         f"{OUTSIDE_FLAG} if you trust it")
+        raise ValueError(f"{replace(where, line=ref.line)}: the image path {ref.image!r} leads outside the image "
+                         f"folder <data_root>/{IMAGE_DIRS[ref.folder]} (absolute, or with a '..' part); fix the split "
+                         f"file, or pass {OUTSIDE_FLAG} if you trust it")
     return ref
 
 
@@ -272,8 +272,9 @@ def build_dataset(split: str, args) -> GroundingDataset:
 
 # --data_root / --split_root: the training default and what the folder holds
 DATA_PATHS = {"data_root": ("./data/image_data/", "folder holding the image folders (other/, referit/, Flickr30k/, "
-                                                  "synthref/)"),
-              "split_root": ("./data/pseudo_samples/", "folder holding <dataset>/<dataset>_<split>.pth")}
+                                                  "synthref/); --dataset jsonl: the images folder"),
+              "split_root": ("./data/pseudo_samples/", "folder holding <dataset>/<dataset>_<split>.pth; --dataset "
+                                                       "jsonl: the folder of <split>.jsonl")}
 
 
 def add_data_path_args(parser, fallback: str = "", required: bool = False):

@@ -13,8 +13,9 @@ the integer truncation; skipped in training, see :mod:`datasets.refer`), phrases
 split file and entries), and boxes partly outside their image (clipped to it) or wholly outside
 it (an error, with the split file and sample numbers). For ``mixup``, no image of its train split
 may appear in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself
-(the split files found under --split_root are checked). The exit status is 1 when any of these
-errors is found, 2 for bad flags, else 0.
+(the split files found under --split_root are checked). For a JSONL dataset (--data_root its images,
+--split_root its <split>.jsonl files) every bad line is listed as ``file:line: problem; fix``, each line's
+image opened. The exit status is 1 when any of these errors is found, 2 for bad flags, else 0.
 
 ``--dump N`` prints the first N samples of the split (default ``val``) after the eval
 transform as JSON lines on stdout: ``image``, ``phrase``, ``box_xyxy`` (pixels of the

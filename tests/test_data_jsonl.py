@@ -41,7 +41,7 @@ def write_own_set(root: Path, counts=(("train", 4), ("val", 2), ("test", 2), ("h
 
 def jsonl_flags(images, splits, out, *extra):
     """The tiny model's short-run flags of tests.conftest on a JSONL set."""
-    words = flags(images, out, "--batch_size", "4", "--epochs", "1", *extra)
+    words = flags(images, out, "--batch_size", "4", "--epochs", "1", "--vl_dim_feedforward", "64", *extra)
     words[words.index("synthref")] = "jsonl"
     words[words.index("--split_root") + 1] = str(splits)
     return words

@@ -110,10 +110,11 @@ def test_refer_toolkit_annotations_to_jsonl(tmp_path, capsys):
 def test_synthetic_set_trains_to_the_same_weights_from_jsonl(small_data, tmp_path):
     assert convert(["to-jsonl", "--dataset", "synthref", "--split_root", str(small_data),
                     "--out", str(tmp_path / "j")]) == 0
-    from_jsonl = flags(small_data / "synthref" / "images", tmp_path / "b", "--epochs", "2")
+    short = ("--epochs", "2", "--epoch_samples", "8", "--vl_dim_feedforward", "64")   # two steps, a small fusion
+    from_jsonl = flags(small_data / "synthref" / "images", tmp_path / "b", *short)
     from_jsonl[from_jsonl.index("synthref")] = "jsonl"
     from_jsonl[from_jsonl.index("--split_root") + 1] = str(tmp_path / "j")
-    assert train_hivg.main(flags(small_data, tmp_path / "a", "--epochs", "2")) == 0
+    assert train_hivg.main(flags(small_data, tmp_path / "a", *short)) == 0
     assert train_hivg.main(from_jsonl) == 0
     a, b = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True)["model"] for run in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -28,7 +28,9 @@ class Where:
     line: Optional[int] = None        # its line, in a text file
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}" if self.line is not None else f"split file {self.source}, entry {self.index}"
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
+        return f"split file {self.source}, entry {self.index}"
 
 
 def unpack(entry, length: int, where: Where) -> tuple:

@@ -11,7 +11,6 @@ and a COCO [x, y, w, h] box written as [x, y, x + w, y + h] (datasets.convert do
 loader reads it. Every error names the file and line.
 """
 import json
-import math
 from dataclasses import replace
 from decimal import Context, Decimal
 from typing import NamedTuple
@@ -43,7 +42,9 @@ def read(path: str, allow_unsafe: bool = False) -> list:
 
 
 def number(value) -> bool:
-    return isinstance(value, (int, Decimal)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number: an int (not a bool) or a finite decimal."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, Decimal) and
+                                                                        value.is_finite())
 
 
 def box_fields(box, where: Where) -> tuple:
