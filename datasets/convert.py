@@ -18,6 +18,7 @@ import sys
 from decimal import Decimal
 from pathlib import PurePosixPath
 
+import numpy as np
 import torch
 
 from .errors import UserError, reports_errors
@@ -49,7 +50,7 @@ def plain_polygons(polygons):
     """COCO polygons as lists of floats (split files may hold numpy arrays), None when absent."""
     if polygons is None or isinstance(polygons, str):
         return None
-    return [[float(v) for v in torch.as_tensor(p, dtype=torch.float64).flatten().tolist()] for p in polygons]
+    return [np.asarray(p, dtype=np.float64).ravel().tolist() for p in polygons]
 
 
 def split_to_jsonl(split_root: str, dataset: str, split: str, out: str, allow_unsafe: bool = False) -> int:
@@ -62,7 +63,8 @@ def split_to_jsonl(split_root: str, dataset: str, split: str, out: str, allow_un
         raise ValueError(bad[0])
     with open(os.path.join(out, f"{split}.jsonl"), "w", encoding="utf-8") as f:
         for entry, ref in zip(raw, refs):
-            image = ref.image if dataset_spec(dataset).folder else str(PurePosixPath(IMAGE_DIRS[ref.folder], ref.image))
+            image = ref.image if dataset_spec(dataset).folder else str(PurePosixPath(IMAGE_DIRS[ref.folder],
+                                                                                     ref.image))
             size = ref.size_hw or (None, None)
             f.write(jsonl_line(image, decimal_box(entry[box_at], xywh), ref.phrase,
                                mask=plain_polygons(ref.polygons), height=size[0], width=size[1]))
