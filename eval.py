@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from datasets import Collate, build_dataset
 from datasets.refer import DATA_PATHS, add_data_path_args, add_split_file_args
-from datasets.registry import DATASETS, TRAIN_SPLITS, check_dataset_split
+from datasets.registry import DATASETS, TRAIN_SPLITS, check_dataset_split, dataset_splits
 from datasets.synthetic import expression_groups
 from models.bridge import BRIDGE_ATTENTION_MODES
 from models.convert_clip import clip_cfg_from_hf_json
@@ -78,11 +78,12 @@ def data_args(opts, run_args: dict, image_size: int, *, dataset: str) -> argpars
                               aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)
 
 
-def eval_splits(dataset: str, requested) -> list:
-    """The splits to evaluate: as given, or with 'all' every split of the dataset that is not for training."""
+def eval_splits(dataset: str, requested, split_root: str = "") -> list:
+    """The splits to evaluate: as given, or with 'all' every split of the dataset that is not for training (for a
+    JSONL dataset, every file under `split_root` but the training ones)."""
     if list(requested) != ["all"]:
         return list(requested)
-    return [s for s in DATASETS[dataset].splits if s not in TRAIN_SPLITS]
+    return [s for s in dataset_splits(dataset, split_root) if s not in TRAIN_SPLITS]
 
 
 def authors_eval_batch(config) -> int:
@@ -226,8 +227,8 @@ def main(argv=None) -> int:
         du.on_main_rank(lambda: check_results_file(out), info.is_main)
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
             args = data_args(opts, run_args, model.image_size, dataset=name)
-            results = evaluate_dataset(model, args, eval_splits(name, opts.eval_set), opts=opts, info=info,
-                                       out_dir=out_dir, net=net)
+            splits = eval_splits(name, opts.eval_set, args.split_root)
+            results = evaluate_dataset(model, args, splits, opts=opts, info=info, out_dir=out_dir, net=net)
             if info.is_main:
                 print(format_table(name, results))
                 write_results(out, name, str(opts.eval_model), results=results)

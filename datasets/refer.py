@@ -1,6 +1,7 @@
 """Referring-expression datasets in the official split-file layouts.
 
-Split files live at ``<split_root>/<dataset>/<dataset>_<split>.pth`` (see :mod:`datasets.splitfile`);
+Split files live at ``<split_root>/<dataset>/<dataset>_<split>.pth`` (see :mod:`datasets.splitfile`), a JSONL
+dataset's at ``<split_root>/<split>.jsonl`` (:mod:`datasets.formats.jsonl`);
 each dataset's layout parser, image folder under ``<data_root>`` and splits: :mod:`datasets.registry`,
 the layouts themselves: :mod:`datasets.formats`. The object mask is rasterised from the original float
 box or, with ``--use_seg_mask`` and a COCO image, from the polygons.
@@ -14,6 +15,7 @@ An empty (or blank) expression is kept, as the official loader keeps it, with a 
 path that leads outside its image folder (absolute, or with '..') is refused unless ``--allow_outside_paths``.
 """
 import os
+from dataclasses import replace
 from pathlib import PurePath
 
 import numpy as np
@@ -22,16 +24,17 @@ from PIL import Image
 
 from .errors import UserError
 from .formats.fields import Ref, Where
+from .formats.jsonl import rle_to_mask
 from .masks import box_to_mask, polygons_to_mask
 from .registry import DATASETS, IMAGE_DIRS, TRAIN_SPLITS, check_dataset_split, dataset_spec
-from .splitfile import UNSAFE_FLAG, load_pickled_list
+from .splitfile import UNSAFE_FLAG
 from .transforms import CROP_RULES, Record, build_transforms
 
 OUTSIDE_FLAG = "--allow_outside_paths"
 
 
 def split_path(split_root: str, dataset: str, split: str) -> str:
-    return os.path.join(split_root, dataset, f"{dataset}_{split}.pth")
+    return os.path.join(split_root, dataset_spec(dataset).split_file.format(dataset=dataset, split=split))
 
 
 def split_files(split_root: str, dataset: str, split: str) -> list:
@@ -54,9 +57,9 @@ def parse_entry(entry, dataset: str, source: str, index: int, allow_outside: boo
     where = Where(dataset=dataset, folder=spec.folder, source=source, index=index)
     ref = spec.parser(entry, where)
     if not allow_outside and leaves_folder(ref.image):
-        raise ValueError(f"{where}: the image path {ref.image!r} leads outside the image folder <data_root>/"
-                         f"{IMAGE_DIRS[ref.folder]} (absolute, or with a '..' part); fix the split file, or pass "
-                         f"{OUTSIDE_FLAG} if you trust it")
+        raise ValueError(f"{replace(where, line=ref.line)}: the image path {ref.image!r} leads outside the image "
+                         f"folder <data_root>/{IMAGE_DIRS[ref.folder]} (absolute, or with a '..' part); fix the split "
+                         f"file, or pass {OUTSIDE_FLAG} if you trust it")
     return ref
 
 
@@ -87,19 +90,36 @@ def outside(ref: Ref, size_hw=None) -> str:
 
 def load_refs(split_root: str, dataset: str, split: str, allow_unsafe: bool = False,
               allow_outside: bool = False) -> list:
-    """Read and parse every file of a split; FileNotFoundError / ValueError on bad input (see parse_entry)."""
+    """Read and parse every file of a split; FileNotFoundError / ValueError on bad input (see parse_entry):
+    the first bad entry's."""
+    refs, bad = read_split(split_root, dataset, split, allow_unsafe=allow_unsafe, allow_outside=allow_outside)
+    if bad:
+        raise ValueError(bad[0] + (f" (and {len(bad) - 1} more entries: python -m datasets.verify lists them)"
+                                   if len(bad) > 1 else ""))
+    return refs
+
+
+def read_split(split_root: str, dataset: str, split: str, *, allow_unsafe: bool = False,
+               allow_outside: bool = False) -> tuple:
+    """(Refs of the entries that parse, messages of those that do not) of every file of a split;
+    FileNotFoundError / ValueError for a missing or unreadable file."""
     check_dataset_split(dataset, split)
-    refs = []
+    refs, bad = [], []
     for path in split_files(split_root, dataset, split):
         if not os.path.isfile(path):
-            hint = (f"generate it with: python -m datasets.synthetic --out {split_root}" if dataset == "synthref"
-                    else "download the official split files and point --split_root at their parent folder")
+            hints = {"synthref": f"generate it with: python -m datasets.synthetic --out {split_root}",
+                     "jsonl": "point --split_root at the folder of your <split>.jsonl files (README \"Train on your "
+                              "own data\"; python -m datasets.convert makes them)"}
+            hint = hints.get(dataset, "download the official split files and point --split_root at their parent "
+                                      "folder")
             raise FileNotFoundError(f"split file {path} not found (--split_root {split_root}, --dataset "
                                     f"{dataset}, split {split}); {hint}")
-        raw = load_pickled_list(path, allow_unsafe=allow_unsafe)
-        refs += [parse_entry(e, dataset, source=path, index=i, allow_outside=allow_outside)
-                 for i, e in enumerate(raw)]
-    return refs
+        for i, entry in enumerate(dataset_spec(dataset).read(path, allow_unsafe=allow_unsafe)):
+            try:
+                refs.append(parse_entry(entry, dataset, source=path, index=i, allow_outside=allow_outside))
+            except ValueError as e:
+                bad.append(str(e))
+    return refs, bad
 
 
 def blank_phrases(refs) -> dict:
@@ -157,9 +177,12 @@ class GroundingDataset(torch.utils.data.Dataset):
         return ref, path, img
 
     def object_mask(self, ref: Ref, h: int, w: int) -> np.ndarray:
-        """[h, w] bool array: the polygons with --use_seg_mask on COCO-layout samples, else the box."""
+        """[h, w] bool array: the polygons (or a JSONL line's RLE) with --use_seg_mask on samples that have them,
+        else the box."""
         if self.use_seg_mask and ref.polygons is not None:
             try:
+                if isinstance(ref.polygons, dict):
+                    return rle_to_mask(ref.polygons, h, w)
                 return polygons_to_mask(ref.polygons, h, w)
             except (TypeError, ValueError) as e:
                 raise UserError(f"{self.name}: the mask of {ref.image} is not a COCO polygon list ({e}); "
@@ -204,6 +227,20 @@ def screen_boxes(refs, name: str, train: bool) -> list:
     return [r for r, kind in zip(refs, kinds) if kind != "wholly" and not is_degenerate(r)]
 
 
+def split_problems(refs, dataset: str, data_root: str) -> list:
+    """What the dataset's own checks (DatasetSpec.validate) find in a parsed split against its images."""
+    validate = dataset_spec(dataset).validate
+    return validate(refs, lambda r: os.path.join(data_root, IMAGE_DIRS[r.folder], r.image)) if validate else []
+
+
+def check_split(refs, dataset: str, data_root: str) -> None:
+    """A UserError with the first problem split_problems finds, and how many more there are."""
+    found = split_problems(refs, dataset, data_root)
+    if found:
+        more = f" (and {len(found) - 1} more: python -m datasets.verify lists them)" if len(found) > 1 else ""
+        raise UserError(found[0] + more)
+
+
 def build_dataset(split: str, args) -> GroundingDataset:
     """The dataset of ``args.dataset``/``split`` with the train or eval transform.
 
@@ -214,6 +251,7 @@ def build_dataset(split: str, args) -> GroundingDataset:
     refs = load_refs(args.split_root, args.dataset, split, allow_unsafe=getattr(args, "allow_unsafe_pickle", False),
                      allow_outside=getattr(args, "allow_outside_paths", False))
     name = f"{args.dataset} {split}"
+    check_split(refs, args.dataset, args.data_root)
     for source, entries in blank_phrases(refs).items():
         print(f"{name}: warning: {len(entries)} empty expressions in {source} (entries {listed(entries)}); kept, "
               "as the official loader does")
@@ -234,8 +272,9 @@ def build_dataset(split: str, args) -> GroundingDataset:
 
 # --data_root / --split_root: the training default and what the folder holds
 DATA_PATHS = {"data_root": ("./data/image_data/", "folder holding the image folders (other/, referit/, Flickr30k/, "
-                                                  "synthref/)"),
-              "split_root": ("./data/pseudo_samples/", "folder holding <dataset>/<dataset>_<split>.pth")}
+                                                  "synthref/); --dataset jsonl: the images folder"),
+              "split_root": ("./data/pseudo_samples/", "folder holding <dataset>/<dataset>_<split>.pth; --dataset "
+                                                       "jsonl: the folder of <split>.jsonl")}
 
 
 def add_data_path_args(parser, fallback: str = "", required: bool = False):

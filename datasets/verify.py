@@ -13,8 +13,9 @@ the integer truncation; skipped in training, see :mod:`datasets.refer`), phrases
 split file and entries), and boxes partly outside their image (clipped to it) or wholly outside
 it (an error, with the split file and sample numbers). For ``mixup``, no image of its train split
 may appear in an evaluation split of unc, unc+, gref, gref_umd, referit, flickr or mixup itself
-(the split files found under --split_root are checked). The exit status is 1 when any of these
-errors is found, 2 for bad flags, else 0.
+(the split files found under --split_root are checked). For a JSONL dataset (--data_root its images,
+--split_root its <split>.jsonl files) every bad line is listed as ``file:line: problem; fix``, each line's
+image opened. The exit status is 1 when any of these errors is found, 2 for bad flags, else 0.
 
 ``--dump N`` prints the first N samples of the split (default ``val``) after the eval
 transform as JSON lines on stdout: ``image``, ``phrase``, ``box_xyxy`` (pixels of the
@@ -30,8 +31,8 @@ from tqdm import tqdm
 
 from .errors import reports_errors
 from .refer import (GroundingDataset, add_data_path_args, add_split_file_args, blank_phrases, is_degenerate, listed,
-                    load_refs, outside, split_files)
-from .registry import DATASETS, IMAGE_DIRS
+                    load_refs, outside, read_split, split_files, split_problems)
+from .registry import DATASETS, IMAGE_DIRS, dataset_splits
 from .tokens import CONTEXT_LENGTH, is_truncated
 from .transforms import make_transforms
 
@@ -140,8 +141,10 @@ def report_split(split: str, refs, sizes: dict, log) -> bool:
 def load_splits(args, log) -> tuple:
     """({split: refs} of the splits to check that could be read, whether a needed one is missing or unreadable):
     --split alone, else every split of the dataset but trainval whose files exist; val and a training split
-    must."""
-    splits = [args.split] if args.split else [s for s in DATASETS[args.dataset].splits if s != "trainval"]
+    must. Every entry that cannot be read is listed, and every problem of the dataset's own checks (a JSONL
+    dataset's: datasets.formats.jsonl.problems)."""
+    splits = [args.split] if args.split else [s for s in dataset_splits(args.dataset, args.split_root)
+                                              if s != "trainval"]
     failed, loaded = False, {}
     for split in splits:
         files = split_files(args.split_root, args.dataset, split)
@@ -152,11 +155,16 @@ def load_splits(args, log) -> tuple:
             failed |= needed
             continue
         try:
-            loaded[split] = load_refs(args.split_root, args.dataset, split, allow_unsafe=args.allow_unsafe_pickle,
-                                      allow_outside=args.allow_outside_paths)
+            loaded[split], bad = read_split(args.split_root, args.dataset, split, allow_unsafe=args.allow_unsafe_pickle,
+                                            allow_outside=args.allow_outside_paths)
         except (FileNotFoundError, ValueError) as e:
             print(f"{split}: ERROR {e}", file=log)
             failed = True
+            continue
+        bad += split_problems(loaded[split], args.dataset, args.data_root)
+        for problem in bad:
+            print(f"{split}: ERROR {problem}", file=log)
+        failed |= bool(bad)
     trains = [s for s in TRAINING_SPLITS if s in DATASETS[args.dataset].splits]
     if not args.split and not any(os.path.isfile(path) for s in trains
                                   for path in split_files(args.split_root, args.dataset, s)):

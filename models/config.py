@@ -6,9 +6,9 @@ The JSON files and the command-line flags are only read once, by `models.flags.b
 starts. A field's name is the knob's one name: in the JSON files, in stored configs and on the module.
 """
 from dataclasses import asdict, dataclass, field, fields
-from typing import List
+from typing import List, Optional
 
-from datasets.registry import dataset_spec
+from datasets.registry import TEXT_LAYER_RULES, dataset_spec
 
 STEM_INITS = {"pos_embed_init": ("open_clip", "sincos"), "patch_embed_init": ("open_clip", "dct")}
 
@@ -80,10 +80,13 @@ class HiVGConfig:
         return HiVGConfig.from_dict(values)
 
 
-def select_text_layers(dataset: str, num_layers: int) -> List[int]:
-    """Text blocks feeding the bridge for a dataset (paper section 3.2), by its rule in datasets.registry.DATASETS:
-    12 layers -> [11], [5, 11] or all. ValueError naming the datasets for one the table lacks."""
-    rule = dataset_spec(dataset).text_layers
+def select_text_layers(dataset: str, num_layers: int, rule: Optional[str] = None) -> List[int]:
+    """Text blocks feeding the bridge for a dataset (paper section 3.2), by `rule` (one of
+    datasets.registry.TEXT_LAYER_RULES) or else its rule in datasets.registry.DATASETS: 12 layers -> [11], [5, 11]
+    or all. ValueError naming the datasets for one the table lacks, or the rules for another rule."""
+    if rule is not None and rule not in TEXT_LAYER_RULES:
+        raise ValueError(f"--text_layers {rule!r}: choose one of {', '.join(TEXT_LAYER_RULES)}")
+    rule = rule or dataset_spec(dataset).text_layers
     if rule == "all":
         return list(range(num_layers))
     if rule == "middle_last":

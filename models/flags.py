@@ -7,6 +7,8 @@ import argparse
 from dataclasses import fields
 from typing import Optional
 
+from datasets.registry import TEXT_LAYER_RULES
+
 from .bridge import BRIDGE_ATTENTION_MODES
 from .config import HiVGConfig, select_text_layers
 from .configs import list_models, load_model_config
@@ -34,6 +36,10 @@ def add_model_args(parser: argparse.ArgumentParser, shared: bool = True) -> argp
         g.add_argument("--dataset", default="referit", help="selects the text layers feeding the bridge")
         g.add_argument("--imsize", type=int, default=224, help="input side S of the padded square image")
         g.add_argument("--max_query_len", type=int, default=77, help="text context length in tokens")
+    g.add_argument("--text_layers", choices=TEXT_LAYER_RULES, default=None,
+                   help="text blocks feeding the bridges (paper section 3.2): the last, the middle and last, or all; "
+                        "default: the --dataset's rule (datasets.registry; 'last' for jsonl, as RefCOCO's and "
+                        "Flickr30k's short expressions)")
     g.add_argument("--warmup", action="store_true", help="ViT-L/14: first run without bridges")
     g.add_argument("--mixup_pretrain", action="store_true", help="mixup pre-training bridge (no adaptive weights)")
     g.add_argument("--enable_adaptive_weights", action=argparse.BooleanOptionalAction, default=None,
@@ -77,8 +83,8 @@ def build_config(args: argparse.Namespace, clip_cfg: Optional[dict] = None) -> H
     if args.warmup and "warmup_bridge_layers" in model_file:
         values["bridge_layers"] = model_file["warmup_bridge_layers"]
     adaptive = not args.mixup_pretrain if args.enable_adaptive_weights is None else args.enable_adaptive_weights
-    text_layers = [] if args.mixup_pretrain else select_text_layers(args.dataset,
-                                                                    clip_cfg["text_cfg"].get("layers", 12))
+    text_layers = [] if args.mixup_pretrain else select_text_layers(
+        args.dataset, clip_cfg["text_cfg"].get("layers", 12), rule=getattr(args, "text_layers", None))
     return HiVGConfig(**{**values, "clip": clip_cfg, "bridge_layers": list(values["bridge_layers"]),
                          "extract_layers": list(values["extract_layers"]), "text_layers": text_layers,
                          "adaptive_weights": adaptive,

@@ -12,7 +12,7 @@ from datasets.verify import main as verify
 from models.config import select_text_layers
 from tests.data_helpers import TARGET_XYWH, args_for, assert_box_on_red, draw_scene, xyxy
 
-CHOICES = "choose one of unc, unc\\+, gref, gref_umd, referit, flickr, mixup, synthref"
+CHOICES = "choose one of unc, unc\\+, gref, gref_umd, referit, flickr, mixup, synthref, jsonl"
 
 
 def parse_toy(entry, where: Where) -> Ref:
@@ -66,7 +66,7 @@ def test_unknown_dataset_is_refused_naming_the_choices(tmp_path):
 def test_every_dataset_states_its_text_layers():
     assert {name: spec.text_layers for name, spec in DATASETS.items()} == {
         "unc": "last", "unc+": "middle_last", "gref": "all", "gref_umd": "all", "referit": "middle_last",
-        "flickr": "last", "mixup": "last", "synthref": "last"}
+        "flickr": "last", "mixup": "last", "synthref": "last", "jsonl": "last"}
     assert dataset_spec("flickr") is DATASETS["flickr"]
 
 

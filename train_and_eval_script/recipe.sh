@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole staged HiVG recipe (README, "Training and evaluation") for one dataset and setting, then evaluation
 # on every split (a mixup model on the five datasets of the paper's table). Usage: recipe.sh SETTING DATASET,
-# SETTING one of base, large, mixup_base, mixup_large.
+# SETTING one of base, large, mixup_base, mixup_large; DATASET one of the authors' sets or jsonl, a dataset of your own
+# (README "Train on your own data"; train_eval_custom.sh).
 #
 # A finished stage (its folder holds DONE) is skipped; an interrupted one continues from its checkpoint.pth. A
 # stage that stops before its last epoch (--run_epochs in EXTRA) ends the script with status 3 and a message; the
@@ -17,7 +18,8 @@
 # --batch_size is refused there: use BATCH], BATCH [per-GPU batch of every training run; default the authors',
 # stage by stage], EPOCHS0 [epochs of stage 0], EPOCHS_LORA [epochs of each Hi LoRA stage; both default to the
 # authors'], LR_SCALE [none: the authors' learning rates; linear: scaled by global batch / the authors' global
-# batch], DRY_RUN [1: print the commands only].
+# batch], DRY_RUN [1: print the commands only], TEXT_LAYERS [last, middle_last or all: the text blocks feeding the
+# bridges; default the dataset's rule, last for jsonl].
 #
 # Batch sizes are per GPU, as in the authors' scripts, which ran 7 GPUs: on another number of GPUs (or with BATCH, or
 # --accum_steps in EXTRA) the global batch differs from theirs (8 GPUs x 80 = 640 where they trained at 7 x 80 =
@@ -151,7 +153,7 @@ print(ckpt["resume_at"][0], ckpt["args"]["epochs"])' "$1/checkpoint.pth")
 COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${MODE_FLAGS[@]}")
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
              --max_query_len 77 --normalize_before "${BRIDGE[@]}" --use_contrastive_loss --use_rtcc_constrain_loss
-             --use_mask_loss)
+             --use_mask_loss ${TEXT_LAYERS:+--text_layers "$TEXT_LAYERS"})
 START=(--clip_model "$CLIP")
 if [ -n "$WARM" ]; then
     stage warmup 32 2.5e-4 "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM"

@@ -4,7 +4,9 @@
 
 Each file is what eval.py writes ({dataset: {split: {"acc": ...}}}); later files win for the same dataset and
 split. Prints a markdown table: one column per dataset split of the paper's table, rows ours / paper / difference
-(percentage points). A split we have no result for shows "-".
+(percentage points). A split we have no result for shows "-". Results of other datasets and splits (a JSONL
+dataset of one's own, RefCOCO testA of a mixup model's other runs, ...) follow in a table of their own; the paper's
+table is left out when none of its splits has a result.
 """
 import argparse
 import json
@@ -55,13 +57,23 @@ def table(row: str, ours: Dict[Tuple[str, str], float]) -> str:
     return "\n".join(lines)
 
 
+def other_results(ours: Dict[Tuple[str, str], float]) -> str:
+    """A markdown table of the results outside the paper's columns, '' when there are none."""
+    paper = {(d, s) for d, s, _ in COLUMNS}
+    rows = [f"| {d} | {s} | {acc:.2f} |" for (d, s), acc in ours.items() if (d, s) not in paper]
+    return "\n".join(["| dataset | split | Acc@0.5 |", "|---|---|---|", *rows]) if rows else ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("results", nargs="+", help="eval.py result files (eval_<checkpoint>.json)")
     parser.add_argument("--row", choices=list(PAPER), default="HiVG-B", help="the paper's row to compare with")
     opts = parser.parse_args(argv)
-    print(table(opts.row, read_results(opts.results)))
+    ours = read_results(opts.results)
+    others = other_results(ours)
+    in_paper = any((d, s) in ours for d, s, _ in COLUMNS)
+    print("\n\n".join(t for t in (table(opts.row, ours) if in_paper or not others else "", others) if t))
     return 0
 
 

@@ -14,6 +14,8 @@ class Ref(NamedTuple):
     polygons: object                  # COCO polygon list or None
     source: str = ""                  # the split file it comes from, for messages
     entry: int = -1                   # its index in that file
+    line: Optional[int] = None        # its line in a text file (JSONL), for messages
+    sample_id: object = None          # the id a JSONL line gives it
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,11 @@ class Where:
     folder: Optional[str]             # key of IMAGE_DIRS of the dataset's images; None when entries name theirs
     source: str                       # the split file
     index: int                        # the entry's index in it
+    line: Optional[int] = None        # its line, in a text file
 
     def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.source}:{self.line}"
         return f"split file {self.source}, entry {self.index}"
 
 
