@@ -3,6 +3,7 @@
     python predict.py --checkpoint CKPT --image IMG --text "the man on the left" [--text ...] [--out OUT.png]
     python predict.py --checkpoint CKPT --image IMG --text "..." --heatmap [--token_map]
     python predict.py --checkpoint CKPT --jsonl requests.jsonl [--out_dir DIR] [--batch_size 16]
+    python predict.py --onnx MODEL.onnx --image IMG --text "the man on the left"    # export.py's file
 
 Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy", "score"} with the box in pixels
 of the original image (x0, y0, x1, y1, clipped to the image) and the token-alignment score of the box (for
@@ -22,6 +23,10 @@ The model is the checkpoint's, run through the Python API (models/api.py: LoRA m
 transform of its input size, boxes mapped back through the exact inverse of that letterbox). The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
 depend on the other expressions of its batch; for the authors' checkpoints this is their model run
 one sample at a time.
+
+--onnx runs a model exported by export.py through onnxruntime (utils/onnx_grounder.py) in place of
+--checkpoint: the same transform and box read-out, no model code imported; boxes only (no --heatmap,
+--token_map or score); the bridge is the one it was exported with.
 """
 import argparse
 import json
@@ -32,8 +37,7 @@ from typing import Dict, List, Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from models.api import Grounder, Grounding, Prepared
-from utils.cli import load_grounder
+from datasets.grounding import Grounding, Prepared
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.flags import add_device_arg, add_hf_clip_config_arg
@@ -45,8 +49,10 @@ PROG = "predict.py"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="HiVG inference on images and referring expressions.",
                                      allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint",
+                       help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
+    model.add_argument("--onnx", help="a model exported by export.py, run through onnxruntime (boxes only)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image (with one or more --text)")
     src.add_argument("--jsonl", help='batch mode: a file of {"image": ..., "text": ...} lines')
@@ -91,7 +97,7 @@ def load_rgb(path, what: str) -> Image.Image:
         raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
 
 
-def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
+def prepare_file(grounder, path, what: str) -> Prepared:
     img = open_image(path, what)
     try:
         return grounder.prepare(img)
@@ -183,6 +189,8 @@ def validate(opts, parser) -> None:
             parser.error("--out is for --image; with --jsonl use --out_dir DIR")
         if (opts.heatmap or opts.token_map) and not opts.out_dir:
             parser.error("--heatmap / --token_map with --jsonl need --out_dir DIR for the pictures")
+    if opts.onnx and (opts.heatmap or opts.token_map):
+        parser.error("--heatmap / --token_map need --checkpoint: an exported model (--onnx) gives boxes only")
     if opts.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {opts.batch_size}")
     if opts.out is not None:
@@ -236,6 +244,16 @@ def picture_paths(opts, requests: List[Request], out_flag: str) -> Dict[Path, Pa
     return pictures
 
 
+def open_grounder(opts):
+    """models.api.Grounder on --checkpoint, or utils.onnx_grounder.OnnxGrounder on --onnx (no model code)."""
+    if opts.onnx:
+        from utils.onnx_grounder import OnnxGrounder
+        return OnnxGrounder.from_file(opts.onnx)
+    from utils.cli import load_grounder
+    return load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
+                         bridge_attention=opts.bridge_attention)
+
+
 def run(opts) -> int:
     from tqdm import tqdm
 
@@ -245,15 +263,13 @@ def run(opts) -> int:
     requests = gather_requests(opts)
     out_flag = "--out" if opts.image is not None else "--out_dir"
     pictures = picture_paths(opts, requests, out_flag)
-    grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
-                             bridge_attention=opts.bridge_attention)
-    model = grounder.model
+    grounder = open_grounder(opts)
     if opts.token_map and not grounder.scored:
         warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
              "untrained and the map means nothing")
     for r in requests:
-        if is_truncated(r.text.lower(), model.context_length):
-            warn(f"{r.where}: the expression is longer than the model's {model.context_length} tokens and "
+        if is_truncated(r.text.lower(), grounder.context_length):
+            warn(f"{r.where}: the expression is longer than the model's {grounder.context_length} tokens and "
                  "is truncated")
 
     per_image: Dict[Path, list] = {}

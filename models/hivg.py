@@ -159,13 +159,15 @@ class HiVG(nn.Module):
             clip.positional_embedding.requires_grad or clip.text_projection.requires_grad
 
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, ids: torch.Tensor,
-                outputs: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+                outputs: Optional[Iterable[str]] = None, *, full_text: bool = False) -> Dict[str, torch.Tensor]:
         """images [B, 3, S, S], pixel_mask [B, S, S] (1 = padding), ids [B, T] token ids.
 
         Returns a dict with `pred_box` [B, 4] (cx, cy, w, h in [0, 1]) and, when asked for (default:
         the heads of `self.outputs`), the other heads' outputs (models.heads.HEADS): `logits_per_text` [B, B],
         `token_map` [B, N], `seg_map` [B, 1, 8 gh, 8 gw], ...; and only on request `reg_attention` [B, N]:
         the last fusion layer's [REG] attention over the patches (mean over heads, renormalised over the patches).
+        `full_text` runs all T text tokens through the fusion encoder instead of those up to the batch's last
+        EOT: the same result (the rest are masked keys) without the host read, for graph export (models/export.py).
         """
         want = known_outputs(self.outputs if outputs is None else outputs)
         clip = self.clip
@@ -184,7 +186,7 @@ class HiVG(nn.Module):
         # Text positions after the batch's last EOT are padding for every sample: masked as keys and
         # never read as outputs, so the fusion encoder can leave them out without changing anything.
         eot_pos = ids.argmax(dim=-1)
-        T = text_length(eot_pos)
+        T = ids.shape[1] if full_text else text_length(eot_pos)
         visual = self.visual_proj(self.visual_proj_multi(torch.cat(vis.layers, dim=-1)))
         text_src = self.text_proj(text_tokens[:, :T])
         tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
