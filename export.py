@@ -63,9 +63,10 @@ def metadata(module: ExportHiVG, checkpoint: str) -> dict:
             "hivg.config": json.dumps(model.config.to_dict())}
 
 
-def export_onnx(module: ExportHiVG, out: Path, *, checkpoint: str) -> None:
+def export_onnx(module: ExportHiVG, out: Path, *, checkpoint: str, optimize: bool = True) -> None:
     """Write `module` (models/export.py) to `out` with a dynamic batch size and its metadata; weights over
-    2 GB go to an external data file beside it (ONNX's protobuf limit)."""
+    2 GB go to an external data file beside it (ONNX's protobuf limit). `optimize`: onnxscript's graph
+    optimizer (constant folding, fusions; onnxruntime optimizes again when it loads the file)."""
     try:
         import onnxscript  # noqa: F401  (the exporter's own dependency, imported late by torch)
     except ImportError as e:
@@ -74,7 +75,8 @@ def export_onnx(module: ExportHiVG, out: Path, *, checkpoint: str) -> None:
     with torch.no_grad():
         program = torch.onnx.export(module, module.example_inputs(), dynamo=True, opset_version=OPSET,
                                     input_names=list(INPUT_NAMES), output_names=list(module.output_names),
-                                    dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), verbose=False)
+                                    dynamic_shapes=({0: batch}, {0: batch}, {0: batch}), optimize=optimize,
+                                    verbose=False)
     program.model.metadata_props.update(metadata(module, checkpoint))
     try:
         program.save(str(out))

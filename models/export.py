@@ -2,8 +2,10 @@
 
 `HiVG.forward` passes the text tokens up to the batch's last EOT to the fusion encoder, a length read on the
 host that a traced graph would freeze at the export batch's value. This module runs the fusion encoder on all
-T tokens instead (`full_text=True`): the tokens after each text's EOT are padding (id 0), masked as keys as
-before and never read as outputs, so the boxes are the same up to fp32 rounding (tests/test_export.py).
+T tokens instead (`for_export=True`): the tokens after each text's EOT are padding (id 0), masked as keys as
+before and never read as outputs, so the boxes are the same up to fp32 rounding (tests/test_export.py). It
+also takes the patch padding mask in integer arithmetic (models.hivg.exact_patch_padding_mask): onnxruntime's
+antialiased resize rounds a patch that padding covers by half either way, which moves the box.
 
 With the authors' batch-mixing bridge (`bridge_attention="official"`, models/bridge.py) the exported graph
 mixes the samples of the batch it is given, as the eager model does: a prediction depends on the other
@@ -33,6 +35,7 @@ class ExportHiVG(nn.Module):
 
     def __init__(self, model: HiVG):
         super().__init__()
+        self.train(False)
         if model.training:
             raise ValueError("export needs a model in eval mode (models.weights.load_model gives one)")
         if any(name.endswith(".lora_A") for name, _ in model.named_parameters()):
@@ -42,7 +45,7 @@ class ExportHiVG(nn.Module):
         self.heads = tuple(EXPORTED_OUTPUTS[key] for key in self.output_names)
 
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        out = self.model(images, pixel_mask, ids, outputs=self.heads, full_text=True)
+        out = self.model(images, pixel_mask, ids, outputs=self.heads, for_export=True)
         return tuple(out[key] for key in self.output_names)
 
     def example_inputs(self, batch: int = 2) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
