@@ -173,3 +173,51 @@ def test_exact_patch_mask_equals_the_official_rule_on_every_letterbox(patch):
     exact, official = exact_patch_padding_mask(masks, (4, 4)), patch_padding_mask(masks, (4, 4))
     assert exact.any() and not exact.all()
     assert torch.equal(exact, official)
+
+
+def test_predict_onnx_gives_predict_boxes_without_model_code(tiny, tiny_onnx, tmp_path, capsys):
+    image = noise_image(tmp_path / "street.png", (50, 30))     # letterboxed: padding top and bottom
+    texts = ["--text", "a red circle", "--text", "the big blue square on the left"]
+    rc, torch_lines, _ = run_main(["--checkpoint", tiny[0], "--image", image, *texts, "--out", tmp_path / "a.png"],
+                                  capsys)
+    assert rc == 0
+    code = ("import sys, predict; rc = predict.main(sys.argv[1:]); "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'models'], 'model code imported'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--onnx", str(tiny_onnx), "--image", str(image), *texts,
+                           "--out", str(tmp_path / "b.png")], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    onnx_lines = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    torch_lines = [json.loads(line) for line in torch_lines]
+    assert [o["box_xyxy"] for o in onnx_lines] == [t["box_xyxy"] for t in torch_lines]   # 2 decimals, pixels
+    assert (tmp_path / "b.png").is_file()
+
+
+def test_bad_input_is_one_line_and_exit_2(tiny, tiny_onnx, tmp_path, capsys):
+    import export
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("hello")
+    image = noise_image(tmp_path / "img.png", (40, 40))
+    cases = [
+        (export.main, ["--checkpoint", tmp_path / "missing.pth", "--out", tmp_path / "m.onnx"], "--checkpoint"),
+        (export.main, ["--checkpoint", not_onnx, "--out", tmp_path / "m.onnx"], "--checkpoint"),
+        (export.main, ["--checkpoint", tiny[0], "--out", tmp_path / "no" / "m.onnx"], "--out"),
+        (export.main, ["--checkpoint", tiny[0], "--out", tmp_path], "--out"),
+        (predict.main, ["--onnx", not_onnx, "--image", image, "--text", "a"], "--onnx"),
+        (predict.main, ["--onnx", other_model_onnx(tmp_path), "--image", image, "--text", "a"], "--onnx"),
+    ]
+    for main, argv, flag in cases:
+        assert main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and flag in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as e:    # a flag the exported graph does not compute
+        predict.main(["--onnx", str(tiny_onnx), "--image", str(image), "--text", "a", "--heatmap"])
+    assert e.value.code == 2 and "--heatmap" in capsys.readouterr().err
+
+
+def other_model_onnx(folder):
+    """An ONNX file of another model (a linear layer), without HiVG's metadata."""
+    path = folder / "linear.onnx"
+    torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(path), dynamo=True, optimize=False,
+                      verbose=False)
+    return path
