@@ -244,12 +244,17 @@ def picture_paths(opts, requests: List[Request], out_flag: str) -> Dict[Path, Pa
     return pictures
 
 
+def load_grounder(path, device, **options):
+    """utils.cli.load_grounder, imported when called: the --onnx path imports no model code."""
+    from utils.cli import load_grounder as load
+    return load(path, device, **options)
+
+
 def open_grounder(opts):
     """models.api.Grounder on --checkpoint, or utils.onnx_grounder.OnnxGrounder on --onnx (no model code)."""
     if opts.onnx:
         from utils.onnx_grounder import OnnxGrounder
         return OnnxGrounder.from_file(opts.onnx)
-    from utils.cli import load_grounder
     return load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
                          bridge_attention=opts.bridge_attention)
 
