@@ -19,6 +19,7 @@ from torch import nn
 from datasets.tokens import tokenize
 
 from .hivg import HiVG
+from .lora import attention_hosts
 
 INPUT_NAMES = ("images", "pixel_mask", "ids")
 # output key of HiVG.forward -> the head that computes it; the box always, the mask when that head trained
@@ -38,7 +39,7 @@ class ExportHiVG(nn.Module):
         self.train(False)
         if model.training:
             raise ValueError("export needs a model in eval mode (models.weights.load_model gives one)")
-        if any(name.endswith(".lora_A") for name, _ in model.named_parameters()):
+        if next(attention_hosts(model), None) is not None:
             raise ValueError("export needs LoRA merged into its weights (models.lora.merge_lora)")
         self.model = model
         self.output_names = tuple(key for key, head in EXPORTED_OUTPUTS.items() if head in model.outputs)

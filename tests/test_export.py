@@ -221,3 +221,12 @@ def other_model_onnx(folder):
     torch.onnx.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),), str(path), dynamo=True, optimize=False,
                       verbose=False)
     return path
+
+
+def test_the_export_module_needs_eval_mode_and_merged_lora():
+    model = random_model("--model", "tiny", "--imsize", "64")
+    with pytest.raises(ValueError, match="merge"):
+        ExportHiVG(build_model(add_model_args(argparse.ArgumentParser()).parse_args(
+            ["--model", "tiny", "--imsize", "64", "--hi_lora_stage", "1"])).eval())
+    with pytest.raises(ValueError, match="eval mode"):
+        ExportHiVG(model.train())
