@@ -49,10 +49,10 @@ PROG = "predict.py"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="HiVG inference on images and referring expressions.",
                                      allow_abbrev=False)
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint",
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint",
                        help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
-    model.add_argument("--onnx", help="a model exported by export.py, run through onnxruntime (boxes only)")
+    weights.add_argument("--onnx", help="a model exported by export.py, run through onnxruntime (boxes only)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image (with one or more --text)")
     src.add_argument("--jsonl", help='batch mode: a file of {"image": ..., "text": ...} lines')

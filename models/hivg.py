@@ -45,7 +45,7 @@ def exact_patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
     sums stay below 2**24, exact in fp32. Equals `patch_padding_mask` where its weights are dyadic (p a power
     of two: the tiny models' 8, B/16's 16); for other p it is the exact rule that one approximates."""
     p = pixel_mask.shape[-1] // grid[1]
-    t = torch.arange(2 * p, dtype=torch.float32) - p // 2
+    t = torch.arange(2 * p, dtype=torch.float32, device=pixel_mask.device) - p // 2
     w = 2 * p - (2 * t - p + 1).abs()
     kernel = (w[:, None] * w[None, :])[None, None]                        # [1, 1, 2p, 2p]
     m = pixel_mask.float()[:, None]
