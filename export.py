@@ -14,6 +14,7 @@ the largest box difference. The exporter is torch.export's (`dynamo=True`): the 
 the antialiased resizes of the patch padding mask and of the position embedding.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -67,8 +68,8 @@ def export_onnx(module: ExportHiVG, out: Path, *, checkpoint: str, optimize: boo
     """Write `module` (models/export.py) to `out` with a dynamic batch size and its metadata; weights over
     2 GB go to an external data file beside it (ONNX's protobuf limit). `optimize`: onnxscript's graph
     optimizer (constant folding, fusions; onnxruntime optimizes again when it loads the file)."""
-    try:
-        import onnxscript  # noqa: F401  (the exporter's own dependency, imported late by torch)
+    try:                # the exporter's own dependency, which torch imports only once it runs
+        importlib.import_module("onnxscript")
     except ImportError as e:
         raise UserError(f"export needs onnx and onnxscript ({e}): {HOW}") from None
     batch = torch.export.Dim("batch", min=1)

@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import predict
 from datasets.tokens import tokenize
