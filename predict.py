@@ -191,6 +191,9 @@ def validate(opts, parser) -> None:
             parser.error("--heatmap / --token_map with --jsonl need --out_dir DIR for the pictures")
     if opts.onnx and (opts.heatmap or opts.token_map):
         parser.error("--heatmap / --token_map need --checkpoint: an exported model (--onnx) gives boxes only")
+    if opts.onnx and (opts.hf_clip_config or opts.bridge_attention != "per_sample"):
+        parser.error("--bridge_attention / --hf_clip_config go with --checkpoint: an exported model (--onnx) has "
+                     "the bridge it was exported with (export.py --bridge_attention)")
     if opts.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {opts.batch_size}")
     if opts.out is not None:
