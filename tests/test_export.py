@@ -3,7 +3,8 @@ length equals HiVG.forward, onnxruntime's boxes equal eager PyTorch's (tiny mode
 with random weights; batches of 1 and 3, texts of different lengths), predict.py --onnx gives predict.py's
 pixel boxes without model code, and bad input is one line, exit 2.
 
-They need requirements-export.txt (onnx, onnxscript, onnxruntime); without it they are skipped, unless
+Those that export or run onnxruntime need requirements-export.txt (onnx, onnxscript, onnxruntime); without it
+they are skipped, unless
 HIVG_REQUIRE_EXPORT=1 (set by .ci/run) makes that a failure.
 """
 import argparse
@@ -44,11 +45,6 @@ def need_export_requirements():
             pytest.skip(message)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _requirements():
-    need_export_requirements()
-
-
 def random_model(*flags) -> torch.nn.Module:
     """A HiVG of `flags` with random weights, non-zero LoRA merged, in eval mode."""
     torch.manual_seed(0)
@@ -64,6 +60,7 @@ def random_model(*flags) -> torch.nn.Module:
 
 def exported(model, folder):
     """(the ExportHiVG module, the OnnxGrounder of its ONNX file) for `model`."""
+    need_export_requirements()
     import export
     from utils.onnx_grounder import OnnxGrounder
     module = ExportHiVG(model)
@@ -99,6 +96,7 @@ def assert_onnx_matches_eager(module, grounder, batch: int):
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny, tmp_path_factory):
     """The `tiny` checkpoint exported by export.py's command line (per-sample bridge, box only)."""
+    need_export_requirements()
     import export
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     assert export.main(["--checkpoint", str(tiny[0]), "--out", str(path)]) == 0
