@@ -4,8 +4,7 @@ with random weights; batches of 1 and 3, texts of different lengths), predict.py
 pixel boxes without model code, and bad input is one line, exit 2.
 
 Those that export or run onnxruntime need requirements-export.txt (onnx, onnxscript, onnxruntime); without it
-they are skipped, unless
-HIVG_REQUIRE_EXPORT=1 (set by .ci/run) makes that a failure.
+they are skipped, unless HIVG_REQUIRE_EXPORT=1 (set by .ci/run) makes that a failure.
 """
 import argparse
 import importlib
