@@ -4,6 +4,7 @@
     python predict.py --checkpoint CKPT --image IMG --text "..." --heatmap [--token_map]
     python predict.py --checkpoint CKPT --image IMG --text "..." --mask
     python predict.py --checkpoint CKPT --jsonl requests.jsonl [--out_dir DIR] [--batch_size 16]
+    python predict.py --onnx MODEL.onnx --image IMG --text "the man on the left"    # export.py's file
 
 Prints one JSON line per expression on stdout: {"image", "text", "box_xyxy", "score"} with the box in pixels
 of the original image (x0, y0, x1, y1, clipped to the image) and the token-alignment score of the box (for
@@ -28,6 +29,11 @@ The model is the checkpoint's, run through the Python API (models/api.py: LoRA m
 transform of its input size, boxes mapped back through the exact inverse of that letterbox). The bridge cross-attention runs per sample (--bridge_attention per_sample) so a prediction does not
 depend on the other expressions of its batch; for the authors' checkpoints this is their model run
 one sample at a time.
+
+--onnx runs a model exported by export.py through onnxruntime (utils/onnx_grounder.py) in place of
+--checkpoint: the same transform and box read-out, no model code imported; boxes, and masks when it was
+exported with the segmentation head (no --heatmap, --token_map or score); the bridge is the one it was
+exported with.
 """
 import argparse
 import json
@@ -39,8 +45,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.api import Grounder, Grounding, Prepared
-from utils.cli import load_grounder
+from datasets.grounding import Grounding, Prepared
 from utils.distributed import resolve_device
 from utils.errors import UserError, reports_errors
 from utils.flags import add_device_arg, add_hf_clip_config_arg
@@ -52,8 +57,10 @@ PROG = "predict.py"
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(PROG, description="HiVG inference on images and referring expressions.",
                                      allow_abbrev=False)
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint",
+                       help="a checkpoint of train_hivg.py / utils.checkpoint, or an official HiVG checkpoint")
+    weights.add_argument("--onnx", help="a model exported by export.py, run through onnxruntime (boxes, masks)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image (with one or more --text)")
     src.add_argument("--jsonl", help='batch mode: a file of {"image": ..., "text": ...} lines')
@@ -101,7 +108,7 @@ def load_rgb(path, what: str) -> Image.Image:
         raise UserError(f"{what} {path} cannot be decoded ({e}); replace the file") from None
 
 
-def prepare_file(grounder: Grounder, path, what: str) -> Prepared:
+def prepare_file(grounder, path, what: str) -> Prepared:
     img = open_image(path, what)
     try:
         return grounder.prepare(img)
@@ -210,6 +217,11 @@ def validate(opts, parser) -> None:
             parser.error("--out is for --image; with --jsonl use --out_dir DIR")
         if (opts.heatmap or opts.token_map) and not opts.out_dir:
             parser.error("--heatmap / --token_map with --jsonl need --out_dir DIR for the pictures")
+    if opts.onnx and (opts.heatmap or opts.token_map):
+        parser.error("--heatmap / --token_map need --checkpoint: an exported model (--onnx) gives boxes only")
+    if opts.onnx and (opts.hf_clip_config or opts.bridge_attention != "per_sample"):
+        parser.error("--bridge_attention / --hf_clip_config go with --checkpoint: an exported model (--onnx) has "
+                     "the bridge it was exported with (export.py --bridge_attention)")
     if opts.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {opts.batch_size}")
     if opts.out is not None:
@@ -281,6 +293,21 @@ def expression_files(req: Request, pred: Grounding, picture: Optional[Path], *, 
     return files
 
 
+def load_grounder(path, device, **options):
+    """utils.cli.load_grounder, imported when called: the --onnx path imports no model code."""
+    from utils.cli import load_grounder as load
+    return load(path, device, **options)
+
+
+def open_grounder(opts):
+    """models.api.Grounder on --checkpoint, or utils.onnx_grounder.OnnxGrounder on --onnx (no model code)."""
+    if opts.onnx:
+        from utils.onnx_grounder import OnnxGrounder
+        return OnnxGrounder.from_file(opts.onnx)
+    return load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
+                         bridge_attention=opts.bridge_attention)
+
+
 def run(opts) -> int:
     from tqdm import tqdm
 
@@ -290,20 +317,18 @@ def run(opts) -> int:
     requests = gather_requests(opts)
     out_flag = "--out" if opts.image is not None else "--out_dir"
     pictures = picture_paths(opts, requests, out_flag)
-    grounder = load_grounder(opts.checkpoint, resolve_device(opts.device), hf_clip_config=opts.hf_clip_config,
-                             bridge_attention=opts.bridge_attention)
-    model = grounder.model
+    grounder = open_grounder(opts)
     if opts.mask and not grounder.segments:
-        raise UserError(f"--mask: the checkpoint {opts.checkpoint} was trained without the segmentation head, so "
-                        "it gives no masks; drop --mask or use a checkpoint trained with --use_mask_loss")
+        raise UserError(f"--mask: the model {opts.checkpoint or opts.onnx} was trained without the segmentation "
+                        "head, so it gives no masks; drop --mask or use a checkpoint trained with --use_mask_loss")
     if opts.mask:
         coco_mask_module()                                  # fail before predicting
     if opts.token_map and not grounder.scored:
         warn("this checkpoint was trained without --use_rtcc_constrain_loss: its token-alignment head is "
              "untrained and the map means nothing")
     for r in requests:
-        if is_truncated(r.text.lower(), model.context_length):
-            warn(f"{r.where}: the expression is longer than the model's {model.context_length} tokens and "
+        if is_truncated(r.text.lower(), grounder.context_length):
+            warn(f"{r.where}: the expression is longer than the model's {grounder.context_length} tokens and "
                  "is truncated")
 
     per_image: Dict[Path, list] = {}

@@ -37,6 +37,23 @@ def patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
     return torch.round(m).flatten(1) != 0
 
 
+def exact_patch_padding_mask(pixel_mask: torch.Tensor, grid) -> torch.Tensor:
+    """`patch_padding_mask` in integer arithmetic, the same on every backend (an exported graph's resize
+    rounds a patch half covered by padding either way): for a patch side p, the antialiased bilinear weight of a
+    pixel is proportional to the integer 2p - |2t - p + 1| (t its offset from the patch's first pixel) and
+    renormalised over the pixels inside the image, so a patch is padding where 2 sum(mask w) > sum(w); the
+    sums stay below 2**24, exact in fp32. Equals `patch_padding_mask` where its weights are dyadic (p a power
+    of two: the tiny models' 8, B/16's 16); for other p it is the exact rule that one approximates."""
+    p = pixel_mask.shape[-1] // grid[1]
+    t = torch.arange(2 * p, dtype=torch.float32, device=pixel_mask.device) - p // 2
+    w = 2 * p - (2 * t - p + 1).abs()
+    kernel = (w[:, None] * w[None, :])[None, None]                        # [1, 1, 2p, 2p]
+    m = pixel_mask.float()[:, None]
+    covered = F.conv2d(m, kernel, stride=p, padding=p // 2)
+    inside = F.conv2d(torch.ones_like(m[:1]), kernel, stride=p, padding=p // 2)
+    return (2 * covered > inside).flatten(1)
+
+
 @partial(torch.compiler.disable, reason="the batch's text length is data-dependent (read on the host)")
 def text_length(eot_pos: torch.Tensor) -> int:
     """Tokens up to the batch's last EOT. A data-dependent size read on the host (one sync), so under
@@ -159,13 +176,16 @@ class HiVG(nn.Module):
             clip.positional_embedding.requires_grad or clip.text_projection.requires_grad
 
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor, ids: torch.Tensor,
-                outputs: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+                outputs: Optional[Iterable[str]] = None, *, for_export: bool = False) -> Dict[str, torch.Tensor]:
         """images [B, 3, S, S], pixel_mask [B, S, S] (1 = padding), ids [B, T] token ids.
 
         Returns a dict with `pred_box` [B, 4] (cx, cy, w, h in [0, 1]) and, when asked for (default:
         the heads of `self.outputs`), the other heads' outputs (models.heads.HEADS): `logits_per_text` [B, B],
         `token_map` [B, N], `seg_map` [B, 1, 8 gh, 8 gw], ...; and only on request `reg_attention` [B, N]:
         the last fusion layer's [REG] attention over the patches (mean over heads, renormalised over the patches).
+        `for_export` (models/export.py) runs all T text tokens through the fusion encoder instead of those up to
+        the batch's last EOT (the same result: the rest are masked keys) without the host read, and takes the
+        patch padding mask in exact arithmetic (`exact_patch_padding_mask`).
         """
         want = known_outputs(self.outputs if outputs is None else outputs)
         clip = self.clip
@@ -184,12 +204,13 @@ class HiVG(nn.Module):
         # Text positions after the batch's last EOT are padding for every sample: masked as keys and
         # never read as outputs, so the fusion encoder can leave them out without changing anything.
         eot_pos = ids.argmax(dim=-1)
-        T = text_length(eot_pos)
+        T = ids.shape[1] if for_export else text_length(eot_pos)
         visual = self.visual_proj(self.visual_proj_multi(torch.cat(vis.layers, dim=-1)))
         text_src = self.text_proj(text_tokens[:, :T])
         tokens = torch.cat([self.reg_token.weight.expand(B, 1, -1), visual, text_src], dim=1)
         never = torch.zeros(B, 2, dtype=torch.bool, device=ids.device)
-        pad = torch.cat([never, patch_padding_mask(pixel_mask, vis.grid), ids[:, :T] == 0], dim=1)
+        patch_pad = (exact_patch_padding_mask if for_export else patch_padding_mask)(pixel_mask, vis.grid)
+        pad = torch.cat([never, patch_pad, ids[:, :T] == 0], dim=1)
         hs, reg_attn = self.fusion(tokens, self.pos_embed.weight, pad,
                                    reg_attention=REG_ATTENTION in want)
 

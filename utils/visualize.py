@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from datasets.collate import Collate
+from datasets.grounding import Grounding
 from datasets.transforms import Letterbox
-from models.api import Grounding
 
 CYAN = (0, 255, 255)
 GREEN = (0, 255, 0)
