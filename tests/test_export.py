@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import predict
 from datasets.tokens import tokenize
@@ -201,6 +202,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tiny_onnx, tmp_path, capsys):
         (export.main, ["--checkpoint", tiny[0], "--out", tmp_path], "--out"),
         (predict.main, ["--onnx", not_onnx, "--image", image, "--text", "a"], "--onnx"),
         (predict.main, ["--onnx", other_model_onnx(tmp_path), "--image", image, "--text", "a"], "--onnx"),
+        (predict.main, ["--onnx", tiny_onnx, "--image", image, "--text", "a", "--mask"], "--mask"),  # box only
     ]
     for main, argv, flag in cases:
         assert main([str(a) for a in argv]) == 2, argv
@@ -210,6 +212,24 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tiny_onnx, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:    # what the exported graph does not compute, or fixed at export
             predict.main(["--onnx", str(tiny_onnx), "--image", str(image), "--text", "a", *flags])
         assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_onnx_masks_are_the_eager_masks_on_the_original_image(tiny_seg, tmp_path):
+    """A model with the segmentation head: OnnxGrounder's masks are [H, W] bool of the original (non-square)
+    image and agree with models.api.Grounder's but for pixels whose logit rounds across the threshold."""
+    need_export_requirements()
+    import export
+    from utils.onnx_grounder import OnnxGrounder
+    path = tmp_path / "seg.onnx"
+    assert export.main(["--checkpoint", str(tiny_seg[0]), "--out", str(path)]) == 0
+    image = Image.open(noise_image(tmp_path / "street.png", (50, 30)))
+    texts = ["a red circle", "the big blue square on the left"]
+    onnx = OnnxGrounder.from_file(path, threads=2).ground([image, image], texts, mask=True)
+    eager = Grounder.from_checkpoint(tiny_seg[0]).ground([image, image], texts, mask=True)
+    for o, e in zip(onnx, eager):
+        assert o.mask.shape == e.mask.shape == (30, 50) and o.mask.dtype == bool
+        assert (o.mask != e.mask).mean() < 0.005, (o.mask != e.mask).mean()
+    assert any(e.mask.any() and not e.mask.all() for e in eager)     # a comparison of masks with content
 
 
 def other_model_onnx(folder):
