@@ -96,4 +96,5 @@ for stage in range(int(sys.argv[2]) + 1):
     epoch, acc = ckpt["epoch"], ckpt["best_acc"]
     kept = "the model it inherited" if epoch < 0 else f"epoch {epoch}"
     print(f"stage {stage}: best val Acc@0.5 {acc:.4f} ({kept})")' "$OUTPUT_DIR" "$LORA_STAGES"
-grep -E "^test (Acc@0.5|mask_miou|mask_oiou|box_mask_miou)" "$OUTPUT_DIR/eval.txt"
+grep "^test Acc@0.5" "$OUTPUT_DIR/eval.txt"
+if [ "$TASK" = res ]; then grep -E "^test (mask_miou|mask_oiou|box_mask_miou):" "$OUTPUT_DIR/eval.txt"; fi
