@@ -72,8 +72,8 @@ def format_table(dataset: str, results: dict) -> str:
 
 def data_args(opts, run_args: dict, image_size: int, *, dataset: str,
               use_seg_mask: bool = False) -> argparse.Namespace:
-    """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default. `use_seg_mask`:
-    the ground-truth masks are the polygons where the split files have them (a model with the segmentation head)."""
+    """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default.
+    `use_seg_mask`: the ground-truth masks are the polygons where the split files have them (segmentation head)."""
     values = {k: getattr(opts, k) or run_args.get(k) or default for k, (default, _) in DATA_PATHS.items()}
     return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=use_seg_mask,
                               allow_unsafe_pickle=opts.allow_unsafe_pickle, allow_outside_paths=opts.allow_outside_paths,

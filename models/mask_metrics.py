@@ -68,6 +68,7 @@ def segmentation_summary(means: Dict[str, float]) -> Dict[str, float]:
         return means
     rest = {k: v for k, v in means.items() if not k.startswith(("mask_", "box_mask_"))}
     union = means["mask_union"]
-    return {**rest, "mask_miou": means["mask_iou"], "mask_oiou": means["mask_intersection"] / union if union else 0.0,
+    oiou = means["mask_intersection"] / union if union else 0.0
+    return {**rest, "mask_miou": means["mask_iou"], "mask_oiou": oiou,
             **{f"mask_prec@{t}": means[f"mask_prec@{t}"] for t in PRECISION_IOUS},
             "box_mask_miou": means["box_mask_iou"]}

@@ -60,7 +60,8 @@ def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
         results.append(json.loads((out / "eval_best_checkpoint.json").read_text()))
     assert results[0]["synthref"]["val"]["count"] == 13 and results[0]["synthref"]["test"]["count"] == 7
     for split in ("val", "test"):
-        assert {"mask_miou", "mask_oiou", "mask_prec@0.5", "box_mask_miou"} <= set(results[0]["synthref"][split]["metrics"])
+        metrics = results[0]["synthref"][split]["metrics"]
+        assert {"mask_miou", "mask_oiou", "mask_prec@0.5", "box_mask_miou"} <= set(metrics)
         for key in ("count", "acc", "miou", "acc_by_length", "acc_by_group", "metrics"):
             assert results[0]["synthref"][split][key] == results[1]["synthref"][split][key]
         r = results[0]["synthref"][split]

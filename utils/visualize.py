@@ -204,7 +204,8 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], *, n: int, out_dir
             lb = Letterbox.of(image.width, image.height, inner.image_size)
             pred_xyxy = lb.to_original(pred[k]).tolist()
             mask = lb.mask_to_original(out["seg_map"][k, 0]) if "seg_map" in out else None
-            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, text=record.phrase, iou=float(ious[i]), mask=mask)
+            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, text=record.phrase, iou=float(ious[i]),
+                                      mask=mask)
             path = out_dir / f"{prefix + '_' if prefix else ''}{i:06d}_{'hit' if ious[i] >= 0.5 else 'miss'}.png"
             picture.save(path)
             paths.append(path)
