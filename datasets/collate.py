@@ -2,7 +2,6 @@
 from typing import List, NamedTuple, Optional
 
 import numpy as np
-
 import torch
 
 from .tokens import CONTEXT_LENGTH, tokenize

@@ -6,9 +6,9 @@ COCO's own (docs/method.md, section 10).
 
 Boxes keep their own fill, the target of the box-supervised mask losses since the first release: pixel
 (row i, column j) covers the square [j, j + 1) x [i, i + 1) and belongs to the box when its centre
-(j + 0.5, i + 0.5) lies inside. An integer box (x, y, w, h) fills exactly its w x h pixels, as pycocotools
-does (tests/test_data_transforms.py); a fractional edge may fall on the other side of a pixel than in
-pycocotools.
+(j + 0.5, i + 0.5) lies inside. An integer box (x, y, w, h) fills exactly its w x h pixels. This equals
+pycocotools' fill of the box's polygon, pixel for pixel, except where an edge lies exactly on a pixel centre
+(x.5), whose tie pycocotools may break the other way (tests/test_data_transforms.py).
 """
 import math
 

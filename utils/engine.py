@@ -282,7 +282,8 @@ def evaluate(model, dataset: Dataset, loader_fn: Callable, *, device: torch.devi
              amp: str = "none", show_progress: bool = False, desc: str = "eval",
              return_ious: bool = False) -> Dict[str, object]:
     """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each, and
-    under 'metrics' the mean of each metric the model's enabled heads declare (models.heads.HeadSpec.metric).
+    under 'metrics' the mean of each metric the model's enabled heads declare (models.heads.HeadSpec.metric), which
+    a head's `summary` may turn into other figures (the segmentation head's oIoU: a ratio of sums).
 
     Rank r evaluates indices r::world (no padding); per-sample values are gathered with their indices
     and every rank returns the same metrics. `loader_fn(dataset, sampler)` builds the DataLoader.
