@@ -70,10 +70,12 @@ def format_table(dataset: str, results: dict) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
-def data_args(opts, run_args: dict, image_size: int, *, dataset: str) -> argparse.Namespace:
-    """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default."""
+def data_args(opts, run_args: dict, image_size: int, *, dataset: str,
+              use_seg_mask: bool = False) -> argparse.Namespace:
+    """What build_dataset reads: the flag if given, else the checkpoint run's value, else the default.
+    `use_seg_mask`: the ground-truth masks are the polygons where the split files have them (segmentation head)."""
     values = {k: getattr(opts, k) or run_args.get(k) or default for k, (default, _) in DATA_PATHS.items()}
-    return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=False,
+    return argparse.Namespace(**values, dataset=dataset, imsize=image_size, use_seg_mask=use_seg_mask,
                               allow_unsafe_pickle=opts.allow_unsafe_pickle, allow_outside_paths=opts.allow_outside_paths,
                               aug_scale=False, aug_crop=False, aug_blur=False, aug_translate=False)
 
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
         out = out_dir / f"eval_{Path(opts.eval_model).stem}.json"
         du.on_main_rank(lambda: check_results_file(out), info.is_main)
         for name in opts.dataset or [run_args.get("dataset") or DEFAULT_DATASET]:
-            args = data_args(opts, run_args, model.image_size, dataset=name)
+            args = data_args(opts, run_args, model.image_size, dataset=name, use_seg_mask="seg_map" in model.outputs)
             splits = eval_splits(name, opts.eval_set, args.split_root)
             results = evaluate_dataset(model, args, splits, opts=opts, info=info, out_dir=out_dir, net=net)
             if info.is_main:

@@ -24,8 +24,7 @@ from PIL import Image
 
 from .errors import UserError
 from .formats.fields import Ref, Where
-from .formats.jsonl import rle_to_mask
-from .masks import box_to_mask, polygons_to_mask
+from .masks import box_to_mask, segmentation_to_mask
 from .registry import DATASETS, IMAGE_DIRS, TRAIN_SPLITS, check_dataset_split, dataset_spec
 from .splitfile import UNSAFE_FLAG
 from .transforms import CROP_RULES, Record, build_transforms
@@ -140,12 +139,14 @@ def listed(numbers, most: int = 5) -> str:
 class GroundingDataset(torch.utils.data.Dataset):
     """Referring expressions over images; item i is a transformed :class:`Record`."""
 
-    def __init__(self, refs, data_root: str, transform, use_seg_mask: bool = False, name: str = ""):
+    def __init__(self, refs, data_root: str, transform, use_seg_mask: bool = False, name: str = "",
+                 keep_original_mask: bool = False):
         self.refs = list(refs)
         self.data_root = data_root
         self.transform = transform
         self.use_seg_mask = use_seg_mask
         self.name = name
+        self.keep_original_mask = keep_original_mask   # evaluation: the mask metrics' ground truth
 
     def __len__(self):
         return len(self.refs)
@@ -181,20 +182,20 @@ class GroundingDataset(torch.utils.data.Dataset):
         else the box."""
         if self.use_seg_mask and ref.polygons is not None:
             try:
-                if isinstance(ref.polygons, dict):
-                    return rle_to_mask(ref.polygons, h, w)
-                return polygons_to_mask(ref.polygons, h, w)
+                return segmentation_to_mask(ref.polygons, h, w)
             except (TypeError, ValueError) as e:
-                raise UserError(f"{self.name}: the mask of {ref.image} is not a COCO polygon list ({e}); "
-                                f"drop --use_seg_mask to supervise with the box") from None
+                raise UserError(f"{self.name}: the mask of {ref.image} (split file {ref.source}, entry {ref.entry}) "
+                                f"is not a COCO polygon list ({e}); fix that entry, or drop --use_seg_mask to "
+                                f"supervise with the box") from None
         return box_to_mask(ref.box_xywh, h, w)
 
     def __getitem__(self, idx: int) -> Record:
         ref, path, img = self._open(idx)
         box = clip_box(ref.box_xyxy, (img.height, img.width))   # a box past the edge: its part in the image
-        record = Record(image=img, box=torch.tensor(box, dtype=torch.float32),
-                        phrase=ref.phrase.lower(), obj_mask=self.object_mask(ref, img.height, img.width),
-                        image_file=ref.image)
+        obj_mask = self.object_mask(ref, img.height, img.width)
+        record = Record(image=img, box=torch.tensor(box, dtype=torch.float32), phrase=ref.phrase.lower(),
+                        obj_mask=obj_mask, image_file=ref.image,
+                        original_mask=obj_mask if self.keep_original_mask else None)
         try:
             return self.transform(record)
         except (OSError, SyntaxError) as e:    # pixel data is decoded lazily, inside the first resize
@@ -267,7 +268,7 @@ def build_dataset(split: str, args) -> GroundingDataset:
             raise FileNotFoundError(f"image folder {root} for {name} not found; set --data_root to the folder "
                                     f"that contains {IMAGE_DIRS[folder]}")
     return GroundingDataset(refs, args.data_root, build_transforms(args, train),
-                            use_seg_mask=args.use_seg_mask, name=name)
+                            use_seg_mask=args.use_seg_mask, name=name, keep_original_mask=not train)
 
 
 # --data_root / --split_root: the training default and what the folder holds

@@ -41,6 +41,8 @@ class Record:
     obj_mask: [H, W] bool numpy array, then [S, S] float32 0/1 tensor after NormalizeAndPad.
     pixel_mask: None, then [S, S] int32 after NormalizeAndPad, 1 on padding.
     image_file: the image's file name, for reporting.
+    original_mask: None, or in evaluation splits the [H, W] bool numpy ground-truth mask of the original image,
+        left alone by the transforms (mask metrics are computed at the original resolution).
     """
     image: object
     box: torch.Tensor
@@ -48,6 +50,7 @@ class Record:
     obj_mask: object
     pixel_mask: Optional[torch.Tensor] = None
     image_file: str = ""
+    original_mask: Optional[np.ndarray] = None
 
 
 def resize_image(img: Image.Image, size_wh, fast_jpeg: bool = False) -> Image.Image:

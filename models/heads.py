@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .activations import QuickGELU
 from .head_losses import box_losses, contrastive_losses, segmentation_losses, token_alignment_losses
+from .mask_metrics import segmentation_metric, segmentation_summary
 
 
 class BoxHead(nn.Module):
@@ -138,7 +139,11 @@ class HeadSpec:
     flag: the run flag (argparse destination) that switches it on; '' for always on. flag_help: its --help.
     module / build: the model attribute holding its module (the state_dict prefix) and the factory
         build(HeadDims) -> nn.Module; '' / None for a head without parameters.
-    metric(outputs, targets) -> {name: [B] per-sample values}, averaged over an evaluation split (optional).
+    metric(outputs, targets) -> {name: [B] per-sample values}, averaged over an evaluation split (optional):
+        outputs are every output of the evaluation's forward (its own and the box head's), targets its `targets`
+        and `metric_targets`. metric_targets: Batch fields only its metric reads (e.g. 'original_masks').
+    summary(means) -> the reported metrics, from the means of every head's metric values (optional; default
+        the means): for a metric that is not a mean, such as a ratio of sums.
     score(outputs, boxes [B, 4] cxcywh, grid) -> [B] confidence of the predicted boxes in [0, 1] (optional;
         models.api.Grounder reports the first enabled head's).
     """
@@ -153,6 +158,8 @@ class HeadSpec:
     module: str = ""
     build: Optional[Callable[[HeadDims], nn.Module]] = None
     metric: Optional[Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Dict[str, Tensor]]] = None
+    metric_targets: Tuple[str, ...] = ()
+    summary: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None
     score: Optional[Callable[[Mapping[str, Tensor], Tensor, Tuple[int, int]], Tensor]] = None
 
 
@@ -251,4 +258,5 @@ register_head(HeadSpec(
     compute=lambda head, feats: {"seg_map": head(feats.patches, feats.grid, feats.text_eot_unit)},
     loss=segmentation_losses, targets=("obj_masks",),
     loss_terms=(LossTerm("loss_seg_focal", 20.0, "loss_seg_focal"), LossTerm("loss_seg_dice", 2.0, "loss_seg_dice")),
-    flag="use_mask_loss", flag_help="segmentation loss"))
+    flag="use_mask_loss", flag_help="segmentation loss",
+    metric=segmentation_metric, metric_targets=("original_masks",), summary=segmentation_summary))

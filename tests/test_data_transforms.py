@@ -161,11 +161,12 @@ def test_fast_jpeg_draft_decoding_is_close_to_full_decode(tmp_path):
     assert np.abs(to_uint8(a.image) - to_uint8(b.image)).mean() < 1.5
 
 
-def test_box_mask_equals_the_filled_box_polygon():
-    """box_to_mask's direct fill is the scanline fill of the box's polygon, pixel for pixel, for fractional,
-    half-integer (pixel centres on the edge), negative-extent, empty and out-of-image boxes."""
+def test_box_mask_equals_pycocotools_fill_of_the_box_polygon():
+    """box_to_mask (the box target, kept as it was) equals pycocotools' fill of the box's polygon, pixel for pixel,
+    for fractional, negative-extent, empty and out-of-image boxes; only an edge exactly on a pixel centre (x.5)
+    may break the tie the other way."""
     rng = random.Random(0)
-    coords = lambda lo, hi: rng.choice([rng.uniform(lo, hi), rng.randint(lo, hi) + rng.choice([0, 0.5]), 0])
+    coords = lambda lo, hi: rng.choice([rng.uniform(lo, hi), rng.randint(lo, hi), 0])
     for _ in range(3000):
         h, w = rng.randint(1, 30), rng.randint(1, 30)
         x, y, bw, bh = coords(-8, 35), coords(-8, 35), coords(-15, 30), coords(-15, 30)

@@ -48,6 +48,10 @@ def test_demo_refuses_a_batch_that_does_not_split_over_its_processes(tmp_path):
     assert proc.returncode == 2
     assert "BATCH=64 does not split over NPROC=3" in proc.stderr
     assert not out.exists()                                                        # refused before any work
+    proc = subprocess.run(["bash", "train_and_eval_script/demo.sh"], cwd=REPO, env=dict(env, TASK="seg", NPROC="2"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "TASK=seg is not rec (boxes) or res (segmentation masks)" in proc.stderr
+    assert not out.exists()
 
 
 def summary_lines_of_the_demo():
@@ -69,7 +73,7 @@ def test_summary_gives_the_val_accuracy_of_the_checkpoint_each_stage_kept(tmp_pa
         torch.save({"best_acc": best_acc, "epoch": epoch}, folder / "best_checkpoint.pth")
         (folder / "log.txt").write_text("".join(json.dumps({"epoch": e, "val_acc": acc}) + "\n"
                                                 for e, acc in enumerate(logged[stage])))
-    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path))
+    env = dict(os.environ, PYTHON=sys.executable, OUTPUT_DIR=str(tmp_path), LORA_STAGES="3")
     proc = subprocess.run(["bash", "-c", summary_lines_of_the_demo()], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

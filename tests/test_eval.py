@@ -24,11 +24,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def setup(synthetic_set, tmp_path_factory):
-    """The data (4 train, 13 val, 7 test expressions) and a tiny stage-1 checkpoint of a run on it."""
+    """The data (4 train, 13 val, 7 test expressions) and a tiny stage-1 checkpoint of a run on it, with the
+    segmentation head."""
     root = synthetic_set(4, 13, 7)
     parser = add_model_args(argparse.ArgumentParser())
     args = parser.parse_args(["--model", "tiny", "--dataset", "synthref", "--imsize", "64", "--max_query_len", "16",
-                              "--hi_lora_stage", "1"])
+                              "--hi_lora_stage", "1", "--use_mask_loss"])
     model = build_model(args)
     run_args = {**vars(args), "data_root": str(root), "split_root": str(root)}
     ckpt = tmp_path_factory.mktemp("eval") / "best_checkpoint.pth"
@@ -46,7 +47,7 @@ def run(args, nproc=1):
 def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
     """Batch 1 per rank keeps each sample's arithmetic identical, on any CPU: the same kernels at the same
     shapes on both sides (batched CPU kernels round differently with the batch's size); every sample is
-    counted once on both sides."""
+    counted once on both sides. The mask metrics too (mIoU, oIoU, precisions, filled-box mIoU)."""
     _, ckpt = setup
     results = []
     for nproc in (1, 2):
@@ -59,7 +60,9 @@ def test_two_ranks_equal_one_rank_exactly(setup, tmp_path):
         results.append(json.loads((out / "eval_best_checkpoint.json").read_text()))
     assert results[0]["synthref"]["val"]["count"] == 13 and results[0]["synthref"]["test"]["count"] == 7
     for split in ("val", "test"):
-        for key in ("count", "acc", "miou", "acc_by_length", "acc_by_group"):
+        metrics = results[0]["synthref"][split]["metrics"]
+        assert {"mask_miou", "mask_oiou", "mask_prec@0.5", "box_mask_miou"} <= set(metrics)
+        for key in ("count", "acc", "miou", "acc_by_length", "acc_by_group", "metrics"):
             assert results[0]["synthref"][split][key] == results[1]["synthref"][split][key]
         r = results[0]["synthref"][split]
         groups = r["acc_by_group"].values()

@@ -154,3 +154,15 @@ def test_a_stage_stopped_by_run_epochs_is_not_done_and_the_same_command_continue
     assert f"resumed {out}/stage0/checkpoint.pth at epoch 1" in second.stdout
     assert (out / "stage0" / "DONE").exists() and not (out / "stage1" / "DONE").exists()
     assert "stage1 stopped with 1 of its 2 epochs trained" in second.stderr and not (out / "stage2").exists()
+
+
+def test_task_res_trains_on_the_polygons_into_its_own_folder_and_is_refused_without_them(tmp_path):
+    lines = recipe(tmp_path, "base", "unc", TASK="res")
+    train = commands(lines, "train_hivg.py")
+    assert parsed(train[0]).use_seg_mask and parsed(train[0]).use_mask_loss    # the stages inherit it
+    assert all(f"{tmp_path}/out/base_res/unc/stage" in c for c in train)
+    assert not any(parsed(c).use_seg_mask for c in commands(recipe(tmp_path, "base", "unc"), "train_hivg.py"))
+    err = recipe(tmp_path, "base", "referit", status=2, TASK="res")
+    assert err[0].startswith("recipe.sh: error: TASK=res trains masks on the objects' polygons, which the referit")
+    script = (REPO / "train_and_eval_script" / "train_eval_large_unc_plus_res.sh").read_text()
+    assert script.endswith('TASK=res exec bash "$(dirname "$0")/recipe.sh" large unc+\n')

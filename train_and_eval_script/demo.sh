@@ -22,14 +22,25 @@
 # stages add little over stage 0 (README, measured). The last lines give the val Acc@0.5 of the checkpoint
 # each stage kept (its best epoch, or the model it inherited) and the test Acc@0.5, overall and for the
 # expressions that colour/shape/size words resolve or that need location or relation words (README, "Quick start").
+#
+#   TASK=res bash train_and_eval_script/demo.sh
+#
+# is the segmentation demo (README, "Referring image segmentation"): the segmentation head supervised with the
+# objects' polygons (--use_seg_mask), a shorter schedule (stage 0 of EPOCHS0=4 epochs, then Hi LoRA stage 1
+# only), into outputs/demo_res; it ends with the test mask mIoU and oIoU and the mIoU of the predicted box filled
+# as a mask.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/demo}
+TASK=${TASK:-rec}
+case $TASK in
+    rec) SEG=(); : "${OUTPUT_DIR:=outputs/demo}" "${EPOCHS0:=6}" "${LORA_STAGES:=3}" ;;
+    res) SEG=(--use_seg_mask); : "${OUTPUT_DIR:=outputs/demo_res}" "${EPOCHS0:=4}" "${LORA_STAGES:=1}" ;;
+    *) echo "demo.sh: TASK=$TASK is not rec (boxes) or res (segmentation masks)" >&2; exit 2 ;;
+esac
 DATA_DIR=${DATA_DIR:-$OUTPUT_DIR/data}
 NUM_TRAIN=${NUM_TRAIN:-96000}
 REFS_PER_IMAGE=${REFS_PER_IMAGE:-3}
-EPOCHS0=${EPOCHS0:-6}
 EPOCH_SAMPLES=${EPOCH_SAMPLES:-24000}
 EPOCHS_LORA=${EPOCHS_LORA:-1}
 LORA_SAMPLES=${LORA_SAMPLES:-1600}
@@ -61,10 +72,10 @@ fi
 COMMON=(--device cpu --num_workers "$WORKERS" --batch_size $(( BATCH / NPROC )) --lr_scheduler cosine --overwrite)  # a rerun replaces the demo
 "${TRAIN[@]}" "${COMMON[@]}" --model demo --dataset synthref --data_root "$DATA_DIR" --split_root "$DATA_DIR" \
     --imsize 64 --max_query_len 16 --vl_enc_layers 3 --vl_nheads 4 --vl_dim_feedforward 256 --vl_dropout 0 \
-    --normalize_before --enable_adaptive_weights --use_rtcc_constrain_loss --use_mask_loss \
+    --normalize_before --enable_adaptive_weights --use_rtcc_constrain_loss --use_mask_loss ${SEG[@]+"${SEG[@]}"} \
     --epochs "$EPOCHS0" --epoch_samples "$EPOCH_SAMPLES" --lr 1e-3 --output_dir "$OUTPUT_DIR/stage0"
 prev=$OUTPUT_DIR/stage0
-for stage in 1 2 3; do
+for stage in $(seq 1 "$LORA_STAGES"); do
     lr=$(awk -v s="$stage" 'BEGIN { print 1e-4 / 2 ^ (s - 1) }')
     "${TRAIN[@]}" "${COMMON[@]}" --hi_lora_retrain "$prev/best_checkpoint.pth" \
         --epochs "$EPOCHS_LORA" --epoch_samples "$LORA_SAMPLES" --lr "$lr" --output_dir "$OUTPUT_DIR/stage$stage"
@@ -80,9 +91,10 @@ echo "demo finished in $(( $(date +%s) - start ))s"
 # What each stage kept, read from its best_checkpoint.pth: a Hi LoRA stage starts it with the model it inherits,
 # evaluated before its first epoch (so not in its log.txt), and keeps that model unless an epoch beats it.
 "$PYTHON" -c 'import sys, torch
-for stage in range(4):
+for stage in range(int(sys.argv[2]) + 1):
     ckpt = torch.load(f"{sys.argv[1]}/stage{stage}/best_checkpoint.pth", map_location="cpu", weights_only=True)
     epoch, acc = ckpt["epoch"], ckpt["best_acc"]
     kept = "the model it inherited" if epoch < 0 else f"epoch {epoch}"
-    print(f"stage {stage}: best val Acc@0.5 {acc:.4f} ({kept})")' "$OUTPUT_DIR"
+    print(f"stage {stage}: best val Acc@0.5 {acc:.4f} ({kept})")' "$OUTPUT_DIR" "$LORA_STAGES"
 grep "^test Acc@0.5" "$OUTPUT_DIR/eval.txt"
+if [ "$TASK" = res ]; then grep -E "^test (mask_miou|mask_oiou|box_mask_miou):" "$OUTPUT_DIR/eval.txt"; fi

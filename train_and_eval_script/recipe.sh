@@ -18,8 +18,10 @@
 # --batch_size is refused there: use BATCH], BATCH [per-GPU batch of every training run; default the authors',
 # stage by stage], EPOCHS0 [epochs of stage 0], EPOCHS_LORA [epochs of each Hi LoRA stage; both default to the
 # authors'], LR_SCALE [none: the authors' learning rates; linear: scaled by global batch / the authors' global
-# batch], DRY_RUN [1: print the commands only], TEXT_LAYERS [last, middle_last or all: the text blocks feeding the
-# bridges; default the dataset's rule, last for jsonl].
+# batch], TASK [rec: boxes; res: referring image segmentation, the same schedule with the segmentation head
+# supervised by the COCO polygons (--use_seg_mask), into OUTPUT_ROOT/SETTING_res; refused for referit and flickr,
+# whose split files have no polygons], DRY_RUN [1: print the commands only], TEXT_LAYERS [last, middle_last or all:
+# the text blocks feeding the bridges; default the dataset's rule, last for jsonl].
 #
 # Batch sizes are per GPU, as in the authors' scripts, which ran 7 GPUs: on another number of GPUs (or with BATCH, or
 # --accum_steps in EXTRA) the global batch differs from theirs (8 GPUs x 80 = 640 where they trained at 7 x 80 =
@@ -37,8 +39,8 @@ WORKERS=${WORKERS:-4}
 NNODES=${NNODES:-1}
 LR_SCALE=${LR_SCALE:-none}
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
+TASK=${TASK:-rec}
 read -r -a EXTRA <<< "${EXTRA:-}"
-OUT=$OUTPUT_ROOT/$SETTING/$DATASET
 
 if [ -z "${NGPU:-}" ]; then   # torchrun starts one process per GPU: count the ones this job may use
     if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
@@ -75,6 +77,15 @@ case $MODE in
     paper) MODE_FLAGS=(--hi_lora_mode paper --bridge_attention per_sample) ;;
     official) MODE_FLAGS=(--hi_lora_mode official --bridge_attention official) ;;
     *) echo "MODE must be paper or official, got $MODE" >&2; exit 2 ;;
+esac
+case $TASK:$DATASET in
+    rec:*) SEG=(); OUT=$OUTPUT_ROOT/$SETTING/$DATASET ;;
+    res:referit|res:flickr)
+        echo "recipe.sh: error: TASK=res trains masks on the objects' polygons, which the $DATASET split files do not" \
+             "have (the COCO-based unc, unc+, gref and gref_umd do, and the COCO part of mixup); use TASK=rec" >&2
+        exit 2 ;;
+    res:*) SEG=(--use_seg_mask); OUT=$OUTPUT_ROOT/${SETTING}_res/$DATASET ;;
+    *) echo "TASK must be rec (boxes) or res (segmentation masks), got $TASK" >&2; exit 2 ;;
 esac
 
 short=0; [ "$DATASET" = flickr ] && short=1
@@ -153,7 +164,7 @@ print(ckpt["resume_at"][0], ckpt["args"]["epochs"])' "$1/checkpoint.pth")
 COMMON=(--num_workers "$WORKERS" --lr_scheduler cosine --aug_crop --aug_scale --aug_translate "${MODE_FLAGS[@]}")
 MODEL_FLAGS=(--model "$MODEL" --dataset "$DATASET" --data_root "$DATA_ROOT" --split_root "$SPLIT_ROOT" --imsize 224
              --max_query_len 77 --normalize_before "${BRIDGE[@]}" --use_contrastive_loss --use_rtcc_constrain_loss
-             --use_mask_loss ${TEXT_LAYERS:+--text_layers "$TEXT_LAYERS"})
+             --use_mask_loss ${TEXT_LAYERS:+--text_layers "$TEXT_LAYERS"} ${SEG[@]+"${SEG[@]}"})
 START=(--clip_model "$CLIP")
 if [ -n "$WARM" ]; then
     stage warmup 32 2.5e-4 "${COMMON[@]}" "${MODEL_FLAGS[@]}" --warmup --clip_model "$CLIP" --epochs "$WARM"

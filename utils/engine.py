@@ -270,8 +270,9 @@ def batch_targets(batch, keys) -> Dict[str, torch.Tensor]:
 def head_metrics(out: Dict[str, torch.Tensor], batch, specs) -> List[Dict[str, float]]:
     """Per sample of `batch`, the metrics the heads `specs` declare: [{metric name: value}] of length B."""
     values = {}
+    outputs = {key: value.float() for key, value in out.items()}
     for spec in specs:
-        per_sample = spec.metric({key: out[key].float() for key in spec.outputs}, batch_targets(batch, spec.targets))
+        per_sample = spec.metric(outputs, batch_targets(batch, spec.targets + spec.metric_targets))
         values.update({name: v.tolist() for name, v in per_sample.items()})
     return [dict(zip(values, sample)) for sample in zip(*values.values())] if values else [{}] * len(batch.texts)
 
@@ -281,7 +282,8 @@ def evaluate(model, dataset: Dataset, loader_fn: Callable, *, device: torch.devi
              amp: str = "none", show_progress: bool = False, desc: str = "eval",
              return_ious: bool = False) -> Dict[str, object]:
     """Acc@0.5, mean IoU and accuracy by expression length over every sample of `dataset`, once each, and
-    under 'metrics' the mean of each metric the model's enabled heads declare (models.heads.HeadSpec.metric).
+    under 'metrics' the mean of each metric the model's enabled heads declare (models.heads.HeadSpec.metric), which
+    a head's `summary` may turn into other figures (the segmentation head's oIoU: a ratio of sums).
 
     Rank r evaluates indices r::world (no padding); per-sample values are gathered with their indices
     and every rank returns the same metrics. `loader_fn(dataset, sampler)` builds the DataLoader.
@@ -311,6 +313,8 @@ def evaluate(model, dataset: Dataset, loader_fn: Callable, *, device: torch.devi
     if specs:  # means in dataset order, so the same for any number of ranks
         names = rows[0][3] if rows else {}
         summary["metrics"] = {name: sum(r[3][name] for r in rows) / len(rows) for name in names}
+        for spec in (s for s in specs if s.summary is not None):
+            summary["metrics"] = spec.summary(summary["metrics"])
     if return_ious:  # per-sample IoUs in dataset order
         summary["ious"] = [r[1] for r in rows]
     return summary

@@ -150,16 +150,22 @@ def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Seq
 
 
 def draw_prediction(image: Image.Image, pred_xyxy: Sequence[float], gt_xyxy: Sequence[float], *, text: str,
-                    iou: float, min_side: int = 256) -> Image.Image:
+                    iou: float, min_side: int = 256, mask: Optional[np.ndarray] = None) -> Image.Image:
     """Evaluation picture: the ground truth (green) and the prediction (cyan) on the image, and below it
-    a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`. An image whose
-    long side is under `min_side` is first enlarged by an integer factor (nearest neighbour)."""
+    a caption strip with the expression and the IoU. Boxes are xyxy pixels of `image`; `mask`, the predicted
+    [H, W] bool mask of the segmentation head, is tinted cyan. An image whose long side is under `min_side` is
+    first enlarged by an integer factor (nearest neighbour)."""
+    if mask is not None:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        pixels[mask] = 0.55 * pixels[mask] + 0.45 * np.float32(CYAN)
+        image = Image.fromarray(pixels.round().astype(np.uint8))
     img, k = enlarge(image.convert("RGB"), min_side)
     img = img.copy() if k == 1 else img
     draw = ImageDraw.Draw(img)
     draw.rectangle([float(c) * k for c in gt_xyxy], outline=GREEN, width=_width(img.size))
     draw.rectangle([float(c) * k for c in pred_xyxy], outline=CYAN, width=_width(img.size))
-    caption = f"{text}  |  IoU {iou:.2f} ({'hit' if iou >= 0.5 else 'miss'})  |  pred cyan, gt green"
+    pred = "pred box and mask" if mask is not None else "pred"
+    caption = f"{text}  |  IoU {iou:.2f} ({'hit' if iou >= 0.5 else 'miss'})  |  {pred} cyan, gt green"
     return _captioned(img, [(None, caption)])
 
 
@@ -203,14 +209,18 @@ def save_eval_pictures(model, dataset, ious: Sequence[float], *, n: int, out_dir
         idx = chosen[start:start + batch_size]
         records = [dataset[i] for i in idx]
         batch = Collate(inner.context_length)(records).to(device)
-        pred = model(batch.images, batch.pixel_mask, batch.ids, outputs=["box"])["pred_box"].float().cpu()
+        heads = ["box", "seg_map"] if "seg_map" in inner.outputs else ["box"]    # the head's mask, tinted
+        out = model(batch.images, batch.pixel_mask, batch.ids, outputs=heads)
+        pred = out["pred_box"].float().cpu()
         for k, (i, record) in enumerate(zip(idx, records)):
             ref = dataset.refs[i]
             with Image.open(dataset.image_path(ref)) as im:
                 image = im.convert("RGB")
             lb = Letterbox.of(image.width, image.height, inner.image_size)
             pred_xyxy = lb.to_original(pred[k]).tolist()
-            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, text=record.phrase, iou=float(ious[i]))
+            mask = lb.mask_to_original(out["seg_map"][k, 0]) if "seg_map" in out else None
+            picture = draw_prediction(image, pred_xyxy, ref.box_xyxy, text=record.phrase, iou=float(ious[i]),
+                                      mask=mask)
             path = out_dir / f"{prefix + '_' if prefix else ''}{i:06d}_{'hit' if ious[i] >= 0.5 else 'miss'}.png"
             picture.save(path)
             paths.append(path)

@@ -15,7 +15,6 @@ from dataclasses import replace
 from decimal import Context, Decimal
 from typing import NamedTuple
 
-import numpy as np
 from PIL import Image
 
 from .fields import Ref, Where
@@ -154,14 +153,3 @@ def problems(refs, image_path) -> list:
                          "of that image)")
     return found
 
-
-def rle_to_mask(rle: dict, height: int, width: int) -> np.ndarray:
-    """[height, width] bool array of a COCO RLE (counts compressed or not), by pycocotools."""
-    from pycocotools import mask as coco_mask
-    if isinstance(rle["counts"], list):
-        rle = coco_mask.frPyObjects(rle, *rle["size"])
-    counts = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]
-    decoded = coco_mask.decode({"size": rle["size"], "counts": counts}).astype(bool)
-    if decoded.shape != (height, width):
-        raise ValueError(f"its RLE size {decoded.shape[1]}x{decoded.shape[0]} is not the image's {width}x{height}")
-    return decoded
