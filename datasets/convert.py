@@ -24,7 +24,7 @@ import torch
 from .errors import UserError, reports_errors
 from .formats import coco, flickr, jsonl, mixup, referit
 from .formats.jsonl import EXACT, image_size
-from .refer import add_split_file_args, read_split, split_files, split_path
+from .refer import add_data_path_args, add_split_file_args, read_split, split_files, split_path
 from .registry import DATASETS, IMAGE_DIRS, dataset_spec, dataset_splits
 from .splitfile import load_pickled_list
 
@@ -53,7 +53,7 @@ def plain_polygons(polygons):
     return [np.asarray(p, dtype=np.float64).ravel().tolist() for p in polygons]
 
 
-def split_to_jsonl(split_root: str, dataset: str, split: str, out: str, allow_unsafe: bool = False) -> int:
+def split_to_jsonl(split_root: str, dataset: str, split: str, *, out: str, allow_unsafe: bool = False) -> int:
     """<out>/<split>.jsonl from the split file of an authors' dataset; returns its number of lines."""
     box_at, xywh = BOXES[dataset_spec(dataset).parser]
     path = split_path(split_root, dataset, split)
@@ -82,18 +82,17 @@ def folder_of(image: str):
 
 def size_dict(ref, data_root: str) -> dict:
     """{'height', 'width'} of a line: its own, else its image's header (under --data_root)."""
-    if ref.size_hw is None and data_root:
-        size, reason = image_size(os.path.join(data_root, ref.image))
-        if reason:
-            raise UserError(f"{ref.source}:{ref.line}: image {ref.image} under --data_root {data_root} {reason}")
-        return {"height": size[0], "width": size[1]}
-    if ref.size_hw is None:
-        raise UserError(f"{ref.source}:{ref.line}: the layout stores the image size: add \"width\" and \"height\" "
-                        "to the line, or pass --data_root (the JSONL images folder) to read them from the images")
-    return {"height": ref.size_hw[0], "width": ref.size_hw[1]}
+    if ref.size_hw is not None:
+        return {"height": ref.size_hw[0], "width": ref.size_hw[1]}
+    size, reason = image_size(os.path.join(data_root, ref.image))
+    if reason:
+        raise UserError(f"{ref.source}:{ref.line}: the layout stores the image size, and image {ref.image} under "
+                        f"--data_root {data_root} {reason}: add \"width\" and \"height\" to the line, or pass "
+                        "--data_root (the JSONL images folder)")
+    return {"height": size[0], "width": size[1]}
 
 
-def entry_of(ref, box: list, dataset: str, data_root: str) -> tuple:
+def entry_of(ref, box: list, *, dataset: str, data_root: str) -> tuple:
     """The authors' split-file entry of one parsed JSONL line in `dataset`'s layout (`box`: as written)."""
     parser = dataset_spec(dataset).parser
     xyxy = [float(v) for v in box]
@@ -108,14 +107,14 @@ def entry_of(ref, box: list, dataset: str, data_root: str) -> tuple:
     return image, folder, xywh, ref.phrase, None
 
 
-def jsonl_to_split(folder: str, split: str, dataset: str, out: str, data_root: str = "") -> int:
+def jsonl_to_split(folder: str, split: str, *, dataset: str, out: str, data_root: str = "") -> int:
     """<out>/<dataset>/<dataset>_<split>.pth from <folder>/<split>.jsonl; returns its number of entries."""
     refs, bad = read_split(folder, "jsonl", split, allow_outside=True)
     if bad:
         raise ValueError(bad[0])
     boxes = [json.loads(line.text, parse_float=Decimal)["box"] for line in jsonl.read(split_path(folder, "jsonl",
                                                                                                    split))]
-    entries = [entry_of(ref, box, dataset, data_root) for ref, box in zip(refs, boxes)]
+    entries = [entry_of(ref, box, dataset=dataset, data_root=data_root) for ref, box in zip(refs, boxes)]
     os.makedirs(os.path.join(out, dataset), exist_ok=True)
     torch.save(entries, split_path(out, dataset, split))
     return len(entries)
@@ -156,15 +155,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     to_jsonl = commands.add_parser("to-jsonl", help="the authors' split files of a dataset -> <split>.jsonl")
     to_jsonl.add_argument("--dataset", required=True, choices=[d for d, s in DATASETS.items() if s.parser in BOXES])
-    to_jsonl.add_argument("--split_root", required=True, help="folder holding <dataset>/<dataset>_<split>.pth")
+    add_data_path_args(to_jsonl, required=True, names=("split_root",))
     to_jsonl.add_argument("--split", nargs="+", help="default: every split file present")
     back = commands.add_parser("to-split-files", help="<split>.jsonl files -> the authors' split files")
     back.add_argument("--jsonl", required=True, help="folder holding <split>.jsonl")
     back.add_argument("--dataset", required=True, choices=[d for d, s in DATASETS.items() if s.parser in BOXES],
                       help="whose layout to write")
     back.add_argument("--split", nargs="+", help="default: every <split>.jsonl present")
-    back.add_argument("--data_root", default="", help="the JSONL images folder: image sizes for lines without "
-                                                      "width/height (COCO layout)")
+    add_data_path_args(back, names=("data_root",))     # the COCO layout's image sizes, for lines without them
     refer = commands.add_parser("refer", help="refer toolkit annotations (RefCOCO/+/g) -> <split>.jsonl")
     refer.add_argument("--refs", required=True, help="refs(<split_by>).p, e.g. refer/data/refcoco/refs(unc).p")
     refer.add_argument("--instances", required=True, help="the COCO instances.json beside it")
@@ -184,12 +182,13 @@ def main(argv=None) -> int:
         splits = args.split or [s for s in dataset_splits(args.dataset, args.split_root)
                                 if len(split_files(args.split_root, args.dataset, s)) == 1
                                 and os.path.isfile(split_path(args.split_root, args.dataset, s))]
-        counts = {s: split_to_jsonl(args.split_root, args.dataset, s, args.out, allow_unsafe=args.allow_unsafe_pickle)
-                  for s in splits}
+        counts = {s: split_to_jsonl(args.split_root, args.dataset, s, out=args.out,
+                                    allow_unsafe=args.allow_unsafe_pickle) for s in splits}
     else:
         splits = args.split or [s for s in dataset_splits("jsonl", args.jsonl)
                                 if os.path.isfile(split_path(args.jsonl, "jsonl", s))]
-        counts = {s: jsonl_to_split(args.jsonl, s, args.dataset, args.out, data_root=args.data_root) for s in splits}
+        counts = {s: jsonl_to_split(args.jsonl, s, dataset=args.dataset, out=args.out, data_root=args.data_root)
+                  for s in splits}
     if not counts:
         raise UserError(f"nothing to convert: no split found for {args.command}; check the input folder")
     for split, count in counts.items():

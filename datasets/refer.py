@@ -278,10 +278,12 @@ DATA_PATHS = {"data_root": ("./data/image_data/", "folder holding the image fold
                                                        "jsonl: the folder of <split>.jsonl")}
 
 
-def add_data_path_args(parser, fallback: str = "", required: bool = False):
-    """--data_root and --split_root, defined once for every tool: with the training defaults; or, for a tool that
-    takes them from elsewhere first (`fallback`, e.g. "the checkpoint's"), None unless given; or required."""
-    for name, (default, what) in DATA_PATHS.items():
+def add_data_path_args(parser, fallback: str = "", required: bool = False, *, names=tuple(DATA_PATHS)):
+    """--data_root and --split_root (or those of `names`), defined once for every tool: with the training
+    defaults; or, for a tool that takes them from elsewhere first (`fallback`, e.g. "the checkpoint's"), None
+    unless given; or required."""
+    for name in names:
+        default, what = DATA_PATHS[name]
         if required:
             parser.add_argument(f"--{name}", required=True, help=what)
         elif fallback:

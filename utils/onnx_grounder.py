@@ -31,7 +31,7 @@ def onnxruntime_module():
     return onnxruntime
 
 
-def check_metadata(meta: Dict[str, str], inputs: Sequence[str], outputs: Sequence[str], where: str) -> None:
+def check_metadata(meta: Dict[str, str], *, inputs: Sequence[str], outputs: Sequence[str], where: str) -> None:
     """Refuse, naming `where`, a graph that is not a HiVG export of this format."""
     if meta.get(FORMAT_KEY) is None:
         raise UserError(f"{where} is not a HiVG model exported by export.py (no {FORMAT_KEY} in its metadata); "
@@ -76,8 +76,8 @@ class OnnxGrounder:
             raise UserError(f"{what} {path} cannot be loaded as an ONNX model ({reason}); pass a file written "
                             "by export.py") from None
         metadata = session.get_modelmeta().custom_metadata_map
-        check_metadata(metadata, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()],
-                       f"{what} {path}")
+        check_metadata(metadata, inputs=[i.name for i in session.get_inputs()],
+                       outputs=[o.name for o in session.get_outputs()], where=f"{what} {path}")
         return cls(session, metadata)
 
     @property
