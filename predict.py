@@ -319,8 +319,9 @@ def run(opts) -> int:
     pictures = picture_paths(opts, requests, out_flag)
     grounder = open_grounder(opts)
     if opts.mask and not grounder.segments:
-        raise UserError(f"--mask: the model {opts.checkpoint or opts.onnx} was trained without the segmentation "
-                        "head, so it gives no masks; drop --mask or use a checkpoint trained with --use_mask_loss")
+        model = f"the checkpoint {opts.checkpoint}" if opts.checkpoint else f"the exported model {opts.onnx}"
+        raise UserError(f"--mask: {model} was trained without the segmentation head, so it gives no masks; drop "
+                        "--mask or use a checkpoint trained with --use_mask_loss")
     if opts.mask:
         coco_mask_module()                                  # fail before predicting
     if opts.token_map and not grounder.scored:
