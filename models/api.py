@@ -82,7 +82,7 @@ class Grounder:
             ([self.scorer.name] if self.scored else []) + ([SEG_HEAD] if mask else [])
         out = model(images, masks, ids, outputs=outputs)
         boxes = out["pred_box"].float()
-        scores = self.scorer.score(out, boxes, model.grid).tolist() if self.scored else None
+        scores = self.scorer.score(out, boxes, model.grid, model.image_size).tolist() if self.scored else None
         results = []
         for i, p in enumerate(prepared):
             box = boxes[i].cpu()

@@ -94,15 +94,18 @@ def contrastive_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tens
     return {"loss_contrastive": clip_loss(outputs["logits_per_text"])}
 
 
+def token_alignment_target(obj_masks: Tensor, side: int) -> Tensor:
+    """'obj_masks' [B, (1,) H, W] -> [B, side * side] float: nearest-resized to side x side (each patch reads
+    its top-left pixel) and thresholded at 0.5."""
+    target = F.interpolate(mask_as_b1hw(obj_masks), (side, side), mode="nearest")[:, 0] > 0.5
+    return target.flatten(1).float()
+
+
 def token_alignment_losses(outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """Focal + dice of 'token_map' [B, P * P] against 'obj_masks' [B, (1,) H, W] nearest-resized to P x P
-    and thresholded at 0.5."""
+    """Focal + dice of 'token_map' [B, P * P] against token_alignment_target('obj_masks')."""
     token_map = outputs["token_map"]
     num_boxes = token_map.shape[0]
-    side = _patch_grid_side(token_map.shape[-1])
-    mask = mask_as_b1hw(targets["obj_masks"])
-    target = F.interpolate(mask, (side, side), mode="nearest")[:, 0] > 0.5
-    target = target.flatten(1).float()
+    target = token_alignment_target(targets["obj_masks"], _patch_grid_side(token_map.shape[-1]))
     logits = token_map.flatten(1)
     return {"loss_align_focal": focal_loss(logits, target, num_boxes),
             "loss_align_dice": dice_loss(logits, target, num_boxes)}

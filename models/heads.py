@@ -144,7 +144,7 @@ class HeadSpec:
         and `metric_targets`. metric_targets: Batch fields only its metric reads (e.g. 'original_masks').
     summary(means) -> the reported metrics, from the means of every head's metric values (optional; default
         the means): for a metric that is not a mean, such as a ratio of sums.
-    score(outputs, boxes [B, 4] cxcywh, grid) -> [B] confidence of the predicted boxes in [0, 1] (optional;
+    score(outputs, boxes [B, 4] cxcywh, grid, image_size) -> [B] confidence of the predicted boxes in [0, 1] (optional;
         models.api.Grounder reports the first enabled head's).
     """
     name: str
@@ -160,7 +160,7 @@ class HeadSpec:
     metric: Optional[Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Dict[str, Tensor]]] = None
     metric_targets: Tuple[str, ...] = ()
     summary: Optional[Callable[[Dict[str, float]], Dict[str, float]]] = None
-    score: Optional[Callable[[Mapping[str, Tensor], Tensor, Tuple[int, int]], Tensor]] = None
+    score: Optional[Callable[[Mapping[str, Tensor], Tensor, Tuple[int, int], int], Tensor]] = None
 
 
 # The registered heads by name, in the order they compute, build their modules and add their loss terms.
@@ -209,15 +209,18 @@ def official_loss_names() -> Dict[str, str]:
     return {t.official_key: t.key for s in HEADS.values() for t in s.loss_terms if t.official_key}
 
 
-def box_score(token_map: Tensor, box_cxcywh: Tensor, grid) -> Tensor:
-    """token_map [B, N] logits, boxes [B, 4] normalised -> [B]: mean sigmoid over the patches whose
-    centres lie in the box (the patch under the box centre when none does)."""
+def box_score(token_map: Tensor, box_cxcywh: Tensor, grid, image_size: int) -> Tensor:
+    """token_map [B, N] logits, boxes [B, 4] normalised -> [B]: mean sigmoid over the patches that the token-alignment
+    target would mark for this box (the patch under the box centre when none would).
+
+    The target (token_alignment_losses) is the S x S mask resized to the grid by nearest neighbour, which reads each
+    patch's top-left pixel; that pixel's centre decides, with the box fill's rule (datasets.masks.box_to_mask)."""
     gh, gw = grid
-    ys = (torch.arange(gh, device=token_map.device) + 0.5) / gh
-    xs = (torch.arange(gw, device=token_map.device) + 0.5) / gw
+    ys = (torch.arange(gh, device=token_map.device) * (image_size // gh) + 0.5) / image_size
+    xs = (torch.arange(gw, device=token_map.device) * (image_size // gw) + 0.5) / image_size
     cx, cy, w, h = box_cxcywh.unbind(-1)
-    inside_y = (ys[None] - cy[:, None]).abs() <= h[:, None] / 2
-    inside_x = (xs[None] - cx[:, None]).abs() <= w[:, None] / 2
+    inside_y = ((cy - h / 2)[:, None] <= ys[None]) & (ys[None] < (cy + h / 2)[:, None])
+    inside_x = ((cx - w / 2)[:, None] <= xs[None]) & (xs[None] < (cx + w / 2)[:, None])
     inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
     centre = ((cy * gh).long().clamp(0, gh - 1) * gw + (cx * gw).long().clamp(0, gw - 1))
     inside[torch.arange(len(centre)), centre] |= ~inside.any(dim=1)
@@ -252,7 +255,7 @@ register_head(HeadSpec(
     loss_terms=(LossTerm("loss_align_focal", 20.0, "loss_algin_focal"),  # the authors' spelling
                 LossTerm("loss_align_dice", 2.0, "loss_align_dice")),
     flag="use_rtcc_constrain_loss", flag_help="token-alignment loss",
-    score=lambda out, boxes, grid: box_score(out["token_map"].float(), boxes, grid)))
+    score=lambda out, boxes, grid, image_size: box_score(out["token_map"].float(), boxes, grid, image_size)))
 register_head(HeadSpec(
     name="seg_map", outputs=("seg_map",), module="seg_head", build=lambda dims: SegHead(dims.width),
     compute=lambda head, feats: {"seg_map": head(feats.patches, feats.grid, feats.text_eot_unit)},

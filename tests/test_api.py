@@ -5,9 +5,11 @@ import torch
 from PIL import Image
 from torchvision.ops import box_convert
 
+from datasets.masks import box_to_mask
 from datasets.tokens import tokenize
 from datasets.transforms import Letterbox, Record, make_transforms
 from models.api import prepare
+from models.head_losses import token_alignment_target
 from models.heads import box_score
 from models.hivg import patch_padding_mask
 from tests.data_helpers import draw_scene
@@ -82,14 +84,29 @@ def test_ground_leaves_its_image_unchanged_and_decodes_it_fully(grounder, tmp_pa
 
 
 def test_score_is_the_mean_alignment_probability_inside_the_box():
-    logits = torch.full((2, 16), -20.0)            # 4 x 4 grid, probability ~0 everywhere ...
+    logits = torch.full((2, 16), -20.0)            # 4 x 4 grid of 16-pixel patches, probability ~0 everywhere ...
     logits[0, [5, 6, 9, 10]] = 20.0                 # ... but ~1 on the 2 x 2 centre patches of sample 0
     boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5],     # covers exactly the centre patches
-                          [0.1, 0.1, 0.01, 0.01]])  # no patch centre inside: the patch under the box centre
-    scores = box_score(logits, boxes, (4, 4))
+                          [0.1, 0.1, 0.01, 0.01]])  # no patch inside: the patch under the box centre
+    scores = box_score(logits, boxes, (4, 4), 64)
     assert torch.allclose(scores, torch.tensor([1.0, 0.0]), atol=1e-6)
     logits[1, 0] = 0.0
-    assert abs(box_score(logits, boxes, (4, 4))[1].item() - 0.5) < 1e-6
+    assert abs(box_score(logits, boxes, (4, 4), 64)[1].item() - 0.5) < 1e-6
+
+
+def test_a_token_map_equal_to_its_box_target_scores_one():
+    """The score reads the patches the token-alignment target marks for the box: logits that are the target of a
+    box score 1 on that box, wherever its edges fall within the patches (patch centres would miss some)."""
+    side, size = 8, 64
+    gen = torch.Generator().manual_seed(0)
+    corners = torch.rand(300, 2, 2, generator=gen) * size
+    lo, hi = corners.min(dim=1).values, corners.max(dim=1).values
+    xywh = torch.cat([lo, hi - lo], dim=1)
+    masks = torch.from_numpy(np.stack([box_to_mask(b.tolist(), size, size) for b in xywh]))
+    target = token_alignment_target(masks, side)
+    marked = target.sum(dim=1) > 0
+    scores = box_score(target * 40 - 20, box_convert(xywh, "xywh", "cxcywh") / size, (side, side), size)
+    assert marked.sum() > 150 and torch.all(scores[marked] > 1 - 1e-6)
 
 
 
